@@ -1,0 +1,25 @@
+# mechgen: from checkpoints to per-head scores to cross-seed, cross-size correspondence.
+# The suite to run is `suite:` in config.yaml (default: the embedded toy suite).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/toy.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/analysis.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

@@ -1,0 +1,60 @@
+"""Column names of mechgen's tidy tables.
+
+The per-head table (``results/<suite>/heads.parquet``, and one Parquet file per (run, step)
+under ``results/<suite>/scores/``) has one row per suite x model x seed x step x layer x head.
+Layers and heads are 0-indexed.
+"""
+
+from __future__ import annotations
+
+ID_COLUMNS = [
+    "suite",  # suite name from config.yaml
+    "model",  # size label with the suite prefix, e.g. "pythia-70m", "toy-small"
+    "size",  # bare size label, e.g. "70m", "small"
+    "seed",  # int; 0 is the original Pythia run
+    "run",  # run id, e.g. "pythia-70m-seed3"
+    "step",  # optimiser step of the checkpoint
+    "tokens_seen",  # step x tokens per step
+    "layer",  # 0-indexed
+    "head",  # 0-indexed
+    "n_layers",
+    "n_heads",
+    "n_params",  # all parameters of the causal LM, embeddings and LM head included
+]
+
+ATTENTION_METRICS = [
+    "one_back",  # mean over query positions 1..L-1 of A[i, i-1]
+    "self_attention",  # mean over query positions 0..L-1 of A[i, i]
+    "first_token",  # mean over query positions 1..L-1 of A[i, 0]
+    "first_token_ref",  # the reference study's version: mean over 0..L-1 of A[i, 0]
+    "prev_self_ratio",  # per sentence one_back / self_attention, then the mean
+    "prev_uniform_ratio",  # per sentence one_back x L, then the mean
+    "entropy",  # mean over query positions of -sum_j A[i,j] log A[i,j], nats
+    "mean_distance",  # mean over query positions of sum_j A[i,j] (i - j), tokens
+    "clipped_distance",  # the same with (i - j) clipped at the window W, tokens
+]
+"""Per-head attention metrics; each is computed per sentence, then the unweighted mean over
+sentences."""
+
+FLAG_COLUMNS = [
+    "nonfinite",  # True when this head's attention had NaN/inf on any sentence
+]
+
+HEAD_COLUMNS = ID_COLUMNS + ATTENTION_METRICS + FLAG_COLUMNS
+
+TRAJECTORY_COLUMNS = [
+    "suite",
+    "model",
+    "size",
+    "seed",
+    "run",
+    "step",
+    "tokens_seen",
+    "n_layers",
+    "n_heads",
+    "n_params",
+    "metric",
+    "value",  # max over all heads of all layers
+    "argmax_layer",
+    "argmax_head",
+]

@@ -1,0 +1,40 @@
+"""Snakemake script of rule `eval_tokens`: token ids of the evaluation text for one run."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import setup_logging  # noqa: E402
+
+from mechgen import evaltext, sources  # noqa: E402
+from mechgen.config import Run  # noqa: E402
+
+sm = snakemake  # noqa: F821
+log = setup_logging(sm)
+run = Run(**sm.params.run)
+sentences = Path(sm.input.sentences).read_text().splitlines()
+if run.source == "toy":
+    tokenizer_dir = Path(sm.input.tokenizer[0]).parent
+else:
+    tokenizer_dir = sources.fetch_tokenizer(run, sm.params.tokenizer_revision)
+
+from transformers import AutoTokenizer  # noqa: E402
+
+tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+token_ids, n_truncated = evaltext.tokenize_sentences(tokenizer, sentences, int(sm.params.max_tokens))
+if n_truncated:
+    log.warning("%d sentences truncated to %d tokens", n_truncated, sm.params.max_tokens)
+record = {
+    "run": run.run,
+    "tokenizer": str(tokenizer_dir),
+    "tokenizer_revision": None if run.source == "toy" else sm.params.tokenizer_revision,
+    "n_sentences": len(token_ids),
+    "n_tokens": int(sum(len(t) for t in token_ids)),
+    "n_truncated": int(n_truncated),
+    "token_ids": token_ids,
+}
+Path(sm.output[0]).write_text(json.dumps(record))
+log.info("%s: %d sentences, %d tokens", run.run, record["n_sentences"], record["n_tokens"])

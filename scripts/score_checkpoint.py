@@ -1,0 +1,48 @@
+"""Snakemake script of rule `score`: score every head of one (run, step) checkpoint."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import setup_logging  # noqa: E402
+
+from mechgen.config import Run  # noqa: E402
+from mechgen.scoring import score_checkpoint, write_result  # noqa: E402
+
+log = setup_logging(snakemake)  # noqa: F821
+sm = snakemake  # noqa: F821
+run = Run(**sm.params.run)
+step = int(sm.wildcards.step)
+with open(sm.input.tokens) as fh:
+    token_ids = json.load(fh)["token_ids"]
+scoring = sm.params.scoring
+from mechgen.sources import CorruptCheckpoint  # noqa: E402
+
+try:
+    table, sidecar = score_checkpoint(
+        run,
+        step,
+        token_ids,
+        tokens_per_step=int(sm.params.tokens_per_step),
+        batch_size=int(scoring.get("batch_size", 16)),
+        clipped_window=int(scoring.get("clipped_window", 8)),
+        delete_weights=bool(scoring.get("delete_weights", True)),
+        threads=sm.threads,
+        progress=True,
+    )
+except CorruptCheckpoint as exc:
+    # One clear line instead of a stack trace from deep inside safetensors/torch.
+    log.error("cannot score %s step %d: %s", run.run, step, exc)
+    sys.exit(f"mechgen: corrupt checkpoint: {exc}")
+write_result(table, sidecar, sm.output.table, sm.output.sidecar)
+log.info(
+    "%s step %d: %s, %d heads, %.1f s",
+    run.run,
+    step,
+    sidecar["status"],
+    len(table),
+    sidecar["wall_seconds"],
+)

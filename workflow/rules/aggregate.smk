@@ -1,0 +1,43 @@
+# Aggregation: every (run, step) result into the tidy per-head table and the max-over-heads
+# trajectories. A `table` suite imports published per-head tables instead of scoring.
+
+if SOURCE == "table":
+
+    rule import_table:
+        output:
+            heads=f"{RES}/heads.parquet",
+        params:
+            path=SPEC["path"],
+            format=SPEC.get("format", "trott2025"),
+            suite=SUITE,
+        log:
+            f"{RES}/logs/import_table.log",
+        script:
+            "../../scripts/import_table.py"
+
+else:
+
+    rule aggregate:
+        input:
+            score_files(),
+        output:
+            heads=f"{RES}/heads.parquet",
+            missing=f"{RES}/missing.csv",
+            checkpoints=f"{RES}/checkpoints.csv",
+        log:
+            f"{RES}/logs/aggregate.log",
+        script:
+            "../../scripts/aggregate.py"
+
+
+rule trajectories:
+    input:
+        heads=f"{RES}/heads.parquet",
+    output:
+        f"{RES}/trajectories.csv",
+    params:
+        metric=ANALYSIS.get("metric", "one_back"),
+    log:
+        f"{RES}/logs/trajectories.log",
+    script:
+        "../../scripts/trajectories.py"

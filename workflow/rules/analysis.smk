@@ -1,0 +1,71 @@
+# Analyses: the functional, positional and developmental axes, the statistics and the figures.
+# Analysis parameters are params of these rules only, so changing them never rescores.
+
+STATS = [
+    "per_seed",
+    "per_model",
+    "regressions",
+    "convergence",
+    "functional",
+    "positional",
+]
+FIGURES = [
+    "trajectories",
+    "layer_heatmap",
+    "size_effects",
+    "correlation_matrix",
+    "mds",
+    "functional_heads",
+]
+
+
+def analysis_targets():
+    return [f"{RES}/stats/{name}.csv" for name in STATS] + [
+        f"{RES}/figures/{name}.png" for name in FIGURES
+    ]
+
+
+def eval_token_files(wildcards):
+    # The uniform-attention baseline depends on the evaluation sentences' lengths.
+    return [] if SOURCE == "table" else [f"{RES}/eval/tokens/{run}.json" for run in RUNS]
+
+
+rule analyze:
+    input:
+        heads=f"{RES}/heads.parquet",
+        tokens=eval_token_files,
+    output:
+        **{name: f"{RES}/stats/{name}.csv" for name in STATS},
+    params:
+        metric=ANALYSIS.get("metric", "one_back"),
+        thresholds=ANALYSIS.get("onset_thresholds", {"start": 0.01, "stop": 0.30, "step": 0.01}),
+        functional_multiple=ANALYSIS.get("functional_multiple", 2.0),
+        bootstrap=ANALYSIS.get("bootstrap", {}),
+        tokens_per_step=TOKENS_PER_STEP,
+    log:
+        f"{RES}/logs/analyze.log",
+    script:
+        "../../scripts/analyze.py"
+
+
+rule figures:
+    input:
+        heads=f"{RES}/heads.parquet",
+        tokens=eval_token_files,
+        **{name: f"{RES}/stats/{name}.csv" for name in STATS},
+    output:
+        **{
+            name: report(
+                f"{RES}/figures/{name}.png",
+                caption=f"../report/{name}.rst",
+                category="Figures",
+            )
+            for name in FIGURES
+        },
+    params:
+        metric=ANALYSIS.get("metric", "one_back"),
+        functional_multiple=ANALYSIS.get("functional_multiple", 2.0),
+    log:
+        f"{RES}/logs/figures.log",
+    script:
+        "../../scripts/figures.py"

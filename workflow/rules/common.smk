@@ -1,0 +1,82 @@
+# Shared set-up: validate the config at start, expand the selected suite into runs and steps.
+import sys
+from pathlib import Path
+
+# The rules call scripts that import mechgen; make the checkout importable even without install.
+sys.path.insert(0, str(Path(workflow.basedir)))
+
+from snakemake.exceptions import WorkflowError
+
+from mechgen.config import (
+    ConfigError,
+    suite_runs,
+    suite_steps,
+    tokens_per_step,
+    validate_config,
+)
+
+try:
+    _validated = validate_config(config)
+except ConfigError as exc:
+    raise WorkflowError(f"invalid configuration: {exc}") from None
+config.update(_validated)
+
+SUITE = config["suite"]
+SPEC = config["suites"][SUITE]
+SOURCE = SPEC["source"]
+RES = f"{config['results_dir']}/{SUITE}"
+RUNS = {r.run: r for r in suite_runs(config)}
+STEPS = suite_steps(config) if SOURCE != "table" else []
+TOKENS_PER_STEP = tokens_per_step(config) if SOURCE != "table" else 2097152
+SCORING = config.get("scoring", {})
+ANALYSIS = config.get("analysis", {})
+
+
+wildcard_constraints:
+    run="[A-Za-z0-9._-]+",
+    step="[0-9]+",
+
+
+def run_info(run):
+    """The Run record of a wildcard value, as a plain dict for script params."""
+    r = RUNS[run]
+    return {
+        "suite": r.suite,
+        "run": r.run,
+        "model": r.model,
+        "size": r.size,
+        "seed": r.seed,
+        "source": r.source,
+        "repo_id": r.repo_id,
+    }
+
+
+def score_files():
+    return [f"{RES}/scores/{run}/step{step}.parquet" for run in RUNS for step in STEPS]
+
+
+def final_targets():
+    """What `snakemake` builds by default: the per-head tables, statistics and figures.
+    (The HTML report is built by `snakemake --report`, which `mechgen.sh run` calls.)"""
+    return [f"{RES}/heads.parquet", f"{RES}/trajectories.csv"] + analysis_targets()
+
+
+# Resources of a scoring job by model size (MB of memory, minutes of wall time). Pythia-410m in
+# float32 is 1.6 GB of weights; the attention of a 70-token sentence is small beside it.
+_SCORE_RESOURCES = {
+    "14m": (2000, 10),
+    "31m": (2500, 10),
+    "70m": (3000, 15),
+    "160m": (4000, 20),
+    "160m-data": (4000, 20),
+    "160m-weight": (4000, 20),
+    "410m": (8000, 40),
+}
+
+
+def score_mem_mb(size):
+    return _SCORE_RESOURCES.get(size, (2000, 10))[0]
+
+
+def score_runtime_min(size):
+    return _SCORE_RESOURCES.get(size, (2000, 10))[1]

@@ -1,0 +1,29 @@
+# Scoring: one job per (run, checkpoint). Download (or read) the weights, score every head,
+# write one Parquet row per head plus a JSON sidecar, then delete the downloaded weights.
+
+
+def score_inputs(wildcards):
+    inputs = {"tokens": f"{RES}/eval/tokens/{wildcards.run}.json"}
+    if SOURCE == "toy":
+        inputs["manifest"] = f"{RES}/hub/{wildcards.run}/manifest.json"
+    return inputs
+
+
+rule score:
+    input:
+        unpack(score_inputs),
+    output:
+        table=f"{RES}/scores/{{run}}/step{{step}}.parquet",
+        sidecar=f"{RES}/scores/{{run}}/step{{step}}.json",
+    params:
+        run=lambda wc: run_info(wc.run),
+        tokens_per_step=TOKENS_PER_STEP,
+        scoring=SCORING,
+    threads: SCORING.get("threads", 1)
+    resources:
+        mem_mb=lambda wc: score_mem_mb(RUNS[wc.run].size),
+        runtime=lambda wc: score_runtime_min(RUNS[wc.run].size),
+    log:
+        f"{RES}/logs/score/{{run}}/step{{step}}.log",
+    script:
+        "../../scripts/score_checkpoint.py"

@@ -1,0 +1,36 @@
+# The embedded toy suite: a byte-level BPE tokenizer and GPT-NeoX runs trained on CPU,
+# saved per checkpoint in the hub's layout (results/<suite>/hub/<run>/step<N>/).
+
+TOY = config.get("toy", {})
+
+
+rule toy_tokenizer:
+    output:
+        f"{RES}/tokenizer/tokenizer.json",
+    params:
+        vocab_size=TOY.get("vocab_size", 2048),
+    log:
+        f"{RES}/logs/toy_tokenizer.log",
+    script:
+        "../../scripts/toy_tokenizer.py"
+
+
+rule toy_train:
+    input:
+        tokenizer=f"{RES}/tokenizer/tokenizer.json",
+    output:
+        manifest=f"{RES}/hub/{{run}}/manifest.json",
+    params:
+        size_spec=lambda wc: TOY["sizes"][RUNS[wc.run].size],
+        seed=lambda wc: RUNS[wc.run].seed,
+        training=TOY.get("training", {}),
+        schedule=STEPS,
+        vocab_size=TOY.get("vocab_size", 2048),
+    threads: TOY.get("training", {}).get("threads", 1)
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    log:
+        f"{RES}/logs/toy_train/{{run}}.log",
+    script:
+        "../../scripts/toy_train.py"
