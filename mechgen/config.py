@@ -90,13 +90,32 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
     return config
 
 
+def resolve_path(path: str) -> str:
+    """A config path as given if it exists from the working directory, else from the repo root.
+
+    Paths to data shipped with mechgen (``tests/data/...``) then work whatever
+    ``snakemake --directory`` is; a user's paths resolve from where they run Snakemake.
+    """
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
+        return path
+    return str(REPO_ROOT / p)
+
+
 def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], check_files: bool) -> None:
     key = f"suites.{name}"
     source = spec["source"]
+    if "path" in spec:
+        spec["path"] = resolve_path(spec["path"])
+    if "path" in spec.get("eval", {}):
+        spec["eval"]["path"] = resolve_path(spec["eval"]["path"])
     if source == "table":
         if "path" not in spec:
             raise ConfigError(f"config key '{key}.path': a table suite needs the directory of its tables")
-        if check_files and not Path(spec["path"]).is_dir():
+        if spec.get("format", "trott2025") == "mechgen":
+            if check_files and not Path(spec["path"]).is_file():
+                raise ConfigError(f"config key '{key}.path': heads table {spec['path']!r} does not exist")
+        elif check_files and not Path(spec["path"]).is_dir():
             raise ConfigError(f"config key '{key}.path': directory {spec['path']!r} does not exist")
         return
     for required in ("sizes", "seeds", "schedule"):

@@ -41,6 +41,7 @@ rule analyze:
         thresholds=ANALYSIS.get("onset_thresholds", {"start": 0.01, "stop": 0.30, "step": 0.01}),
         functional_multiple=ANALYSIS.get("functional_multiple", 2.0),
         bootstrap=ANALYSIS.get("bootstrap", {}),
+        positional=ANALYSIS.get("positional", {}),
         tokens_per_step=TOKENS_PER_STEP,
     log:
         f"{RES}/logs/analyze.log",

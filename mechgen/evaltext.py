@@ -1,0 +1,156 @@
+"""The evaluation sentences: reading a corpus, downloading Natural Stories, tokenizing.
+
+The reference study (Trott 2025) read the Natural Stories corpus with
+``pd.read_excel(path, sheet_name=None, engine="openpyxl")`` and ran every row of the
+``Sentence`` column of every sheet (10 stories + "Dundee Sentences": 666 sentences), one
+sentence per forward pass, with no BOS token. :func:`read_sentences` reproduces that reading;
+sentences are kept verbatim (a few Natural Stories sentences carry leading/trailing spaces,
+which change the tokenization, so they are not stripped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_COLUMN = "Sentence"
+
+
+class ChecksumMismatch(ValueError):
+    """A downloaded file's sha256 differs from the expected one."""
+
+
+def _cell_text(value: Any) -> str | None:
+    """A cell's sentence, or None for an empty cell (NaN/None/blank)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):  # an empty spreadsheet cell
+        return None
+    text = str(value)
+    return text if text.strip() else None
+
+
+def _column_sentences(frame: Any, column: str, where: str) -> list[str]:
+    if column not in frame.columns:
+        columns = ", ".join(repr(str(c)) for c in frame.columns)
+        raise KeyError(f"{where}: no column {column!r}; columns are: {columns or 'none'}")
+    return [text for text in map(_cell_text, frame[column].tolist()) if text is not None]
+
+
+def read_sentences(path: str | Path, column: str = DEFAULT_COLUMN) -> list[str]:
+    """The sentences of a corpus file, in file order.
+
+    ``.txt``: one sentence per line, line ends removed, whitespace-only lines skipped.
+    ``.csv``: the ``column`` column (default ``Sentence``). ``.xlsx``: the ``column`` column of
+    every sheet, sheets in workbook order, every non-empty row (as the reference study read
+    Natural Stories). Empty cells are skipped; other text is kept verbatim.
+    Raises ``KeyError`` listing the columns when ``column`` is absent, ``ValueError`` for an
+    unsupported suffix or a corpus without sentences.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        with open(path, encoding="utf-8") as fh:
+            sentences = [line.rstrip("\r\n") for line in fh]
+        sentences = [s for s in sentences if s.strip()]
+    elif suffix == ".csv":
+        import pandas as pd
+
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        sentences = _column_sentences(frame, column, str(path))
+    elif suffix == ".xlsx":
+        import pandas as pd
+
+        sheets = pd.read_excel(path, sheet_name=None, engine="openpyxl")  # dict, workbook order
+        sentences = []
+        for sheet_name, frame in sheets.items():
+            sentences.extend(_column_sentences(frame, column, f"{path} sheet {sheet_name!r}"))
+    else:
+        raise ValueError(f"{path}: unsupported corpus type {suffix!r}; allowed: .txt, .csv, .xlsx")
+    if not sentences:
+        raise ValueError(f"{path}: no sentences found")
+    return sentences
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_natural_stories(dest: Path, url: str, sha256: str, *, timeout_s: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` (a file path) with urllib and check its sha256.
+
+    If ``dest`` already exists with the right hash nothing is downloaded. The download goes
+    to ``dest + ".part"`` and is renamed only after the hash matches; on a mismatch the
+    file is deleted and :class:`ChecksumMismatch` names the url and both hashes. Any URL
+    urllib opens works, ``file://`` included (how the tests serve a local copy).
+    """
+    dest = Path(dest)
+    expected = sha256.lower()
+    if dest.is_file() and _sha256_of(dest) == expected:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, open(partial, "wb") as out:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"cannot download {url}: {err}") from None
+    actual = _sha256_of(partial)
+    if actual != expected:
+        partial.unlink()
+        raise ChecksumMismatch(
+            f"{url}: sha256 {actual} != expected {expected}; the download was deleted"
+        )
+    os.replace(partial, dest)
+    return dest
+
+
+def tokenize_sentences(
+    tokenizer: Any, sentences: Sequence[str], max_tokens: int
+) -> tuple[list[list[int]], int]:
+    """Token ids of each sentence, without special tokens, cut to at most ``max_tokens``.
+
+    ``add_special_tokens=False``: no BOS/EOS is added, as in the reference study (Pythia's
+    tokenizer adds none anyway). A sentence longer than ``max_tokens`` keeps its first
+    ``max_tokens`` tokens. Returns ``(ids per sentence, number of sentences truncated)``.
+    Raises ``ValueError`` if ``max_tokens < 1`` or a sentence has no tokens.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, not {max_tokens}")
+    if isinstance(sentences, str):
+        raise TypeError("sentences must be a sequence of strings, not one string")
+    if not sentences:
+        return [], 0
+    encoded = tokenizer(list(sentences), add_special_tokens=False)["input_ids"]
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    token_ids: list[list[int]] = []
+    n_truncated = 0
+    for index, ids in enumerate(encoded):
+        ids = list(ids)
+        if not ids:
+            raise ValueError(f"sentence {index} ({sentences[index]!r}) has no tokens")
+        # A special token at the start means the tokenizer added one despite
+        # add_special_tokens=False, unless the sentence itself spells it.
+        if ids[0] in special_ids and not sentences[index].startswith(
+            tokenizer.convert_ids_to_tokens(ids[0])
+        ):
+            raise ValueError(
+                f"tokenizer added special token id {ids[0]} to sentence {index}: a BOS must not be added"
+            )
+        if len(ids) > max_tokens:
+            ids = ids[:max_tokens]
+            n_truncated += 1
+        token_ids.append(ids)
+    return token_ids, n_truncated

@@ -1,0 +1,307 @@
+"""The functional axis: does a run have a head that does 1-back attention at all?
+
+A head *meets the 1-back criterion* at a checkpoint when its ``one_back`` score exceeds
+``multiple`` x the uniform baseline, the ``one_back`` a head would score if it attended
+uniformly over the causal prefix. The default multiple is 2.0 (``analysis.functional_multiple``).
+
+The uniform baseline
+--------------------
+A head that attends uniformly over the causal prefix puts 1 / (i + 1) on the previous token at
+query position i (0-indexed; positions 0..i are visible). ``one_back`` averages over query
+positions 1..L-1 of a sentence of L tokens and then over sentences, so the baseline is
+
+    b = mean over sentences s with L_s >= 2 of  (1 / (L_s - 1)) * sum_{i=1}^{L_s - 1} 1 / (i + 1)
+
+(:func:`uniform_one_back_baseline`). It depends only on the token lengths of the evaluation
+sentences, i.e. on the eval text and the tokenizer; the pipeline writes those token ids to
+``results/<suite>/eval/tokens/<run>.json`` (:func:`token_file_baseline`).
+
+When no lengths are available (a suite imported from published tables), the baseline is taken
+from the step-0 checkpoints instead (:func:`step0_median_baseline`): the median ``one_back`` over
+every head of every run at step 0. Why this and not ``prev_uniform_ratio``: that column is the
+per-sentence mean of one_back x L, and a uniform head scores L x b(L) on it, which still depends
+on the unknown lengths; dividing the two published columns does not recover b either (a ratio of
+means is not a mean of ratios). At step 0, GPT-NeoX's small initialisation (weights with std 0.02)
+makes every query-key logit nearly 0, so attention is nearly uniform and the typical head scores
+close to b; the median is robust to the few heads that are not. On the reference tables the
+step-0 median is 0.1257 (0.1253-0.1257 for each of the four sizes); uniform attention on
+22-token sentences would score 0.1243, and the step-0 heads' prev_uniform_ratio / one_back is
+about 23, so the step-0 heads do behave like uniform attention on sentences of that length.
+
+Output: :func:`functional_table`, written as ``results/<suite>/stats/functional.csv``; its
+columns are listed in :data:`FUNCTIONAL_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from statsmodels.stats.proportion import proportion_confint
+
+from mechgen.tables import validate_heads
+
+DEFAULT_FUNCTIONAL_MULTIPLE = 2.0
+"""A head meets the 1-back criterion when one_back > this x the uniform baseline."""
+
+FUNCTIONAL_METRIC = "one_back"
+"""The criterion and its uniform baseline are defined for the one_back score only."""
+
+RUN_COLUMNS = ["suite", "model", "size", "seed", "run", "n_params", "n_layers", "n_heads"]
+"""Columns constant within a run, carried into every run-level row."""
+
+FUNCTIONAL_COLUMNS = {
+    "level": "which table the row belongs to: 'run_step' (one row per run x checkpoint), "
+    "'run' (one row per run) or 'size' (one row per model size, at the final step)",
+    "suite": "suite name",
+    "model": "model (size label with the suite prefix)",
+    "size": "bare size label",
+    "seed": "run_step/run: the run's seed",
+    "run": "run_step/run: the run id",
+    "n_params": "parameters of the model",
+    "n_layers": "layers of the model",
+    "n_heads": "heads per layer",
+    "step": "run_step: the checkpoint's optimiser step; size: the final step used",
+    "tokens_seen": "run_step: tokens seen at that step",
+    "baseline": "uniform one_back baseline used (attention weight, 0..1)",
+    "baseline_source": "'token_lengths' (from the eval token ids) or 'step0_median'",
+    "multiple": "the criterion's multiple of the baseline",
+    "threshold": "multiple x baseline: a head meets the criterion when one_back > threshold",
+    "n_heads_scored": "run_step: heads with a finite, unflagged one_back",
+    "n_functional": "run_step: heads meeting the criterion",
+    "has_functional": "run_step: n_functional > 0",
+    "max_one_back": "run_step: the largest one_back of any head",
+    "first_step": "run: first step at which the run has a head meeting the criterion (NaN: never)",
+    "first_tokens_seen": "run: tokens seen at first_step (NaN: never)",
+    "final_step": "run: the run's last scored step",
+    "has_functional_final": "run: the run has such a head at final_step",
+    "n_runs": "size: runs (seeds) of that size at the final step",
+    "n_runs_functional": "size: of those, runs with at least one head meeting the criterion",
+    "fraction_functional": "size: n_runs_functional / n_runs",
+    "ci_low": "size: lower bound of the Wilson score interval of fraction_functional",
+    "ci_high": "size: upper bound of the Wilson score interval",
+    "confidence": "size: confidence level of the interval",
+}
+"""Columns of ``functional.csv`` and what they hold; each applies to the levels it names."""
+
+
+def uniform_one_back_baseline(lengths: Iterable[int]) -> float:
+    """The one_back score of uniform causal attention, averaged over sentences.
+
+    For a sentence of ``L`` tokens: ``b(L) = (1 / (L - 1)) * sum_{i=1}^{L-1} 1 / (i + 1)``
+    (mean over query positions 1..L-1 of the weight 1 / (i + 1) that uniform attention over
+    positions 0..i puts on position i - 1). Returns the unweighted mean of b(L) over sentences,
+    as the scorer averages one_back. Sentences with fewer than 2 tokens have no query position
+    with a previous token and are skipped, as the scorer skips them. Unit: attention weight.
+    """
+    per_sentence: list[float] = []
+    for length in lengths:
+        length = int(length)
+        if length < 0:
+            raise ValueError(f"sentence length must be >= 0, got {length}")
+        if length < 2:
+            continue
+        query_positions = np.arange(1, length)
+        per_sentence.append(float(np.mean(1.0 / (query_positions + 1))))
+    if not per_sentence:
+        raise ValueError("no sentence has 2 or more tokens: the one_back baseline is undefined")
+    return float(np.mean(per_sentence))
+
+
+def read_token_lengths(path: str | Path) -> list[int]:
+    """Token lengths of the eval sentences in ``path`` (JSON ``{"token_ids": [[...], ...]}``)."""
+    with open(path) as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict) or "token_ids" not in data:
+        raise ValueError(f"{path}: expected a JSON object with key 'token_ids' (a list of lists)")
+    token_ids = data["token_ids"]
+    if not isinstance(token_ids, list) or not all(isinstance(s, list) for s in token_ids):
+        raise ValueError(f"{path}: 'token_ids' must be a list of lists of token ids")
+    return [len(s) for s in token_ids]
+
+
+def token_file_baseline(path: str | Path) -> float:
+    """:func:`uniform_one_back_baseline` of the sentences in an eval token file."""
+    return uniform_one_back_baseline(read_token_lengths(path))
+
+
+def step0_median_baseline(heads: pd.DataFrame, metric: str = FUNCTIONAL_METRIC) -> float:
+    """Fallback baseline: the median ``metric`` over every head of every run at step 0.
+
+    Used when the eval token lengths are unknown (see the module docstring for why this
+    approximates the uniform baseline). Non-finite and flagged heads are left out.
+    """
+    validate_heads(heads, metric)
+    at_step0 = finite_heads(heads[heads["step"] == 0], metric)
+    if at_step0.empty:
+        raise ValueError(
+            "no finite step-0 head scores: cannot estimate the uniform baseline from step 0; "
+            "provide the eval token files instead"
+        )
+    return float(np.median(at_step0[metric].to_numpy(dtype=float)))
+
+
+def functional_counts(
+    heads: pd.DataFrame,
+    baseline: float | Mapping[str, float],
+    multiple: float = DEFAULT_FUNCTIONAL_MULTIPLE,
+    metric: str = FUNCTIONAL_METRIC,
+) -> pd.DataFrame:
+    """Heads meeting the 1-back criterion per run and checkpoint.
+
+    A head meets it when ``metric > multiple * baseline`` (strictly), its score is finite and
+    its ``nonfinite`` flag (if present) is False. ``baseline`` is one value for the suite or a
+    mapping run id -> value. One row per run x step with ``n_heads_scored``, ``n_functional``
+    (a count of heads), ``has_functional``, ``max_one_back`` and the threshold used.
+    """
+    validate_heads(heads, metric)
+    if multiple <= 0:
+        raise ValueError(f"functional multiple must be > 0, got {multiple}")
+    table = heads.copy()
+    if isinstance(baseline, Mapping):
+        missing = sorted(set(table["run"]) - set(baseline))
+        if missing:
+            raise ValueError(f"no uniform baseline for runs: {', '.join(map(str, missing))}")
+        table["baseline"] = table["run"].map(baseline).astype(float)
+    else:
+        table["baseline"] = float(baseline)
+    if not np.isfinite(table["baseline"]).all() or (table["baseline"] <= 0).any():
+        raise ValueError("the uniform baseline must be a finite number > 0")
+    table["threshold"] = multiple * table["baseline"]
+    value = table[metric].to_numpy(dtype=float)
+    scored = np.isfinite(value)
+    if "nonfinite" in table.columns:
+        scored &= ~table["nonfinite"].astype(bool).to_numpy()
+    table["_scored"] = scored
+    table["_functional"] = scored & (value > table["threshold"].to_numpy())
+    table["_value"] = np.where(scored, value, np.nan)
+    keys = RUN_COLUMNS + ["step", "tokens_seen", "baseline", "threshold"]
+    counts = (
+        table.groupby(keys, sort=True, dropna=False)
+        .agg(
+            n_heads_scored=("_scored", "sum"),
+            n_functional=("_functional", "sum"),
+            max_one_back=("_value", "max"),
+        )
+        .reset_index()
+    )
+    counts["multiple"] = float(multiple)
+    counts["n_heads_scored"] = counts["n_heads_scored"].astype(int)
+    counts["n_functional"] = counts["n_functional"].astype(int)
+    counts["has_functional"] = counts["n_functional"] > 0
+    return _order_runs(counts).reset_index(drop=True)
+
+
+def first_functional(counts: pd.DataFrame) -> pd.DataFrame:
+    """Per run: the first step (and tokens) with a head meeting the criterion.
+
+    ``first_step`` / ``first_tokens_seen`` are NaN for a run that never has one;
+    ``final_step`` is the run's last scored step and ``has_functional_final`` whether it has
+    such a head there.
+    """
+    rows = []
+    for _, run_counts in counts.groupby("run", sort=False):
+        run_counts = run_counts.sort_values("step")
+        hits = run_counts[run_counts["has_functional"]]
+        final = run_counts.iloc[-1]
+        row = {col: final[col] for col in RUN_COLUMNS + ["baseline", "threshold", "multiple"]}
+        row["first_step"] = float(hits["step"].iloc[0]) if len(hits) else np.nan
+        row["first_tokens_seen"] = float(hits["tokens_seen"].iloc[0]) if len(hits) else np.nan
+        row["final_step"] = int(final["step"])
+        row["has_functional_final"] = bool(final["has_functional"])
+        rows.append(row)
+    return _order_runs(pd.DataFrame(rows)).reset_index(drop=True)
+
+
+def functional_fraction_by_size(per_run: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per model size: the fraction of runs with a head meeting the criterion at the final step.
+
+    ``fraction_functional = n_runs_functional / n_runs`` with the Wilson score interval at
+    ``confidence`` (statsmodels ``proportion_confint(method="wilson")``). ``per_run`` is the
+    output of :func:`first_functional`; each run counts at its own final step, and ``step`` is
+    that step when all runs of the size share it (else the smallest, so the row is honest about
+    the earliest checkpoint that went in).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    rows = []
+    for _, size_runs in per_run.groupby(["model", "size"], sort=False):
+        n_runs = len(size_runs)
+        n_with = int(size_runs["has_functional_final"].sum())
+        ci_low, ci_high = proportion_confint(n_with, n_runs, alpha=1 - confidence, method="wilson")
+        first = size_runs.iloc[0]
+        rows.append(
+            {
+                **{
+                    col: first[col]
+                    for col in ["suite", "model", "size", "n_params", "n_layers", "n_heads"]
+                },
+                **{col: first[col] for col in ["baseline", "threshold", "multiple"]},
+                "step": int(size_runs["final_step"].min()),
+                "n_runs": n_runs,
+                "n_runs_functional": n_with,
+                "fraction_functional": n_with / n_runs,
+                "ci_low": float(ci_low),
+                "ci_high": float(ci_high),
+                "confidence": confidence,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def functional_table(
+    heads: pd.DataFrame,
+    baseline: float | Mapping[str, float],
+    baseline_source: str,
+    multiple: float = DEFAULT_FUNCTIONAL_MULTIPLE,
+    confidence: float = 0.95,
+    metric: str = FUNCTIONAL_METRIC,
+) -> pd.DataFrame:
+    """``functional.csv``: the run_step, run and size tables stacked, told apart by ``level``.
+
+    See :data:`FUNCTIONAL_COLUMNS` for the columns; ``baseline_source`` records where the
+    baseline came from ('token_lengths' or 'step0_median').
+    """
+    counts = functional_counts(heads, baseline, multiple, metric)
+    per_run = first_functional(counts)
+    per_size = functional_fraction_by_size(per_run, confidence)
+    parts = [
+        counts.assign(level="run_step"),
+        per_run.assign(level="run"),
+        per_size.assign(level="size"),
+    ]
+    table = pd.concat(parts, ignore_index=True)
+    table["baseline_source"] = baseline_source
+    table = with_nullable_ints(
+        table,
+        ["seed", "step", "tokens_seen", "n_heads_scored", "n_functional", "first_step"]
+        + ["first_tokens_seen", "final_step", "n_runs", "n_runs_functional"],
+    )
+    return table[[col for col in FUNCTIONAL_COLUMNS if col in table.columns]]
+
+
+def with_nullable_ints(table: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """Integer-valued ``columns`` as pandas' nullable Int64, so that stacking tables of different
+    levels (whose rows leave some columns empty) writes ``3`` rather than ``3.0`` to the CSV."""
+    table = table.copy()
+    for col in columns:
+        if col in table.columns:
+            table[col] = table[col].astype("Int64")
+    return table
+
+
+def finite_heads(heads: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows whose ``metric`` is finite and whose ``nonfinite`` flag (if any) is False."""
+    keep = np.isfinite(heads[metric].to_numpy(dtype=float))
+    if "nonfinite" in heads.columns:
+        keep &= ~heads["nonfinite"].astype(bool).to_numpy()
+    return heads[keep]
+
+
+def _order_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """Sizes by parameter count, then seed (then step if present)."""
+    keys = [k for k in ["n_params", "model", "seed", "step"] if k in table.columns]
+    return table.sort_values(keys, kind="stable")

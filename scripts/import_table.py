@@ -1,0 +1,25 @@
+"""Snakemake script of rule `import_table`: published per-head tables into heads.parquet."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd  # noqa: E402
+from _common import setup_logging  # noqa: E402
+
+from mechgen.tables import read_trott2025  # noqa: E402
+
+sm = snakemake  # noqa: F821
+log = setup_logging(sm)
+fmt = sm.params.format
+if fmt == "trott2025":
+    heads = read_trott2025(sm.params.path, suite=sm.params.suite)
+elif fmt == "mechgen":
+    # A heads.parquet written by another mechgen run (e.g. scored elsewhere).
+    heads = pd.read_parquet(sm.params.path)
+else:
+    sys.exit(f"mechgen: unknown table format {fmt!r}; allowed: trott2025, mechgen")
+heads.to_parquet(sm.output.heads, index=False)
+log.info("imported %d head rows (%d runs) from %s", len(heads), heads["run"].nunique(), sm.params.path)

@@ -1,0 +1,159 @@
+"""Tests of mechgen.evaltext: corpus readers, the hash-checked download, tokenization."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import
+
+import pandas as pd
+import pytest
+
+from mechgen.evaltext import (
+    ChecksumMismatch,
+    fetch_natural_stories,
+    read_sentences,
+    tokenize_sentences,
+)
+
+
+def test_read_txt(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"The cat sat.\r\n\r\n   \nA dog ran. \nLast line without newline")
+    assert read_sentences(path) == ["The cat sat.", "A dog ran. ", "Last line without newline"]
+
+
+def test_read_csv_column_choice_and_missing_column(tmp_path):
+    path = tmp_path / "corpus.csv"
+    pd.DataFrame(
+        {"id": [1, 2, 3], "Sentence": ["One.", "", "Three, with a comma."], "text": ["a", "b", "c"]}
+    ).to_csv(path, index=False)
+    assert read_sentences(path) == ["One.", "Three, with a comma."]
+    assert read_sentences(path, column="text") == ["a", "b", "c"]
+    with pytest.raises(
+        KeyError, match=r"no column 'sentence'; columns are: 'id', 'Sentence', 'text'"
+    ):
+        read_sentences(path, column="sentence")
+
+
+def test_read_xlsx_every_sheet_in_order(tmp_path):
+    path = tmp_path / "stories.xlsx"
+    sheets = {
+        "Boar": pd.DataFrame(
+            {"SentNum": [1, 2], "Sentence": ["If you were to journey.", "It is in this valley."]}
+        ),
+        "Aqua": pd.DataFrame(
+            {
+                "SentNum": [1, 2, 3],
+                "Sentence": ["Tulip mania.", None, "Trailing space kept. "],
+                "x": [1, 2, 3],
+            }
+        ),
+        "Dundee Sentences": pd.DataFrame({"Sentence": ["Deciding huskies were excellent."]}),
+    }
+    with pd.ExcelWriter(path, engine="openpyxl") as writer:
+        for name, frame in sheets.items():
+            frame.to_excel(writer, sheet_name=name, index=False)
+    # workbook order (not alphabetical), every non-empty row, verbatim
+    assert read_sentences(path) == [
+        "If you were to journey.",
+        "It is in this valley.",
+        "Tulip mania.",
+        "Trailing space kept. ",
+        "Deciding huskies were excellent.",
+    ]
+    with pytest.raises(
+        KeyError, match=r"sheet 'Boar': no column 'x'; columns are: 'SentNum', 'Sentence'"
+    ):
+        read_sentences(path, column="x")
+
+
+def test_read_unsupported_and_empty(tmp_path):
+    with pytest.raises(ValueError, match=r"unsupported corpus type '.json'"):
+        read_sentences(tmp_path / "corpus.json")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="no sentences"):
+        read_sentences(tmp_path / "empty.txt")
+
+
+def test_fetch_by_file_url_with_hash_check(tmp_path):
+    source = tmp_path / "served" / "parsed-natural-stories.xlsx"
+    source.parent.mkdir()
+    payload = b"not really a workbook, but bytes are bytes" * 100
+    source.write_bytes(payload)
+    good = hashlib.sha256(payload).hexdigest()
+    dest = tmp_path / "data" / "naturalstories.xlsx"
+
+    assert fetch_natural_stories(dest, source.as_uri(), good) == dest
+    assert dest.read_bytes() == payload
+    source.unlink()  # a second call finds the verified file and downloads nothing
+    assert fetch_natural_stories(dest, source.as_uri(), good) == dest
+
+    source.write_bytes(payload + b"tampered")
+    other = tmp_path / "data" / "other.xlsx"
+    with pytest.raises(
+        ChecksumMismatch,
+        match=rf"sha256 {hashlib.sha256(payload + b'tampered').hexdigest()} != expected {good}",
+    ):
+        fetch_natural_stories(other, source.as_uri(), good)
+    assert not other.exists() and not (tmp_path / "data" / "other.xlsx.part").exists()
+
+    with pytest.raises(OSError, match="cannot download"):
+        fetch_natural_stories(other, (tmp_path / "nowhere.xlsx").as_uri(), good)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizers():
+    """A tiny byte-level BPE as a transformers tokenizer, plus a copy whose post-processor adds a BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(["the cat sat on the mat", "a dog ran far away"] * 50, trainer)
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    with_bos = Tokenizer.from_str(bpe.to_str())
+    bos_id = with_bos.token_to_id("<|endoftext|>")
+    with_bos.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos_id)]
+    )
+    adding = PreTrainedTokenizerFast(
+        tokenizer_object=with_bos, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    return bpe, plain, adding, bos_id
+
+
+def test_tokenize_without_bos_and_truncation(bpe_tokenizers):
+    raw, plain, adding, bos_id = bpe_tokenizers
+    sentences = ["the cat sat", "a dog ran far away from the mat and the cat sat on the mat", "mat"]
+    # independent reference: the raw tokenizers library, one sentence at a time, no special tokens
+    expected = [raw.encode(s, add_special_tokens=False).ids for s in sentences]
+    assert adding("the cat")["input_ids"][0] == bos_id  # this tokenizer WOULD add a BOS by default
+    max_tokens = 5
+    n_long = sum(len(ids) > max_tokens for ids in expected)
+    assert n_long >= 1 and any(len(ids) <= max_tokens for ids in expected)
+    for tokenizer in (plain, adding):
+        ids, n_truncated = tokenize_sentences(tokenizer, sentences, max_tokens=max_tokens)
+        assert ids == [e[:max_tokens] for e in expected]
+        assert n_truncated == n_long
+        assert all(i[0] != bos_id for i in ids)
+        full, none_cut = tokenize_sentences(tokenizer, sentences, max_tokens=10_000)
+        assert full == expected and none_cut == 0
+
+
+def test_tokenize_errors(bpe_tokenizers):
+    _, plain, _, _ = bpe_tokenizers
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        tokenize_sentences(plain, ["the cat"], max_tokens=0)
+    with pytest.raises(ValueError, match=r"sentence 1 \(''\) has no tokens"):
+        tokenize_sentences(plain, ["the cat", ""], max_tokens=8)
+    assert tokenize_sentences(plain, [], max_tokens=8) == ([], 0)
