@@ -1,0 +1,384 @@
+"""Per-head attention metrics of a GPT-NeoX model on tokenised sentences.
+
+Every metric is computed per (sentence, head) from that head's attention probabilities A
+(A[i, j] = attention of query position i to key position j, causal, each row sums to 1) and
+then averaged over sentences with equal weight per sentence, as in the reference study
+(Trott 2025, arXiv 2509.22831), which ran one sentence at a time with no BOS token.
+
+Two layers of API:
+
+- :func:`sentence_attention_metrics` is a pure function of an attention tensor
+  ``[batch, heads, T, T]`` and the true sentence lengths; it returns per-(sentence, head)
+  metrics and is what the hand-worked tests check.
+- :func:`score_heads` runs a model over sentences in length-sorted, right-padded batches and
+  computes the metrics inside the forward pass with a hook on each layer's attention module,
+  so that only one layer's attention tensor is alive at a time. Nothing that no metric reads
+  is computed: no LM head, and the pass stops after the last layer's attention.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from mechgen.schema import ATTENTION_METRICS, FLAG_COLUMNS
+
+__all__ = ["score_heads", "sentence_attention_metrics"]
+
+MIN_SENTENCE_TOKENS = 2
+"""Sentences shorter than this have no query position 1..L-1 (no 1-back) and are skipped."""
+
+
+@dataclass(frozen=True)
+class _BatchGeometry:
+    """Masks and distance matrices shared by every layer of one padded batch.
+
+    Built once per batch so that the per-layer hook only does arithmetic on the attention.
+    """
+
+    causal_valid: torch.Tensor  # [B, 1, T, T] bool: j <= i < L_b
+    lengths: torch.Tensor  # [B, 1] float, L_b
+    # [T*T, 2] float: column 0 is i - j, column 1 is min(i - j, W), flattened over (i, j).
+    # Entries with j > i are irrelevant (those probabilities are masked to 0).
+    distances: torch.Tensor
+
+
+def _batch_geometry(
+    lengths: torch.Tensor, padded_length: int, clipped_window: int, dtype: torch.dtype
+) -> _BatchGeometry:
+    device = lengths.device
+    positions = torch.arange(padded_length, device=device)
+    query = positions[:, None]
+    key = positions[None, :]
+    causal_valid = (key <= query)[None, None] & (query[None, None] < lengths[:, None, None, None])
+    distance = (query - key).to(dtype)
+    return _BatchGeometry(
+        causal_valid=causal_valid,
+        lengths=lengths.to(dtype)[:, None],
+        distances=torch.stack([distance, distance.clamp(max=clipped_window)], dim=-1).reshape(
+            padded_length * padded_length, 2
+        ),
+    )
+
+
+def _metric_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision attention is upcast: sums over a sentence need float32 at least.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _metrics_from_geometry(
+    attention: torch.Tensor, geometry: _BatchGeometry
+) -> dict[str, torch.Tensor]:
+    attention = attention.to(geometry.lengths.dtype)
+    # Zero everything outside the causal block of real tokens: padded query rows (which do
+    # attend to something) and padded/future keys. After this every sum over the full padded
+    # axes equals the sum over the sentence's own positions, and NaN in padding is dropped.
+    probs = attention.masked_fill(~geometry.causal_valid, 0.0)
+    lengths = geometry.lengths
+    lengths_from_second = lengths - 1.0
+
+    # Attention entries are probabilities in [0, 1], so a row sum is non-finite exactly when
+    # one of the row's entries is NaN or +-inf (finite entries cannot overflow the sum).
+    row_sums = probs.sum(dim=-1)
+    nonfinite = ~torch.isfinite(row_sums).all(dim=-1)
+
+    # Row i of the offset -1 diagonal is A[i, i-1], i = 1..T-1; padded rows are already 0.
+    one_back = probs.diagonal(offset=-1, dim1=-2, dim2=-1).sum(dim=-1) / lengths_from_second
+    self_attention = probs.diagonal(offset=0, dim1=-2, dim2=-1).sum(dim=-1) / lengths
+    first_column = probs[..., 0]
+    first_token_ref = first_column.sum(dim=-1) / lengths
+    first_token = first_column[..., 1:].sum(dim=-1) / lengths_from_second
+    # xlogy(0, 0) = 0, the convention 0 ln 0 = 0.
+    entropy = -torch.special.xlogy(probs, probs).sum(dim=(-2, -1)) / lengths
+    # Both distance sums sum_{i,j} A[i, j] d(i, j) in one matrix product over the flattened
+    # (i, j) axis: one pass over the attention instead of two.
+    batch, heads, padded_length, _ = probs.shape
+    distance_sums = probs.reshape(batch, heads, padded_length * padded_length) @ geometry.distances
+    mean_distance = distance_sums[..., 0] / lengths
+    clipped_distance = distance_sums[..., 1] / lengths
+
+    return {
+        "one_back": one_back,
+        "self_attention": self_attention,
+        "first_token": first_token,
+        "first_token_ref": first_token_ref,
+        "prev_self_ratio": one_back / self_attention,
+        "prev_uniform_ratio": one_back * lengths,
+        "entropy": entropy,
+        "mean_distance": mean_distance,
+        "clipped_distance": clipped_distance,
+        "nonfinite": nonfinite,
+    }
+
+
+def sentence_attention_metrics(
+    attention: torch.Tensor, lengths: torch.Tensor | Sequence[int], clipped_window: int = 8
+) -> dict[str, torch.Tensor]:
+    """Per-(sentence, head) attention metrics of one right-padded batch.
+
+    ``attention`` holds attention probabilities ``[batch, heads, T, T]`` (query i, key j);
+    sentence b occupies positions ``0..L_b-1`` with ``2 <= L_b <= T``. Only the causal block
+    ``j <= i < L_b`` is read; everything else (padding, future keys) is ignored. With
+    ``A = attention[b, h]`` and ``L = L_b``, the returned ``[batch, heads]`` tensors are:
+
+    - ``one_back`` = (1/(L-1)) * sum_{i=1}^{L-1} A[i, i-1]  (probability)
+    - ``self_attention`` = (1/L) * sum_{i=0}^{L-1} A[i, i]  (probability)
+    - ``first_token`` = (1/(L-1)) * sum_{i=1}^{L-1} A[i, 0]  (probability)
+    - ``first_token_ref`` = (1/L) * sum_{i=0}^{L-1} A[i, 0]  (the reference study's version,
+      row 0, which is always 1, included)
+    - ``prev_self_ratio`` = one_back / self_attention  (dimensionless)
+    - ``prev_uniform_ratio`` = one_back * L = one_back / mean(A), the mean of the L x L causal
+      matrix being 1/L  (dimensionless; 1 = what uniform attention over the sentence gives)
+    - ``entropy`` = (1/L) * sum_i -sum_{j<=i} A[i, j] ln A[i, j]  (nats; 0 ln 0 = 0)
+    - ``mean_distance`` = (1/L) * sum_i sum_{j<=i} A[i, j] (i - j)  (tokens)
+    - ``clipped_distance`` = (1/L) * sum_i sum_{j<=i} A[i, j] min(i - j, W)  (tokens,
+      W = ``clipped_window``)
+    - ``nonfinite`` (bool): some entry of the causal block is NaN or +-inf; the other
+      metrics of that (sentence, head) are then meaningless (:func:`score_heads` sets them to
+      NaN for the head).
+
+    Metrics are returned in the attention's dtype (float32 for half-precision attention).
+    """
+    if attention.ndim != 4 or attention.shape[-1] != attention.shape[-2]:
+        raise ValueError(
+            f"attention must have shape [batch, heads, T, T]; got {tuple(attention.shape)}"
+        )
+    if not attention.is_floating_point():
+        raise ValueError(f"attention must be a floating-point tensor; got {attention.dtype}")
+    lengths = torch.as_tensor(lengths, device=attention.device)
+    padded_length = attention.shape[-1]
+    if lengths.shape != (attention.shape[0],):
+        raise ValueError(
+            f"lengths must have one entry per sentence ({attention.shape[0]}); "
+            f"got shape {tuple(lengths.shape)}"
+        )
+    if lengths.numel() and (
+        int(lengths.min()) < MIN_SENTENCE_TOKENS or int(lengths.max()) > padded_length
+    ):
+        raise ValueError(
+            f"every length must be in [{MIN_SENTENCE_TOKENS}, {padded_length}] (T of the "
+            f"attention tensor); got {lengths.tolist()}"
+        )
+    _check_clipped_window(clipped_window)
+    geometry = _batch_geometry(
+        lengths, padded_length, clipped_window, _metric_dtype(attention.dtype)
+    )
+    return _metrics_from_geometry(attention, geometry)
+
+
+def _check_clipped_window(clipped_window: int) -> None:
+    if isinstance(clipped_window, bool) or not isinstance(clipped_window, int):
+        raise TypeError(f"clipped_window must be an int; got {clipped_window!r}")
+    if clipped_window < 1:
+        raise ValueError(f"clipped_window must be >= 1 token; got {clipped_window}")
+
+
+class _AllLayersScored(Exception):
+    """Raised by the last layer's hook to end the forward pass early.
+
+    Nothing after the last attention (its MLP, the final layer norm) feeds a metric, so the
+    pass stops there; for a 4-6 layer model that is 10-17% of the body's compute.
+    """
+
+
+class _HeadMetricAccumulator:
+    """Running per-(layer, head) sums over sentences of each metric, in float64.
+
+    Filled by one forward hook per layer; ``geometry`` is set before each batch.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, device: torch.device) -> None:
+        self.n_layers = n_layers
+        self.sums = {
+            name: torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device)
+            for name in ATTENTION_METRICS
+        }
+        self.nonfinite = torch.zeros(n_layers, n_heads, dtype=torch.bool, device=device)
+        self.geometry: _BatchGeometry | None = None
+
+    def hook_for_layer(self, layer_index: int):
+        """A forward hook for the attention module of layer ``layer_index``."""
+
+        def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
+            attention = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if attention is None:
+                raise RuntimeError(
+                    f"layer {layer_index}'s attention module returned no attention "
+                    "probabilities; load the model with attn_implementation='eager'"
+                )
+            assert self.geometry is not None, "geometry must be set before the forward pass"
+            per_sentence = _metrics_from_geometry(attention, self.geometry)
+            self.nonfinite[layer_index] |= per_sentence.pop("nonfinite").any(dim=0)
+            for name, values in per_sentence.items():
+                self.sums[name][layer_index] += values.sum(dim=0, dtype=torch.float64)
+            if layer_index == self.n_layers - 1:
+                raise _AllLayersScored
+
+        return hook
+
+
+def _transformer_body(model: torch.nn.Module) -> torch.nn.Module:
+    # GPTNeoXForCausalLM keeps the body in `.gpt_neox`; GPTNeoXModel is the body itself.
+    # Both expose it as `base_model`. Running only the body skips the LM head, whose
+    # vocab-sized projection costs more than the whole body for small Pythias.
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "gpt_neox":
+        raise TypeError(
+            "score_heads needs a transformers GPT-NeoX model (GPTNeoXForCausalLM or "
+            f"GPTNeoXModel); got {type(model).__name__}"
+        )
+    body = model.base_model
+    if not hasattr(body, "layers"):
+        raise TypeError(f"{type(model).__name__}.base_model has no `layers`; not a GPT-NeoX body")
+    implementation = config._attn_implementation
+    if implementation != "eager":
+        raise ValueError(
+            f"score_heads needs attention probabilities, which only eager attention returns; "
+            f"the model uses {implementation!r}. Load it with "
+            "from_pretrained(..., attn_implementation='eager') or call "
+            "model.set_attn_implementation('eager')."
+        )
+    return body
+
+
+def _validate_sentences(sentences: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    if isinstance(sentences, (str, bytes)) or not isinstance(sentences, Sequence):
+        raise TypeError("sentences must be a list of token-id lists")
+    checked: list[list[int]] = []
+    for index, sentence in enumerate(sentences):
+        token_ids = [int(token) for token in sentence]
+        if not token_ids:
+            raise ValueError(f"sentence {index} is empty; every sentence needs >= 1 token")
+        if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+            raise ValueError(
+                f"sentence {index} has a token id outside the vocabulary [0, {vocab_size}): "
+                f"min {min(token_ids)}, max {max(token_ids)}"
+            )
+        checked.append(token_ids)
+    return checked
+
+
+def score_heads(
+    model: torch.nn.Module,
+    sentences: list[list[int]],
+    batch_size: int = 16,
+    clipped_window: int = 8,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Score every attention head of a GPT-NeoX model on tokenised sentences.
+
+    ``model`` is a ``GPTNeoXForCausalLM`` or ``GPTNeoXModel`` loaded with
+    ``attn_implementation="eager"``; ``sentences`` are token-id lists (no BOS added).
+    Sentences are run through the transformer body only (no LM head, and the pass stops
+    after the last layer's attention), sorted by length, in right-padded batches of
+    ``batch_size`` with an attention mask, so each sentence's attention equals that of running
+    it alone (up to float rounding). The per-(sentence, head) metrics of
+    :func:`sentence_attention_metrics` are computed inside the forward pass and averaged over
+    sentences with equal weight: metric(head) = (1/N) * sum_s metric(s, head).
+
+    Sentences of one token have no query position 1..L-1 and are skipped entirely (for every
+    metric, so all metrics average over the same sentences); ``df.attrs`` counts them. The
+    model is put in eval mode (no dropout) for the call and its mode restored afterwards.
+
+    Returns one row per (layer, head), both 0-indexed, with the columns of
+    ``mechgen.schema.ATTENTION_METRICS`` (float64) and ``nonfinite`` (bool: the head's
+    attention had a NaN/inf on some sentence; its metrics are then NaN). ``df.attrs`` holds
+    ``n_sentences`` and ``n_tokens`` (sentences and tokens scored),
+    ``n_sentences_too_short`` (skipped one-token sentences), ``batch_size`` and
+    ``clipped_window``.
+    """
+    body = _transformer_body(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    _check_clipped_window(clipped_window)
+    config = model.config
+    token_lists = _validate_sentences(sentences, config.vocab_size)
+    scored = [tokens for tokens in token_lists if len(tokens) >= MIN_SENTENCE_TOKENS]
+    if not scored:
+        raise ValueError(
+            f"no sentence has >= {MIN_SENTENCE_TOKENS} tokens; there is nothing to score"
+        )
+    longest = max(len(tokens) for tokens in scored)
+    if longest > config.max_position_embeddings:
+        raise ValueError(
+            f"a sentence has {longest} tokens, more than the model's "
+            f"max_position_embeddings ({config.max_position_embeddings}); truncate it first"
+        )
+    # Sorting by length keeps padding (wasted compute) small; the mean over sentences does
+    # not depend on the order.
+    scored.sort(key=len)
+
+    n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
+    device = next(model.parameters()).device
+    metric_dtype = _metric_dtype(next(model.parameters()).dtype)
+    accumulator = _HeadMetricAccumulator(n_layers, n_heads, device)
+    handles = [
+        layer.attention.register_forward_hook(accumulator.hook_for_layer(layer_index))
+        for layer_index, layer in enumerate(body.layers)
+    ]
+    batch_starts = range(0, len(scored), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batch_starts = tqdm(batch_starts, desc="scoring heads", unit="batch")
+    was_training = model.training
+    model.eval()  # dropout off; the reference loaded with from_pretrained, which is eval
+    try:
+        with torch.inference_mode():
+            for start in batch_starts:
+                batch = scored[start : start + batch_size]
+                input_ids, attention_mask, lengths = _right_padded(batch, device)
+                accumulator.geometry = _batch_geometry(
+                    lengths, input_ids.shape[1], clipped_window, metric_dtype
+                )
+                try:
+                    body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                except _AllLayersScored:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    n_sentences = len(scored)
+    nonfinite = accumulator.nonfinite.cpu()
+    layer_index, head_index = torch.meshgrid(
+        torch.arange(n_layers), torch.arange(n_heads), indexing="ij"
+    )
+    columns: dict[str, object] = {
+        "layer": layer_index.flatten().numpy(),
+        "head": head_index.flatten().numpy(),
+    }
+    for name in ATTENTION_METRICS:
+        mean = accumulator.sums[name].cpu() / n_sentences
+        # Never average non-finite values silently: a flagged head gets NaN for every metric.
+        columns[name] = mean.masked_fill(nonfinite, math.nan).flatten().numpy()
+    (flag_column,) = FLAG_COLUMNS
+    columns[flag_column] = nonfinite.flatten().numpy()
+    frame = pd.DataFrame(columns)
+    frame.attrs.update(
+        n_sentences=n_sentences,
+        n_tokens=sum(len(tokens) for tokens in scored),
+        n_sentences_too_short=len(token_lists) - n_sentences,
+        batch_size=batch_size,
+        clipped_window=clipped_window,
+    )
+    return frame
+
+
+def _right_padded(
+    batch: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask ``[B, T]`` (T = longest), and lengths ``[B]``."""
+    lengths = torch.tensor([len(tokens) for tokens in batch], device=device)
+    padded_length = int(lengths.max())
+    # Pad id 0 is arbitrary: padded keys are masked and padded queries are never read.
+    input_ids = torch.zeros(len(batch), padded_length, dtype=torch.long)
+    for row, tokens in enumerate(batch):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+    attention_mask = torch.arange(padded_length, device=device)[None, :] < lengths[:, None]
+    return input_ids.to(device), attention_mask.long(), lengths
