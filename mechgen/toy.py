@@ -1,0 +1,643 @@
+"""The embedded toy suite: small GPT-NeoX models that mechgen trains itself on CPU.
+
+Everything here works offline on any machine with Python:
+
+* **Text.** The English documentation in the standard library's ``pydoc_data.topics``
+  (``topics``: 79 topics, ~465k characters in CPython 3.11), read at run time and never copied
+  into the repository. Its blank-line paragraphs are deduplicated; every
+  :data:`HELDOUT_EVERY`-th distinct prose paragraph is held out, every occurrence of a held-out
+  paragraph is removed from the training text, and held-out paragraphs are cut into
+  sentence-like lines (:func:`heldout_sentences`), the toy suite's evaluation text. The split
+  is a pure function of the text, so it is the same on every run of one Python version (the
+  topics differ slightly between Python versions).
+* **Tokenizer.** A byte-level BPE (the ``tokenizers`` library) trained on the training text,
+  saved in the hub's layout (``tokenizer.json``, ``tokenizer_config.json``,
+  ``special_tokens_map.json``). Like Pythia's tokenizer it adds no BOS/EOS when encoding;
+  ``<|endoftext|>`` (id 0) is BOS/EOS/UNK and separates documents in the training stream,
+  ``<|padding|>`` (id 1) pads.
+* **Model.** ``GPTNeoXForCausalLM`` (the Pythia architecture): full rotary, untied input and
+  output embeddings, parallel residual, no dropout.
+* **Training.** AdamW (betas 0.9/0.95, weight decay on matrices and embeddings only, gradient
+  clipping at norm 1.0), learning rate warmed up linearly then decayed by a cosine to
+  :data:`MIN_LR_FRACTION` of the peak at the last step (Pythia's schedule shape). A batch is
+  ``batch_size`` windows of ``seq_len`` tokens at uniformly random offsets of the token stream,
+  drawn from a ``torch.Generator`` seeded with the run's seed; the initialisation uses the
+  global torch RNG seeded with the same seed. Same seed and same thread count on one machine
+  give bitwise-identical checkpoints.
+* **Checkpoints.** ``out_dir/step{N}/`` holds ``config.json``, ``model.safetensors``,
+  ``generation_config.json`` and the tokenizer files, i.e. one hub revision; step 0 is the
+  initialisation before any update. ``out_dir/manifest.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+"""Pythia's end-of-text token: BOS, EOS and UNK; id 0."""
+PAD_TOKEN = "<|padding|>"
+"""Pythia's padding token; id 1."""
+SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
+"""Special tokens in id order (Pythia's ids 0 and 1)."""
+
+HELDOUT_EVERY = 4
+"""Every 4th distinct prose paragraph (0-based index 2, 6, 10, ...) is held out. On CPython
+3.11: 263 paragraphs held out, the training text keeps ~87% of the characters (404k), and the
+held-out pool has 337 sentences."""
+HELDOUT_OFFSET = 2
+SENTENCE_MIN_WORDS = 6
+"""Held-out sentences have 6-40 whitespace-separated words (about 8-60 BPE tokens)."""
+SENTENCE_MAX_WORDS = 40
+
+MIN_LR_FRACTION = 0.1
+"""The cosine decays the learning rate to this fraction of the peak at the last step."""
+ADAM_BETAS = (0.9, 0.95)
+"""Pythia's AdamW betas."""
+GRAD_CLIP_NORM = 1.0
+"""Global gradient-norm clip (Pythia's value); keeps a 3e-3 learning rate stable."""
+FINAL_LOSS_WINDOW = 50
+"""``final_loss`` in the manifest is the mean training loss of the last 50 steps."""
+MIN_POSITIONS = 512
+"""max_position_embeddings is at least this, since the scorer sees sentences up to 512 tokens."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+SIZE_KEYS_REQUIRED = ("n_layers", "n_heads", "d_model")
+SIZE_KEYS_OPTIONAL = ("d_ff",)
+TRAINING_KEYS_REQUIRED = (
+    "steps",
+    "batch_size",
+    "seq_len",
+    "learning_rate",
+    "warmup_steps",
+    "weight_decay",
+)
+TRAINING_KEYS_OPTIONAL = ("threads",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def _normalise_space(text: str) -> str:
+    """Collapse every run of whitespace to one space and strip the ends."""
+    return " ".join(text.split())
+
+
+def _topic_paragraphs() -> list[tuple[str, list[str]]]:
+    """``(topic, paragraphs)`` for every topic of ``pydoc_data.topics``, topics sorted by name.
+
+    A paragraph is a block of text between blank lines, with trailing whitespace removed.
+    """
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # some slimmed-down Python builds drop the pydoc data
+        raise RuntimeError(
+            "the toy suite's text is the standard library's pydoc_data.topics, which this Python "
+            f"({sys.executable}) lacks; install the full standard library"
+        ) from exc
+
+    out = []
+    for name in sorted(topics):
+        paragraphs = [p.rstrip() for p in re.split(r"\n[ \t]*\n", topics[name]) if p.strip()]
+        out.append((name, paragraphs))
+    return out
+
+
+def _is_prose(paragraph: str) -> bool:
+    """True for a paragraph of running English text.
+
+    Code examples and grammar productions are indented; headings are underlined with a line
+    of ``*``, ``=`` or ``-``; both are excluded, as are paragraphs with few letters (tables).
+    """
+    if paragraph[:1].isspace() or "::=" in paragraph or ">>>" in paragraph:
+        return False
+    if re.fullmatch(r"[*=\-~^]{3,}", paragraph.strip().splitlines()[-1].strip()):
+        return False
+    letters = sum(ch.isalpha() for ch in paragraph)
+    return letters >= 0.6 * len(paragraph.replace(" ", "").replace("\n", ""))
+
+
+@functools.lru_cache(maxsize=1)
+def _split_corpus() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(training_documents, heldout_paragraphs)``.
+
+    Distinct prose paragraphs (distinct after whitespace normalisation) are numbered in order
+    of first occurrence; those with index % HELDOUT_EVERY == HELDOUT_OFFSET are held out. A
+    training document is one topic with every occurrence of a held-out paragraph removed
+    (paragraphs joined by a blank line). Held-out paragraphs are returned normalised.
+    """
+    topic_paragraphs = _topic_paragraphs()
+    distinct_prose: dict[str, None] = {}
+    for _, paragraphs in topic_paragraphs:
+        for paragraph in paragraphs:
+            if _is_prose(paragraph):
+                distinct_prose.setdefault(_normalise_space(paragraph), None)
+    heldout = tuple(
+        p for index, p in enumerate(distinct_prose) if index % HELDOUT_EVERY == HELDOUT_OFFSET
+    )
+    heldout_set = set(heldout)
+    documents = []
+    for _, paragraphs in topic_paragraphs:
+        kept = [p for p in paragraphs if _normalise_space(p) not in heldout_set]
+        if kept:
+            documents.append("\n\n".join(kept))
+    return tuple(documents), heldout
+
+
+def training_documents() -> list[str]:
+    """The training text as one document per ``pydoc_data.topics`` topic (sorted by name).
+
+    Held-out paragraphs are removed (see :func:`heldout_sentences`). In the training token
+    stream each document is followed by ``<|endoftext|>``.
+    """
+    return list(_split_corpus()[0])
+
+
+def read_training_text() -> str:
+    """The whole training text: :func:`training_documents` joined by a blank line."""
+    return "\n\n".join(training_documents())
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"(*])")
+_BULLET = re.compile(r"^(?:[*\-+]|\d+\.|\(\d+\)|[a-z]\)|\[\d+\])\s+")
+
+
+@functools.lru_cache(maxsize=1)
+def _heldout_sentence_pool() -> tuple[str, ...]:
+    """Every usable held-out sentence, in corpus order, without duplicates.
+
+    Each held-out paragraph loses a leading bullet, is split after ``.``, ``!`` or ``?``
+    followed by whitespace and a capital/quote/parenthesis, and a piece is kept when it has
+    SENTENCE_MIN_WORDS..SENTENCE_MAX_WORDS words, starts with a letter or quote and ends with
+    ``.``, ``!`` or ``?``. A piece whose text also occurs anywhere in the (whitespace-normalised)
+    training text is dropped, so the evaluation text is never trained on.
+    """
+    training_normalised = _normalise_space(read_training_text())
+    pool: dict[str, None] = {}
+    for paragraph in _split_corpus()[1]:
+        paragraph = _BULLET.sub("", paragraph)
+        for piece in _SENTENCE_END.split(paragraph):
+            piece = piece.strip()
+            n_words = len(piece.split())
+            if not SENTENCE_MIN_WORDS <= n_words <= SENTENCE_MAX_WORDS:
+                continue
+            if not re.match(r"[A-Za-z\"]", piece) or piece[-1] not in ".!?":
+                continue
+            if piece in training_normalised:
+                continue
+            pool.setdefault(piece, None)
+    return tuple(pool)
+
+
+def heldout_sentences(n: int) -> list[str]:
+    """``n`` held-out sentences of the toy suite's text, spread evenly over the held-out pool.
+
+    The pool (see :func:`_heldout_sentence_pool`) has a few hundred sentences of 6-40 words; the
+    i-th returned sentence is pool[floor(i * len(pool) / n)], so any ``n`` covers all topics,
+    and the result is deterministic. Raises ``ValueError`` when ``n`` exceeds the pool.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"heldout_sentences: n must be a positive int, got {n!r}")
+    pool = _heldout_sentence_pool()
+    if n > len(pool):
+        raise ValueError(
+            f"heldout_sentences: asked for {n} sentences but the held-out pool has only {len(pool)}"
+        )
+    return [pool[(i * len(pool)) // n] for i in range(n)]
+
+
+def heldout_pool_size() -> int:
+    """The number of distinct held-out sentences available to :func:`heldout_sentences`."""
+    return len(_heldout_sentence_pool())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def train_tokenizer(out_dir: str | Path, vocab_size: int = 2048) -> Path:
+    """Train a byte-level BPE with ``vocab_size`` entries on :func:`training_documents`.
+
+    The vocabulary is the 256 byte symbols, the special tokens ``<|endoftext|>`` (id 0) and
+    ``<|padding|>`` (id 1), and BPE merges up to ``vocab_size`` entries. No whitespace prefix
+    is added and encoding adds no BOS/EOS (as Pythia's tokenizer). Writes ``tokenizer.json``,
+    ``tokenizer_config.json`` (``tokenizer_class: PreTrainedTokenizerFast`` so transformers 4
+    loads it too) and ``special_tokens_map.json`` into ``out_dir``; returns the path of
+    ``tokenizer.json``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    min_vocab = 256 + len(SPECIAL_TOKENS)
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= min_vocab:
+        raise ValueError(
+            f"train_tokenizer: vocab_size must be an int > {min_vocab} "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # The ByteLevel post-processor only fixes offsets; it adds no tokens (unlike a template).
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(training_documents(), trainer=trainer)
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != token_id:
+            raise RuntimeError(f"train_tokenizer: special token {token} did not get id {token_id}")
+
+    special = {
+        "bos_token": EOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+    }
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+    wrapped.save_pretrained(str(out_dir))
+    config_path = out_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    # transformers 5 records its own class name (TokenizersBackend), which transformers 4 lacks.
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config["add_bos_token"] = False
+    tokenizer_config["add_eos_token"] = False
+    config_path.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
+    # transformers 5 no longer writes this file; the hub layout (and transformers 4) has it.
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps(special, indent=2, sort_keys=True) + "\n"
+    )
+    return out_dir / "tokenizer.json"
+
+
+def _tokenizer_json(tokenizer_dir: str | Path) -> Path:
+    path = Path(tokenizer_dir)
+    if path.is_file():
+        path = path.parent
+    missing = [name for name in TOKENIZER_FILES if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} lacks {', '.join(missing)}")
+    return path / "tokenizer.json"
+
+
+def token_stream(tokenizer_dir: str | Path) -> torch.Tensor:
+    """The training token stream: every training document's ids followed by ``<|endoftext|>``.
+
+    Returns a 1-D int64 tensor (~111k tokens with the default 2,048-entry vocabulary
+    on CPython 3.11).
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(_tokenizer_json(tokenizer_dir)))
+    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    ids: list[int] = []
+    for document in training_documents():
+        ids.extend(tokenizer.encode(document, add_special_tokens=False).ids)
+        ids.append(eos_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def _check_keys(
+    name: str, spec: Mapping[str, Any], required: Sequence[str], optional: Sequence[str]
+) -> None:
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"{name} must be a mapping, got {type(spec).__name__}")
+    missing = [k for k in required if k not in spec]
+    unknown = [k for k in spec if k not in required and k not in optional]
+    if missing:
+        raise ValueError(
+            f"{name} lacks key(s) {', '.join(missing)}; required: {', '.join(required)}"
+        )
+    if unknown:
+        raise ValueError(
+            f"{name} has unknown key(s) {', '.join(map(str, unknown))}; "
+            f"allowed: {', '.join(list(required) + list(optional))}"
+        )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def model_config(size_spec: Mapping[str, int], vocab_size: int, seq_len: int) -> Any:
+    """A ``GPTNeoXConfig`` for the size ``{n_layers, n_heads, d_model[, d_ff]}``.
+
+    Head dimension = d_model / n_heads (must divide); d_ff defaults to 4 x d_model;
+    max_position_embeddings = max(seq_len, 512); rotary on every head dimension
+    (partial_rotary_factor 1.0, base 10,000); untied embeddings, parallel residual and no
+    dropout as in Pythia; initializer_range 0.02; ``<|endoftext|>`` (0) is BOS/EOS and
+    ``<|padding|>`` (1) pads.
+    """
+    from transformers import GPTNeoXConfig
+
+    _check_keys("size_spec", size_spec, SIZE_KEYS_REQUIRED, SIZE_KEYS_OPTIONAL)
+    n_layers = _positive_int("size_spec.n_layers", size_spec["n_layers"])
+    n_heads = _positive_int("size_spec.n_heads", size_spec["n_heads"])
+    d_model = _positive_int("size_spec.d_model", size_spec["d_model"])
+    d_ff = _positive_int("size_spec.d_ff", size_spec.get("d_ff", 4 * d_model))
+    _positive_int("vocab_size", vocab_size)
+    _positive_int("seq_len", seq_len)
+    if d_model % n_heads:
+        raise ValueError(
+            f"size_spec.d_model ({d_model}) must be a multiple of size_spec.n_heads ({n_heads})"
+        )
+    if (d_model // n_heads) % 2:
+        raise ValueError(
+            f"head dimension d_model/n_heads = {d_model // n_heads} must be even for rotary"
+        )
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        intermediate_size=d_ff,
+        hidden_act="gelu",
+        max_position_embeddings=max(seq_len, MIN_POSITIONS),
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 1.0,
+        },
+        tie_word_embeddings=False,
+        use_parallel_residual=True,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        initializer_range=0.02,
+        layer_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+
+
+def init_model(size_spec: Mapping[str, int], vocab_size: int, seq_len: int, seed: int) -> Any:
+    """A freshly initialised ``GPTNeoXForCausalLM``: ``torch.manual_seed(seed)`` then construction.
+
+    This is exactly the step-0 checkpoint of :func:`train_run` with the same arguments.
+    """
+    from transformers import GPTNeoXForCausalLM
+
+    config = model_config(size_spec, vocab_size, seq_len)
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(config)
+
+
+def n_parameters(model: torch.nn.Module) -> int:
+    """All parameters of the causal LM (embeddings and the untied LM head included)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at_step(step: int, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of update number ``step`` (1-based).
+
+    Linear warmup lr = peak x step / warmup_steps for step <= warmup_steps, then a cosine
+    from peak down to MIN_LR_FRACTION x peak at ``total_steps``:
+    lr = peak x (m + (1 - m)(1 + cos(pi t)) / 2), t = (step - warmup) / (total - warmup).
+    """
+    if warmup_steps > 0 and step <= warmup_steps:
+        return peak_lr * step / warmup_steps
+    if total_steps <= warmup_steps:
+        return peak_lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return peak_lr * (
+        MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
+
+
+def _validate_training(training: Mapping[str, Any]) -> dict[str, Any]:
+    _check_keys("training", training, TRAINING_KEYS_REQUIRED, TRAINING_KEYS_OPTIONAL)
+    out = dict(training)
+    for key in ("steps", "batch_size", "seq_len"):
+        _positive_int(f"training.{key}", out[key])
+    if (
+        isinstance(out["warmup_steps"], bool)
+        or not isinstance(out["warmup_steps"], int)
+        or out["warmup_steps"] < 0
+    ):
+        raise ValueError(f"training.warmup_steps must be an int >= 0, got {out['warmup_steps']!r}")
+    lr = out["learning_rate"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"training.learning_rate must be a number > 0, got {lr!r}")
+    wd = out["weight_decay"]
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not wd >= 0:
+        raise ValueError(f"training.weight_decay must be a number >= 0, got {wd!r}")
+    return out
+
+
+def _validate_schedule(schedule: Iterable[int], steps: int) -> list[int]:
+    values = list(schedule)
+    bad = [s for s in values if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad or not values:
+        raise ValueError(f"schedule must be a non-empty list of ints >= 0; bad entries: {bad}")
+    too_late = [s for s in values if s > steps]
+    if too_late:
+        raise ValueError(f"schedule steps {too_late} exceed training.steps = {steps}")
+    return sorted(set(values))
+
+
+def _save_checkpoint(model: Any, tokenizer_dir: Path, step_dir: Path) -> None:
+    """Write one hub-style revision atomically (into a temporary directory, then rename)."""
+    tmp_dir = step_dir.with_name(step_dir.name + ".tmp")
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    model.save_pretrained(str(tmp_dir))
+    config_path = tmp_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    # transformers 4 reads the rotary fraction from these legacy keys (Pythia's config.json has
+    # them); transformers 5 reads rope_parameters and drops the legacy keys on load.
+    config["rotary_pct"] = config["rope_parameters"]["partial_rotary_factor"]
+    config["rotary_emb_base"] = config["rope_parameters"]["rope_theta"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / name, tmp_dir / name)
+    if step_dir.exists():
+        shutil.rmtree(step_dir)
+    os.replace(tmp_dir, step_dir)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and embeddings (ndim >= 2) only, not on biases or LayerNorms."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def train_run(
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    size_spec: Mapping[str, int],
+    seed: int,
+    training: Mapping[str, Any],
+    schedule: Iterable[int],
+    vocab_size: int,
+    threads: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one toy run and save ``out_dir/step{N}/`` for every N in ``schedule``.
+
+    ``training`` has steps, batch_size, seq_len, learning_rate, warmup_steps, weight_decay
+    (and optionally threads, ignored here: ``threads`` wins). Each update: a batch of
+    ``batch_size`` windows of ``seq_len`` tokens at offsets ~ Uniform{0..len(stream)-seq_len}
+    (seeded ``torch.Generator``), mean next-token cross-entropy in nats, backward, gradient
+    clip at norm 1.0, AdamW step with :func:`lr_at_step`'s rate. Writes ``manifest.json`` last
+    and returns it: steps, seed, size_spec, n_params, training, tokens_per_step,
+    vocab_size, wall_seconds, cpu_seconds, final_loss (mean loss of the last 50 updates, nats/token),
+    checkpoint_losses (the loss of the update at each saved step, step 0 = loss of the
+    initialisation on the first batch), and the torch/transformers/tokenizers versions.
+    ``threads`` sets ``torch.set_num_threads``; checkpoints are bitwise reproducible for the
+    same seed and thread count on one machine. ``progress`` shows a tqdm bar on stderr.
+    Existing ``step*/`` directories and ``manifest.json`` in ``out_dir`` are removed first.
+    """
+    import tokenizers
+    import transformers
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    training = _validate_training(training)
+    steps_total = training["steps"]
+    schedule_steps = _validate_schedule(schedule, steps_total)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    _positive_int("threads", threads)
+    tokenizer_json = _tokenizer_json(tokenizer_dir)
+    tokenizer_dir = tokenizer_json.parent
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.exists():
+        manifest_path.unlink()  # a stale manifest would mark a half-written run as done
+    # Checkpoints of an earlier run (maybe with another schedule) must not mix with this one's;
+    # Snakemake only knows the manifest, so it cannot remove them itself.
+    for stale in out_dir.iterdir():
+        if stale.is_dir() and re.fullmatch(r"step\d+(\.tmp)?", stale.name):
+            shutil.rmtree(stale)
+
+    torch.set_num_threads(threads)
+    transformers.utils.logging.disable_progress_bar()  # one bar per checkpoint save is noise
+
+    stream = token_stream(tokenizer_dir)
+    tokenizer_vocab = max(json.loads(tokenizer_json.read_text())["model"]["vocab"].values()) + 1
+    if tokenizer_vocab > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer_vocab} ids but vocab_size is {vocab_size}")
+    batch_size, seq_len = training["batch_size"], training["seq_len"]
+    if len(stream) <= seq_len:
+        raise ValueError(
+            f"training.seq_len ({seq_len}) must be shorter than the token stream ({len(stream)})"
+        )
+
+    model = init_model(size_spec, vocab_size, seq_len, seed)
+    model.train()
+    data_generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, float(training["weight_decay"])),
+        lr=float(training["learning_rate"]),
+        betas=ADAM_BETAS,
+        eps=1e-8,
+    )
+    window = torch.arange(seq_len)
+
+    def next_batch() -> torch.Tensor:
+        offsets = torch.randint(
+            0, len(stream) - seq_len + 1, (batch_size,), generator=data_generator
+        )
+        return stream[offsets[:, None] + window]
+
+    losses: list[float] = []
+    checkpoint_losses: dict[str, float] = {}
+    batch = next_batch()
+    if 0 in schedule_steps:
+        with torch.no_grad():
+            checkpoint_losses["0"] = float(model(input_ids=batch, labels=batch).loss)
+        _save_checkpoint(model, tokenizer_dir, out_dir / "step0")
+        log.info("seed %d step 0: loss %.4f, checkpoint saved", seed, checkpoint_losses["0"])
+
+    bar = tqdm(
+        range(1, steps_total + 1),
+        desc=f"train seed {seed}",
+        file=sys.stderr,
+        disable=not progress,
+        mininterval=1.0 if sys.stderr.isatty() else 10.0,
+    )
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_step(
+                step, float(training["learning_rate"]), training["warmup_steps"], steps_total
+            )
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if step in schedule_steps:
+            checkpoint_losses[str(step)] = losses[-1]
+            _save_checkpoint(model, tokenizer_dir, out_dir / f"step{step}")
+            log.info("seed %d step %d: loss %.4f, checkpoint saved", seed, step, losses[-1])
+        if step < steps_total:
+            batch = next_batch()
+    bar.close()
+
+    manifest = {
+        "steps": schedule_steps,
+        "seed": seed,
+        "size_spec": dict(size_spec),
+        "n_params": n_parameters(model),
+        "vocab_size": vocab_size,
+        "training": dict(training),
+        "lr_schedule": f"linear warmup, cosine to {MIN_LR_FRACTION} x peak",
+        "tokens_per_step": batch_size * seq_len,
+        "threads": threads,
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        # CPU time of this process: on a shared machine it tracks the uncontended wall time of a
+        # 1-thread run better than wall_seconds does.
+        "cpu_seconds": round(time.process_time() - cpu_started, 3),
+        "final_loss": sum(losses[-FINAL_LOSS_WINDOW:]) / len(losses[-FINAL_LOSS_WINDOW:]),
+        "checkpoint_losses": checkpoint_losses,
+        "n_stream_tokens": len(stream),
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+    }
+    tmp_path = manifest_path.with_name("manifest.json.tmp")
+    tmp_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp_path, manifest_path)
+    return manifest
