@@ -1,36 +1,10 @@
 # Analyses: the functional, positional and developmental axes, the statistics and the figures.
 # Analysis parameters are params of these rules only, so changing them never rescores.
-
-STATS = [
-    "per_seed",
-    "per_model",
-    "regressions",
-    "convergence",
-    "functional",
-    "positional",
-]
-FIGURES = [
-    "trajectories",
-    "layer_heatmap",
-    "size_effects",
-    "correlation_matrix",
-    "mds",
-    "functional_heads",
-]
-
-
-def analysis_targets():
-    return [f"{RES}/stats/{name}.csv" for name in STATS] + [
-        f"{RES}/figures/{name}.png" for name in FIGURES
-    ]
-
-
-def eval_token_files(wildcards):
-    # The uniform-attention baseline depends on the evaluation sentences' lengths.
-    return [] if SOURCE == "table" else [f"{RES}/eval/tokens/{run}.json" for run in RUNS]
-
+# STATS, FIGURES and analysis_targets() are defined in common.smk.
 
 rule analyze:
+    conda:
+        "../envs/mechgen.yaml"
     input:
         heads=f"{RES}/heads.parquet",
         tokens=eval_token_files,
@@ -50,6 +24,8 @@ rule analyze:
 
 
 rule figures:
+    conda:
+        "../envs/mechgen.yaml"
     input:
         heads=f"{RES}/heads.parquet",
         tokens=eval_token_files,

@@ -80,3 +80,54 @@ def score_mem_mb(size):
 
 def score_runtime_min(size):
     return _SCORE_RESOURCES.get(size, (2000, 10))[1]
+
+
+# ---- inputs and targets of the rules (Snakemake lint wants functions here, not beside rules)
+
+EVAL = SPEC.get("eval", {"kind": "naturalstories"})
+
+
+STATS = [
+    "per_seed",
+    "per_model",
+    "regressions",
+    "convergence",
+    "functional",
+    "positional",
+]
+FIGURES = [
+    "trajectories",
+    "layer_heatmap",
+    "size_effects",
+    "correlation_matrix",
+    "mds",
+    "functional_heads",
+]
+
+
+def eval_corpus_input(wildcards):
+    # A user's corpus file is an input, so editing it rescores everything downstream.
+    return [EVAL["path"]] if EVAL["kind"] == "file" else []
+
+
+def tokenizer_input(wildcards):
+    # The toy suite's tokenizer is built by the pipeline; other sources fetch their own.
+    return [f"{RES}/tokenizer/tokenizer.json"] if SOURCE == "toy" else []
+
+
+def score_inputs(wildcards):
+    inputs = {"tokens": f"{RES}/eval/tokens/{wildcards.run}.json"}
+    if SOURCE == "toy":
+        inputs["manifest"] = f"{RES}/hub/{wildcards.run}/manifest.json"
+    return inputs
+
+
+def analysis_targets():
+    return [f"{RES}/stats/{name}.csv" for name in STATS] + [
+        f"{RES}/figures/{name}.png" for name in FIGURES
+    ]
+
+
+def eval_token_files(wildcards):
+    # The uniform-attention baseline depends on the evaluation sentences' lengths.
+    return [] if SOURCE == "table" else [f"{RES}/eval/tokens/{run}.json" for run in RUNS]

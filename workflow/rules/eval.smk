@@ -1,15 +1,11 @@
 # The evaluation text: one sentence per line, then token ids per run (each run's own tokenizer,
 # fetched once per run, not once per checkpoint).
 
-EVAL = SPEC.get("eval", {"kind": "naturalstories"})
-
-
-def eval_corpus_input(wildcards):
-    # A user's corpus file is an input, so editing it rescores everything downstream.
-    return [EVAL["path"]] if EVAL["kind"] == "file" else []
-
-
 rule eval_sentences:
+    conda:
+        "../envs/mechgen.yaml"
+    # Seconds of work and a download: run on the submitting host, not as a cluster job.
+    localrule: True
     input:
         eval_corpus_input,
     output:
@@ -24,12 +20,11 @@ rule eval_sentences:
         "../../scripts/eval_sentences.py"
 
 
-def tokenizer_input(wildcards):
-    # The toy suite's tokenizer is built by the pipeline; other sources fetch their own.
-    return [f"{RES}/tokenizer/tokenizer.json"] if SOURCE == "toy" else []
-
-
 rule eval_tokens:
+    conda:
+        "../envs/mechgen.yaml"
+    # Seconds per run and a tokenizer download: run on the submitting host.
+    localrule: True
     input:
         sentences=f"{RES}/eval/sentences.txt",
         tokenizer=tokenizer_input,

@@ -2,14 +2,9 @@
 # write one Parquet row per head plus a JSON sidecar, then delete the downloaded weights.
 
 
-def score_inputs(wildcards):
-    inputs = {"tokens": f"{RES}/eval/tokens/{wildcards.run}.json"}
-    if SOURCE == "toy":
-        inputs["manifest"] = f"{RES}/hub/{wildcards.run}/manifest.json"
-    return inputs
-
-
 rule score:
+    conda:
+        "../envs/mechgen.yaml"
     input:
         unpack(score_inputs),
     output:
