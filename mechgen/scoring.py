@@ -4,13 +4,36 @@ The result is one tidy row per head (mechgen.schema.HEAD_COLUMNS) and a provenan
 JSON sidecar): which commit and weight blob were scored, how many sentences and tokens, the wall
 time and the library versions. A checkpoint that does not exist on the hub is not an error of
 the sweep: it yields zero rows and a sidecar with ``status: "missing"``.
+
+Score cache. Several Pythia branches hold byte-identical weights (e.g. ``step0`` and ``step1``).
+A checkpoint's per-head scores are a function of: the weight file's bytes (its sha256, known from
+the hub's metadata *before* downloading), the architecture (``config.json``, minus bookkeeping
+keys), the evaluation token ids (their sha256), ``clipped_window``, the dtype, the metric code
+(:data:`SCORE_CACHE_VERSION`) and the torch/transformers versions. The sha256 of all of these is
+the cache key; ``batch_size`` is left out because it does not change the value (padding is
+masked; only float rounding differs, ~1e-7). With a cache directory (the pipeline uses
+``results/<suite>/score_cache/``), each scored checkpoint leaves ``<key>.parquet`` there (per-head
+metric columns + layer/head, the n_layers/n_heads/n_params/n_sentences/n_tokens and the origin
+(run, revision) in the Parquet metadata). A later checkpoint with the same key costs no download
+and no forward pass: its rows are the cached metrics with its own ids, and its sidecar says
+``status: "ok"``, ``duplicate_of: "stepN"`` (the origin's revision; ``duplicate_of_run`` names
+the origin's run). Entries are written to a temporary file and ``os.replace``d, so readers never
+see a partial file; while one job scores a blob it holds an ``flock`` on
+``score_cache/.locks/<weights sha256>.lock``, so a concurrent job with the same weights waits and
+then reads the cache instead of downloading them again. The cache is not a Snakemake output:
+``snakemake --delete-all-output`` leaves it; delete the folder to force rescoring.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import platform
 import time
+import uuid
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +42,18 @@ import pandas as pd
 
 from mechgen.config import Run
 from mechgen.schema import ATTENTION_METRICS, FLAG_COLUMNS, HEAD_COLUMNS, ID_COLUMNS
+
+SCORE_CACHE_VERSION = 1
+"""Bump when mechgen.metrics changes what a metric means: every cached score is then ignored."""
+
+VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache", "_commit_hash"}
+)
+"""``config.json`` keys that do not change a checkpoint's attention in float32 (bookkeeping,
+the saved dtype, the KV cache switch): left out of the cache key."""
+
+CACHE_COLUMNS = ["layer", "head", *ATTENTION_METRICS, *FLAG_COLUMNS]
+_CACHE_METADATA_KEY = b"mechgen.score_cache"
 
 
 def library_versions() -> dict[str, str]:
@@ -73,6 +108,132 @@ def identify(
     return out[[c for c in HEAD_COLUMNS if c in out.columns] + extra]
 
 
+# --------------------------------------------------------------------------- score cache
+
+
+def token_ids_sha256(token_ids: list[list[int]]) -> str:
+    """sha256 (64 hex) of the evaluation token ids: of ``json.dumps(ids, separators=(",", ":"))``,
+    so the same sentences in the same order with the same ids hash alike, whatever produced them."""
+    canonical = json.dumps(
+        [[int(t) for t in sentence] for sentence in token_ids], separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def model_config_sha256(config_path: str | Path) -> str:
+    """sha256 of a checkpoint's ``config.json`` as canonical JSON (sorted keys), without
+    :data:`VOLATILE_CONFIG_KEYS`: two checkpoints with the same architecture hash alike even if
+    saved by different transformers versions."""
+    try:
+        config = json.loads(Path(config_path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path}: cannot read the model config ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: the model config is not a JSON object")  # noqa: TRY004 - bad content
+    kept = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(
+        json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def score_cache_key(
+    weights_sha256: str,
+    config_sha256: str,
+    tokens_sha256: str,
+    clipped_window: int,
+    versions: Mapping[str, str] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """(key, fields): the key is the sha256 of the canonical JSON of ``fields`` = everything
+    that determines a checkpoint's per-head scores (see the module docstring). ``versions``
+    defaults to the installed torch and transformers."""
+    if versions is None:
+        import torch
+        import transformers
+
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    fields = {
+        "version": SCORE_CACHE_VERSION,
+        "weights_sha256": weights_sha256,
+        "config_sha256": config_sha256,
+        "tokens_sha256": tokens_sha256,
+        "clipped_window": int(clipped_window),
+        "dtype": "float32",
+        "torch": versions["torch"],
+        "transformers": versions["transformers"],
+    }
+    key = hashlib.sha256(
+        json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    return key, fields
+
+
+class ScoreCache:
+    """Scores keyed by :func:`score_cache_key`: one Parquet file per key in ``directory``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def path(self, key: str) -> Path:
+        """``<directory>/<key>.parquet``."""
+        return self.directory / f"{key}.parquet"
+
+    def lock(self, weights_sha256: str) -> contextlib.AbstractContextManager[None]:
+        """An exclusive lock (across processes) on one weight blob, held while scoring it."""
+        from mechgen.hubcache import file_lock
+
+        return file_lock(self.directory / ".locks" / f"{weights_sha256}.lock")
+
+    def get(self, key: str) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+        """(scores with :data:`CACHE_COLUMNS`, metadata) or None if absent or unreadable."""
+        import logging
+
+        import pyarrow.parquet as pq
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            table = pq.read_table(path)
+            meta = json.loads(table.schema.metadata[_CACHE_METADATA_KEY])
+            scores = table.to_pandas()[CACHE_COLUMNS]
+        except Exception as err:  # noqa: BLE001 - a damaged entry is a miss, never a wrong score
+            logging.getLogger(__name__).warning(
+                "score cache entry %s unreadable (%s): ignored", path, err
+            )
+            return None
+        if meta.get("key") != key:
+            return None
+        return scores, meta
+
+    def put(self, key: str, scores: pd.DataFrame, meta: Mapping[str, Any]) -> Path:
+        """Store ``scores`` (its :data:`CACHE_COLUMNS`) and ``meta`` under ``key`` atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pandas(
+            scores[CACHE_COLUMNS].reset_index(drop=True), preserve_index=False
+        )
+        record = dict(meta, key=key)
+        table = table.replace_schema_metadata(
+            {
+                **(table.schema.metadata or {}),
+                _CACHE_METADATA_KEY: json.dumps(record, default=str).encode(),
+            }
+        )
+        path = self.path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+
+# --------------------------------------------------------------------------- the job
+
+
 def score_checkpoint(
     run: Run,
     step: int,
@@ -84,20 +245,30 @@ def score_checkpoint(
     delete_weights: bool = True,
     threads: int | None = None,
     progress: bool = False,
+    score_cache_dir: str | Path | None = None,
+    hub: Any = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score every head of ``run`` at ``step`` on ``token_ids`` (one list of ids per sentence).
 
     Returns the per-head table and the sidecar record. Raises
     :class:`mechgen.sources.CorruptCheckpoint` for a corrupt weight file; a missing revision
-    returns an empty table with ``status == "missing"``.
+    returns an empty table with ``status == "missing"``. ``score_cache_dir`` (None: no cache)
+    enables the score cache of the module docstring; ``hub`` is a
+    :class:`mechgen.sources.HubSettings` or the config's ``hub`` mapping (None: the defaults).
     """
     import torch
 
     from mechgen import metrics, sources
 
+    settings = (
+        hub
+        if isinstance(hub, sources.HubSettings) or hub is None
+        else sources.HubSettings.from_config(hub)
+    )
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
+    versions = library_versions()
     sidecar: dict[str, Any] = {
         "suite": run.suite,
         "run": run.run,
@@ -106,45 +277,132 @@ def score_checkpoint(
         "step": step,
         "tokens_seen": step * tokens_per_step,
         "scoring": {"batch_size": batch_size, "clipped_window": clipped_window},
-        "versions": library_versions(),
+        "versions": versions,
     }
-    try:
-        files = sources.fetch_checkpoint(run, step)
-    except sources.MissingCheckpoint as exc:
-        sidecar.update(status="missing", reason=str(exc), wall_seconds=time.perf_counter() - started)
+
+    def missing(exc: Exception) -> tuple[pd.DataFrame, dict[str, Any]]:
+        sidecar.update(
+            status="missing", reason=str(exc), wall_seconds=time.perf_counter() - started
+        )
         return empty_head_table(), sidecar
 
     try:
-        model = sources.load_model(files)
-        n_params = sources.count_parameters(model)
-        cfg = model.config
-        result = metrics.score_heads(
-            model, token_ids, batch_size=batch_size, clipped_window=clipped_window, progress=progress
-        )
-    finally:
-        freed = sources.release(files) if delete_weights else 0
+        ref = sources.resolve_checkpoint(run, step, hub=settings)
+    except sources.MissingCheckpoint as exc:
+        return missing(exc)
+
+    cache = ScoreCache(score_cache_dir) if score_cache_dir is not None else None
+    tokens_sha256 = token_ids_sha256(token_ids)
+
+    def key_for(weights_sha256: str) -> str:
+        return score_cache_key(
+            weights_sha256,
+            model_config_sha256(ref.config_file),
+            tokens_sha256,
+            clipped_window,
+            versions,
+        )[0]
+
+    key = key_for(ref.sha256) if cache is not None and ref.sha256 else None
+    files = None
+    freed = 0
+    locked = cache.lock(ref.sha256) if key is not None else contextlib.nullcontext()
+    with locked:
+        hit = cache.get(key) if key is not None else None
+        if hit is None:
+            try:
+                files = sources.download_checkpoint(ref, hub=settings)
+            except sources.MissingCheckpoint as exc:
+                return missing(exc)
+            try:
+                if cache is not None and key is None:  # sha256 known only after the download
+                    key = key_for(files.sha256)
+                    hit = cache.get(key)
+                if hit is None:
+                    model = sources.load_model(files)
+                    n_params = sources.count_parameters(model)
+                    cfg = model.config
+                    result = metrics.score_heads(
+                        model,
+                        token_ids,
+                        batch_size=batch_size,
+                        clipped_window=clipped_window,
+                        progress=progress,
+                    )
+                    del model
+            finally:
+                freed = sources.release(files) if delete_weights else 0
+        if hit is None:
+            meta = {
+                "origin": {
+                    "run": run.run,
+                    "repo_id": run.repo_id,
+                    "revision": f"step{step}",
+                    "commit": files.commit,
+                },
+                "weights_sha256": files.sha256,
+                "n_layers": int(cfg.num_hidden_layers),
+                "n_heads": int(cfg.num_attention_heads),
+                "n_params": int(n_params),
+                "n_sentences": int(result.attrs.get("n_sentences", len(token_ids))),
+                "n_tokens": int(result.attrs.get("n_tokens", sum(len(t) for t in token_ids))),
+                "n_sentences_too_short": int(result.attrs.get("n_sentences_too_short", 0)),
+            }
+            if cache is not None and key is not None:
+                cache.put(key, result, meta)
+            scores = result
+        else:
+            scores, meta = hit
+
     table = identify(
-        result, run, step, tokens_per_step, cfg.num_hidden_layers, cfg.num_attention_heads, n_params
+        scores[CACHE_COLUMNS],
+        run,
+        step,
+        tokens_per_step,
+        meta["n_layers"],
+        meta["n_heads"],
+        meta["n_params"],
     )
-    checkpoint = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(files).items()}
     sidecar.update(
         status="ok",
-        commit=files.commit,
-        sha256=files.sha256,
-        weight_format=files.weight_format,
-        weight_bytes=files.size_bytes,
-        weights_deleted_bytes=freed,
-        checkpoint=checkpoint,
-        n_sentences=int(result.attrs.get("n_sentences", len(token_ids))),
-        n_tokens=int(result.attrs.get("n_tokens", sum(len(t) for t in token_ids))),
-        n_params=n_params,
-        nonfinite_heads=int(table["nonfinite"].sum()) if "nonfinite" in table else 0,
-        wall_seconds=time.perf_counter() - started,
+        commit=ref.commit,
+        sha256=meta["weights_sha256"],
+        weight_format=ref.weight_format,
+        weight_bytes=ref.size_bytes,
+        n_sentences=meta["n_sentences"],
+        n_tokens=meta["n_tokens"],
+        n_params=meta["n_params"],
+        nonfinite_heads=int(table["nonfinite"].sum()),
     )
+    if hit is None:
+        checkpoint = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(files).items()}
+        sidecar.update(
+            weight_bytes=files.size_bytes,
+            weights_downloaded=files.from_hub,
+            weights_deleted_bytes=freed,
+            checkpoint=checkpoint,
+        )
+    else:
+        origin = meta["origin"]
+        if (origin["run"], origin["revision"]) != (run.run, f"step{step}"):
+            sidecar.update(duplicate_of=origin["revision"], duplicate_of_run=origin["run"])
+        sidecar.update(
+            weights_downloaded=bool(files is not None and files.from_hub),
+            weights_deleted_bytes=freed,
+        )
+    if cache is not None:
+        sidecar["score_cache"] = {
+            "key": key,
+            "hit": hit is not None,
+            "path": str(cache.path(key)) if key else None,
+        }
+    sidecar["wall_seconds"] = time.perf_counter() - started
     return table, sidecar
 
 
-def write_result(table: pd.DataFrame, sidecar: dict[str, Any], table_path: str | Path, sidecar_path: str | Path) -> None:
+def write_result(
+    table: pd.DataFrame, sidecar: dict[str, Any], table_path: str | Path, sidecar_path: str | Path
+) -> None:
     """Write the per-head Parquet file and the JSON sidecar of one scoring job."""
     Path(table_path).parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(table_path, index=False)

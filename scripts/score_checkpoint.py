@@ -19,7 +19,12 @@ step = int(sm.wildcards.step)
 with open(sm.input.tokens) as fh:
     token_ids = json.load(fh)["token_ids"]
 scoring = sm.params.scoring
-from mechgen.sources import CorruptCheckpoint  # noqa: E402
+from mechgen.sources import CorruptCheckpoint, HubUnavailable  # noqa: E402
+
+# Read from the config, not params: neither changes a score, so neither may trigger a rerun.
+# The score cache (identical weight blobs scored once) lives in results/<suite>/score_cache/.
+score_cache_dir = Path(sm.config.get("results_dir", "results")) / sm.config["suite"] / "score_cache"
+hub = sm.config.get("hub") or {}
 
 try:
     table, sidecar = score_checkpoint(
@@ -32,11 +37,16 @@ try:
         delete_weights=bool(scoring.get("delete_weights", True)),
         threads=sm.threads,
         progress=True,
+        score_cache_dir=score_cache_dir,
+        hub=hub,
     )
 except CorruptCheckpoint as exc:
     # One clear line instead of a stack trace from deep inside safetensors/torch.
     log.error("cannot score %s step %d: %s", run.run, step, exc)
     sys.exit(f"mechgen: corrupt checkpoint: {exc}")
+except HubUnavailable as exc:
+    log.error("cannot score %s step %d: %s", run.run, step, exc)
+    sys.exit(f"mechgen: hub unavailable: {exc}")
 write_result(table, sidecar, sm.output.table, sm.output.sidecar)
 log.info(
     "%s step %d: %s, %d heads, %.1f s",
