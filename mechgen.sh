@@ -2,6 +2,8 @@
 # mechgen's front door. Creates the virtual environment on first use, then:
 #   ./mechgen.sh run [snakemake args]    run the whole DAG (default: the embedded toy suite),
 #                                        then build results/<suite>/report.html
+#   ./mechgen.sh resume [snakemake args] after a crash or kill: unlock, then rerun what is
+#                                        unfinished (finished jobs are kept), then the report
 #   ./mechgen.sh test [pytest args]      run the test suite
 #   ./mechgen.sh setup                   only (re)install the environment
 # Environment: MECHGEN_VENV (default .venv), CORES (default 2).
@@ -36,13 +38,22 @@ case "$cmd" in
         snakemake --cores 1 "$@" --report "$report"
         echo "report: $report"
         ;;
+    resume)
+        setup
+        export PATH="$PWD/$VENV/bin:$PATH"
+        snakemake --unlock "$@"
+        snakemake --cores "${CORES:-2}" --rerun-incomplete "$@"
+        report=$(python -m mechgen report-path "$@")
+        snakemake --cores 1 "$@" --report "$report"
+        echo "report: $report"
+        ;;
     test)
         setup
         export PATH="$PWD/$VENV/bin:$PATH"
         exec python -m pytest "$@"
         ;;
     *)
-        echo "usage: $0 {run|test|setup} [args]" >&2
+        echo "usage: $0 {run|resume|test|setup} [args]" >&2
         exit 2
         ;;
 esac

@@ -85,6 +85,13 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
             f"config key 'suite': unknown suite {config['suite']!r}; allowed: {', '.join(suites)}"
         )
     config.setdefault("results_dir", "results")
+    if config.get("hub") is not None:
+        from mechgen.sources import HubSettings
+
+        try:
+            HubSettings.from_config(config["hub"])
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc) if "hub." in str(exc) else f"config key 'hub': {exc}") from None
     for name, spec in suites.items():
         _validate_suite(config, name, spec, check_files=check_files and name == config["suite"])
     return config
