@@ -31,7 +31,7 @@ if n_truncated:
 record = {
     "run": run.run,
     "tokenizer": str(tokenizer_dir),
-    "tokenizer_revision": None if run.source == "toy" else sm.params.tokenizer_revision,
+    "tokenizer_revision": sm.params.tokenizer_revision,
     "n_sentences": len(token_ids),
     "n_tokens": int(sum(len(t) for t in token_ids)),
     "n_truncated": int(n_truncated),

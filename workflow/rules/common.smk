@@ -131,3 +131,14 @@ def analysis_targets():
 def eval_token_files(wildcards):
     # The uniform-attention baseline depends on the evaluation sentences' lengths.
     return [] if SOURCE == "table" else [f"{RES}/eval/tokens/{run}.json" for run in RUNS]
+
+
+def tokenizer_revision():
+    """The revision whose tokenizer files a run uses: the suite's `tokenizer_revision`, else for
+    the hub the last scheduled step; local and toy runs read the tokenizer saved with the run
+    (None), so extending their schedule never changes it."""
+    if "tokenizer_revision" in SPEC:
+        return SPEC["tokenizer_revision"]
+    if SOURCE == "hf":
+        return f"step{STEPS[-1]}" if STEPS else "main"
+    return None

@@ -32,7 +32,7 @@ rule eval_tokens:
         f"{RES}/eval/tokens/{{run}}.json",
     params:
         run=lambda wc: run_info(wc.run),
-        tokenizer_revision=SPEC.get("tokenizer_revision", f"step{STEPS[-1]}" if STEPS else "main"),
+        tokenizer_revision=tokenizer_revision(),
         max_tokens=SCORING.get("max_tokens", 512),
     log:
         f"{RES}/logs/eval_tokens/{{run}}.log",
