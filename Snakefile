@@ -14,6 +14,8 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/eval.smk"
+# Before score.smk: the score rule's circuit output and params are defined by it.
+include: "workflow/rules/relational.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/analysis.smk"
@@ -22,4 +24,5 @@ include: "workflow/rules/analysis.smk"
 rule all:
     input:
         final_targets(),
+        relational_targets(),  # workflow/rules/relational.smk
     default_target: True

@@ -12,6 +12,8 @@ on one thread (``scoring.threads: 1``):
 - ``induction``: :func:`mechgen.relational.score_induction` on N x [L random ids] x 2
   (forward passes in batches of 16 + the LM head on the second half for copying accuracy;
   ``--no-copying`` skips the LM head);
+- ``control``: :func:`mechgen.circuit.positional_control` (the induction positions on
+  non-repeating sequences; one more pass over N x 2L tokens, no LM head);
 - ``composition``: :func:`mechgen.relational.composition_scores` (``--kinds``, default K, Q
   and V; 200 baseline draws);
 - ``spectra``: :func:`mechgen.configurational.head_spectra`;
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from mechgen.circuit import positional_control
 from mechgen.configurational import head_spectra, offset_profile_hooks
 from mechgen.metrics import score_heads
 from mechgen.relational import (
@@ -60,6 +63,9 @@ from mechgen.relational import (
 SHAPES: dict[str, dict[str, float]] = {
     "toy-tiny": {"n_layers": 2, "n_heads": 4, "d_model": 256, "vocab": 2048, "rotary": 1.0},
     "toy-small": {"n_layers": 4, "n_heads": 4, "d_model": 256, "vocab": 2048, "rotary": 1.0},
+    # The toy sizes of config.yaml now (2 heads of dim 64).
+    "toy-tiny-128": {"n_layers": 2, "n_heads": 2, "d_model": 128, "vocab": 2048, "rotary": 1.0},
+    "toy-small-128": {"n_layers": 4, "n_heads": 2, "d_model": 128, "vocab": 2048, "rotary": 1.0},
     "pythia-14m": {"n_layers": 6, "n_heads": 4, "d_model": 128, "vocab": 50304, "rotary": 0.25},
     "pythia-70m": {"n_layers": 6, "n_heads": 8, "d_model": 512, "vocab": 50304, "rotary": 0.25},
     "pythia-160m": {"n_layers": 12, "n_heads": 12, "d_model": 768, "vocab": 50304, "rotary": 0.25},
@@ -137,6 +143,7 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, float]:
         "induction": median_time(
             lambda: score_induction(model, sequences, copying=copying), args.repeats
         ),
+        "control": median_time(lambda: positional_control(model, sequences, 0, 16), args.repeats),
         "composition": median_time(
             lambda: composition_scores(model, kinds=tuple(args.kinds), n_baseline=200), args.repeats
         ),
@@ -172,18 +179,18 @@ def main() -> None:
         f"induction N={args.n_sequences} L={args.half_length} copying={not args.no_copying} "
         f"composition={args.kinds} repeats={args.repeats}"
     )
-    header = f"{'shape':<12} {'1-back s':>9} {'ride':>8} {'induct.':>8} {'compos.':>8} {'spectra':>8} {'ablat.':>8} {'ratio':>7} {'+ablat.':>8}"
+    header = f"{'shape':<12} {'1-back s':>9} {'ride':>8} {'induct.':>8} {'control':>8} {'compos.':>8} {'spectra':>8} {'ablat.':>8} {'ratio':>7} {'+ablat.':>8}"
     print(header)
     for name in args.shapes:
         t = bench_shape(name, args)
-        extra = t["ride-along"] + t["induction"] + t["composition"] + t["spectra"]
+        extra = t["ride-along"] + t["induction"] + t["control"] + t["composition"] + t["spectra"]
         print(
-            f"{name:<12} {t['one_back']:9.2f} {t['ride-along']:8.2f} {t['induction']:8.2f} {t['composition']:8.2f} "
+            f"{name:<12} {t['one_back']:9.2f} {t['ride-along']:8.2f} {t['induction']:8.2f} {t['control']:8.2f} {t['composition']:8.2f} "
             f"{t['spectra']:8.2f} {t['ablation']:8.2f} {extra / t['one_back']:7.2f} {(extra + t['ablation']) / t['one_back']:8.2f}",
             flush=True,
         )
     print(
-        "ratio = (ride-along + induction + composition + spectra) / 1-back; +ablat. adds the ablation."
+        "ratio = (ride-along + induction + control + composition + spectra) / 1-back; +ablat. adds the ablation."
     )
 
 

@@ -11,16 +11,20 @@ per-seed points, ``size:<model>`` for one size's points.
 Training time is plotted as ``step + 1`` on a log axis (the reference study's ``step_modded``),
 so the step-0 checkpoint sits at 1.
 
-=========================  ==========================================================
-figure                     function
-=========================  ==========================================================
-``trajectories``           :func:`plot_trajectories`
-``layer_heatmap``          :func:`plot_layer_heatmap`
-``size_effects``           :func:`plot_size_effects`
-``correlation_matrix``     :func:`plot_correlation_matrix`
-``mds``                    :func:`plot_mds`
-``functional_heads``       :func:`plot_functional_heads`
-=========================  ==========================================================
+=============================  ==========================================================
+figure                         function
+=============================  ==========================================================
+``trajectories``               :func:`plot_trajectories`
+``layer_heatmap``              :func:`plot_layer_heatmap`
+``size_effects``               :func:`plot_size_effects`
+``correlation_matrix``         :func:`plot_correlation_matrix`
+``mds``                        :func:`plot_mds`
+``functional_heads``           :func:`plot_functional_heads`
+``relational_trajectories``    :func:`plot_relational_trajectories`
+``onset_lag``                  :func:`plot_onset_lags`
+``ablation``                   :func:`plot_ablation`
+``configurational``            :func:`plot_configurational`
+=============================  ==========================================================
 """
 
 from __future__ import annotations
@@ -520,5 +524,248 @@ def plot_functional_heads(functional: pd.DataFrame, path: str | Path) -> Figure:
         loc="upper left",
         frameon=False,
     )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relational and configurational axes (mechgen.circuit)
+
+
+def uniform_induction_baseline(half_length: int) -> float:
+    """Induction score of a head attending uniformly over the causal prefix on [x]x2 sequences
+    of half length L: (1/L) sum_{p=L}^{2L-1} 1/(p + 1) (attention probability)."""
+    return float(np.mean(1.0 / (np.arange(half_length, 2 * half_length) + 1.0)))
+
+
+def plot_relational_trajectories(
+    one_back: pd.DataFrame,
+    induction: pd.DataFrame,
+    path: str | Path,
+    induction_baseline: float | None = None,
+    control: pd.DataFrame | None = None,
+) -> Figure:
+    """The max-over-heads one_back and induction trajectories overlaid, one panel per size.
+
+    ``one_back``/``induction``: trajectories tables (:func:`mechgen.developmental.trajectories`
+    of each metric). Thin lines: one per seed (solid: one_back, dashed: induction); bold: the
+    mean over seeds; dotted grey: the induction score of uniform attention. ``control``: the
+    trajectories of ``induction_control`` (the same positions on non-repeating sequences),
+    drawn dash-dotted in grey as the mean over seeds (gid ``mean:induction_control``): an
+    induction curve that this control follows is a fixed-offset head, not content matching.
+    Artists: gid ``run:<run>:one_back`` / ``run:<run>:induction``, ``mean:one_back`` /
+    ``mean:induction``, ``baseline``. y: attention weight.
+    """
+    models = size_order(one_back)
+    fig, axes = plt.subplots(
+        1, len(models), figsize=(3.4 * len(models), 3.2), sharey=True, squeeze=False
+    )
+    styles = {"one_back": (OKABE_ITO[0], "-"), "induction": (OKABE_ITO[1], "--")}
+    for ax, model in zip(axes[0], models):
+        for metric, table in (("one_back", one_back), ("induction", induction)):
+            colour, dash = styles[metric]
+            group = table[table["model"] == model]
+            for run, rows in group.sort_values(["seed", "step"]).groupby("run", sort=False):
+                ax.plot(
+                    rows["step"] + 1,
+                    rows["value"],
+                    color=colour,
+                    ls=dash,
+                    lw=0.7,
+                    alpha=0.5,
+                    gid=f"run:{run}:{metric}",
+                )
+            mean = group.groupby("step")["value"].mean()
+            ax.plot(
+                mean.index + 1, mean.to_numpy(), color=colour, ls=dash, lw=2.2, gid=f"mean:{metric}"
+            )
+        if control is not None and not control.empty:
+            mean = control[control["model"] == model].groupby("step")["value"].mean()
+            ax.plot(
+                mean.index + 1,
+                mean.to_numpy(),
+                color="0.45",
+                ls="-.",
+                lw=1.4,
+                gid="mean:induction_control",
+            )
+        if induction_baseline is not None:
+            ax.axhline(induction_baseline, color="0.4", ls=":", lw=1.0, gid="baseline")
+        ax.set_xscale("log")
+        ax.set_title(_size_title(one_back[one_back["model"] == model], model), fontsize=9)
+        ax.set_xlabel(STEP_AXIS_LABEL, fontsize=8)
+        ax.grid(alpha=0.25, lw=0.5)
+    axes[0][0].set_ylabel("max over heads (attention weight)", fontsize=8)
+    handles = [
+        Line2D([], [], color=OKABE_ITO[0], lw=2.2, label="one_back (eval text)"),
+        Line2D([], [], color=OKABE_ITO[1], ls="--", lw=2.2, label="induction ([random] x 2)"),
+        Line2D([], [], color="0.3", lw=0.7, alpha=0.6, label="thin: one seed; bold: mean"),
+    ]
+    if control is not None and not control.empty:
+        handles.append(
+            Line2D([], [], color="0.45", ls="-.", lw=1.4, label="induction, no repeat (control)")
+        )
+    if induction_baseline is not None:
+        handles.append(
+            Line2D(
+                [], [], color="0.4", ls=":", label=f"uniform induction ({induction_baseline:.3f})"
+            )
+        )
+    axes[0][0].legend(handles=handles, fontsize=6.5, loc="upper left", frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _per_size_strip(
+    ax: plt.Axes,
+    table: pd.DataFrame,
+    column: str,
+    models: list[str],
+    offset: float,
+    colour: str,
+    marker: str,
+    gid: str,
+) -> None:
+    for x, model in enumerate(models):
+        values = table.loc[table["model"] == model, column].astype(float).to_numpy()
+        values = values[np.isfinite(values)]
+        if not len(values):
+            continue
+        jitter = np.linspace(-0.08, 0.08, len(values)) if len(values) > 1 else np.zeros(1)
+        ax.scatter(
+            np.full(len(values), x + offset) + jitter,
+            values,
+            color=colour,
+            marker=marker,
+            s=22,
+            zorder=3,
+            gid=f"{gid}:{model}",
+        )
+        ax.hlines(values.mean(), x + offset - 0.15, x + offset + 0.15, color=colour, lw=2)
+
+
+def plot_onset_lags(relational: pd.DataFrame, path: str | Path) -> Figure:
+    """Onset lag (induction onset - 1-back onset, steps) per run, one column per size.
+
+    Points: one per seed (gid ``seeds:<model>``); bar: the mean; dashed line at 0 (positive =
+    the induction head forms after the 1-back head). Runs without both onsets are left out
+    and counted in the title.
+    """
+    models = size_order(relational)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(models), 3.2))
+    _per_size_strip(ax, relational, "lag_steps", models, 0.0, OKABE_ITO[0], "o", "seeds")
+    ax.axhline(0, color="0.35", ls="--", lw=1.0, gid="zero")
+    ax.set_xticks(range(len(models)), models, fontsize=8)
+    ax.set_xlim(-0.6, len(models) - 0.4)
+    ax.set_ylabel("onset lag, induction - one_back (steps)", fontsize=8)
+    n_missing = int((~np.isfinite(relational["lag_steps"].astype(float))).sum())
+    ax.set_title(f"Onset lag per seed ({n_missing} run(s) without both onsets)", fontsize=9)
+    ax.grid(alpha=0.25, lw=0.5, axis="y")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_ablation(relational: pd.DataFrame, path: str | Path) -> Figure:
+    """Induction drop of the target head when the 1-back head vs a same-layer control head is
+    mean-ablated, per run (points) and size (columns).
+
+    Filled circles: ablating the strongest 1-back head (gid ``source:<model>``); open squares:
+    the control (gid ``control:<model>``); bars: means. y: drop in the target's induction score
+    (attention weight; positive = induction falls).
+    """
+    models = size_order(relational)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(models), 3.2))
+    _per_size_strip(ax, relational, "induction_drop", models, -0.18, OKABE_ITO[1], "o", "source")
+    _per_size_strip(
+        ax, relational, "control_induction_drop", models, 0.18, OKABE_ITO[5], "s", "control"
+    )
+    ax.axhline(0, color="0.35", ls="--", lw=1.0)
+    ax.set_xticks(range(len(models)), models, fontsize=8)
+    ax.set_xlim(-0.6, len(models) - 0.4)
+    ax.set_ylabel("drop in the induction head's score\n(attention weight)", fontsize=8)
+    ax.legend(
+        handles=[
+            Line2D([], [], color=OKABE_ITO[1], marker="o", ls="", label="ablate 1-back head"),
+            Line2D([], [], color=OKABE_ITO[5], marker="s", ls="", label="ablate control head"),
+        ],
+        fontsize=7,
+        frameon=False,
+    )
+    ax.grid(alpha=0.25, lw=0.5, axis="y")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+CONFIGURATIONAL_PANELS = (
+    ("qk_spectrum", "W_QK spectrum (cosine)"),
+    ("profile", "offset profile (Pearson r)"),
+    ("cka", "output CKA (linear)"),
+)
+
+
+def plot_configurational(configurational: pd.DataFrame, path: str | Path) -> Figure:
+    """Run x run similarity of the strongest 1-back heads, one panel per signature, with nulls.
+
+    Cell (A, B): the similarity of A's strongest head with B's (:data:`CONFIGURATIONAL_PANELS`,
+    columns ``<name>_similarity``/``cka``), annotated with the null mean below it; cells whose
+    one-sided permutation p < 0.05 are outlined (gid ``significant``). Runs are ordered by size
+    then seed; the diagonal is empty. viridis colour scale per panel.
+    """
+    table = configurational
+    order = (
+        table[["run_a", "model_a", "seed_a"]]
+        .drop_duplicates("run_a")
+        .sort_values(["model_a", "seed_a"])["run_a"]
+        .tolist()
+    )
+    index = {run: i for i, run in enumerate(order)}
+    n = len(order)
+    fig, axes = plt.subplots(1, 3, figsize=(3.2 * 3 + 1.0, 0.45 * n + 2.2), squeeze=False)
+    for ax, (name, label) in zip(axes[0], CONFIGURATIONAL_PANELS):
+        value_col = "cka" if name == "cka" else f"{name}_similarity"
+        matrix = np.full((n, n), np.nan)
+        null = np.full((n, n), np.nan)
+        p_values = np.full((n, n), np.nan)
+        for row in table.itertuples():
+            i, j = index[row.run_a], index[row.run_b]
+            matrix[i, j] = getattr(row, value_col)
+            null[i, j] = getattr(row, f"{name}_null_mean")
+            p_values[i, j] = getattr(row, f"{name}_p")
+        image = ax.imshow(
+            matrix,
+            cmap="viridis",
+            vmin=np.nanmin(matrix) if np.isfinite(matrix).any() else 0,
+            vmax=1,
+        )
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        for i in range(n):
+            for j in range(n):
+                if np.isfinite(matrix[i, j]):
+                    ax.text(
+                        j,
+                        i,
+                        f"{matrix[i, j]:.2f}\n({null[i, j]:.2f})",
+                        ha="center",
+                        va="center",
+                        fontsize=5.5,
+                        color="white" if matrix[i, j] < np.nanmean(matrix) else "black",
+                    )
+                if np.isfinite(p_values[i, j]) and p_values[i, j] < 0.05:
+                    ax.add_patch(
+                        plt.Rectangle(
+                            (j - 0.5, i - 0.5),
+                            1,
+                            1,
+                            fill=False,
+                            ec="#D55E00",
+                            lw=1.5,
+                            gid="significant",
+                        )
+                    )
+        ax.set_xticks(range(n), order, rotation=90, fontsize=6)
+        ax.set_yticks(range(n), order, fontsize=6)
+        ax.set_title(f"{label}\nobserved (null mean)", fontsize=8)
+        ax.set_xlabel("run B", fontsize=7)
+    axes[0][0].set_ylabel("run A (its strongest 1-back head)", fontsize=7)
     fig.tight_layout()
     return _save(fig, path)

@@ -42,6 +42,14 @@ FLAG_COLUMNS = [
 
 HEAD_COLUMNS = ID_COLUMNS + ATTENTION_METRICS + FLAG_COLUMNS
 
+CIRCUIT_COLUMNS = [
+    "induction",  # mean over [random]x2 sequences and second-half positions p of A[p, p-L+1]
+    "induction_control",  # the same positions on sequences whose halves differ (positional control)
+    "copying_accuracy",  # per checkpoint (same on every head row): top-1 copying on [random]x2
+]
+"""Columns the scoring job appends after HEAD_COLUMNS when ``relational.enabled``
+(mechgen.circuit); absent (and NaN after aggregation) otherwise."""
+
 TRAJECTORY_COLUMNS = [
     "suite",
     "model",

@@ -142,6 +142,7 @@ def score_cache_key(
     tokens_sha256: str,
     clipped_window: int,
     versions: Mapping[str, str] | None = None,
+    circuit: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(key, fields): the key is the sha256 of the canonical JSON of ``fields`` = everything
     that determines a checkpoint's per-head scores (see the module docstring). ``versions``
@@ -161,6 +162,11 @@ def score_cache_key(
         "torch": versions["torch"],
         "transformers": versions["transformers"],
     }
+    if circuit is not None:
+        # The relational settings (mechgen.circuit): their arrays are cached with the scores
+        # (<key>.circuit.npz), so other settings are another entry. Absent when relational is
+        # off, so those keys are unchanged.
+        fields["circuit"] = dict(circuit)
     key = hashlib.sha256(
         json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
@@ -247,6 +253,8 @@ def score_checkpoint(
     progress: bool = False,
     score_cache_dir: str | Path | None = None,
     hub: Any = None,
+    circuit_settings: Any = None,
+    circuit_path: str | Path | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score every head of ``run`` at ``step`` on ``token_ids`` (one list of ids per sentence).
 
@@ -255,10 +263,16 @@ def score_checkpoint(
     returns an empty table with ``status == "missing"``. ``score_cache_dir`` (None: no cache)
     enables the score cache of the module docstring; ``hub`` is a
     :class:`mechgen.sources.HubSettings` or the config's ``hub`` mapping (None: the defaults).
+
+    ``circuit_settings`` (a :class:`mechgen.circuit.CircuitSettings`; None: off) adds the
+    relational/configurational scores of the same loaded model (:mod:`mechgen.circuit`): the
+    table gets ``induction``, ``induction_control`` and ``copying_accuracy`` columns, the
+    sidecar a ``relational`` record, and the arrays are written to ``circuit_path`` (an empty
+    file for a missing checkpoint). With the score cache they are cached next to the scores.
     """
     import torch
 
-    from mechgen import metrics, sources
+    from mechgen import circuit, metrics, sources
 
     settings = (
         hub
@@ -284,7 +298,13 @@ def score_checkpoint(
         sidecar.update(
             status="missing", reason=str(exc), wall_seconds=time.perf_counter() - started
         )
+        if circuit_path is not None:
+            circuit.empty_circuit(str(exc)).save(circuit_path)
         return empty_head_table(), sidecar
+
+    circuit_record = circuit_settings.record() if circuit_settings is not None else None
+    circuit_result = None
+    one_back_seconds = None
 
     try:
         ref = sources.resolve_checkpoint(run, step, hub=settings)
@@ -301,14 +321,31 @@ def score_checkpoint(
             tokens_sha256,
             clipped_window,
             versions,
+            circuit_record,
         )[0]
+
+    def circuit_cache_path(key: str) -> Path:
+        return cache.path(key).with_suffix(".circuit.npz")
+
+    def cached(key: str) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+        # A cache entry is usable only with its circuit arrays when relational is on (they are
+        # written before the scores, so a scores file without them is from an interrupted job).
+        entry = cache.get(key)
+        if entry is None or circuit_settings is None:
+            return entry
+        nonlocal circuit_result
+        try:
+            circuit_result = circuit.load_circuit(circuit_cache_path(key))
+        except (OSError, ValueError):
+            return None
+        return entry
 
     key = key_for(ref.sha256) if cache is not None and ref.sha256 else None
     files = None
     freed = 0
     locked = cache.lock(ref.sha256) if key is not None else contextlib.nullcontext()
     with locked:
-        hit = cache.get(key) if key is not None else None
+        hit = cached(key) if key is not None else None
         if hit is None:
             try:
                 files = sources.download_checkpoint(ref, hub=settings)
@@ -317,18 +354,30 @@ def score_checkpoint(
             try:
                 if cache is not None and key is None:  # sha256 known only after the download
                     key = key_for(files.sha256)
-                    hit = cache.get(key)
+                    hit = cached(key)
                 if hit is None:
                     model = sources.load_model(files)
                     n_params = sources.count_parameters(model)
                     cfg = model.config
-                    result = metrics.score_heads(
-                        model,
-                        token_ids,
-                        batch_size=batch_size,
-                        clipped_window=clipped_window,
-                        progress=progress,
+                    ride = (
+                        circuit.ride_along(model, circuit_settings)
+                        if circuit_settings is not None
+                        else contextlib.nullcontext()
                     )
+                    one_back_started = time.perf_counter()
+                    with ride as accumulators:
+                        result = metrics.score_heads(
+                            model,
+                            token_ids,
+                            batch_size=batch_size,
+                            clipped_window=clipped_window,
+                            progress=progress,
+                        )
+                    one_back_seconds = time.perf_counter() - one_back_started
+                    if circuit_settings is not None:
+                        circuit_result = circuit.score_circuit(
+                            model, result, accumulators, circuit_settings, token_ids
+                        )
                     del model
             finally:
                 freed = sources.release(files) if delete_weights else 0
@@ -349,6 +398,8 @@ def score_checkpoint(
                 "n_sentences_too_short": int(result.attrs.get("n_sentences_too_short", 0)),
             }
             if cache is not None and key is not None:
+                if circuit_result is not None:
+                    circuit_result.save(circuit_cache_path(key))
                 cache.put(key, result, meta)
             scores = result
         else:
@@ -363,6 +414,15 @@ def score_checkpoint(
         meta["n_heads"],
         meta["n_params"],
     )
+    if circuit_result is not None:
+        table = circuit.add_circuit_columns(table, circuit_result)
+        sidecar["relational"] = {
+            **circuit_result.record,
+            # 1-back scoring with the ride-along hooks, for the cost ratio of the relational scores.
+            "one_back_seconds": one_back_seconds,
+        }
+        if circuit_path is not None:
+            circuit_result.save(circuit_path)
     sidecar.update(
         status="ok",
         commit=ref.commit,

@@ -21,7 +21,9 @@ Everything here works offline on any machine with Python:
   clipping at norm 1.0), learning rate warmed up linearly then decayed by a cosine to
   :data:`MIN_LR_FRACTION` of the peak at the last step (Pythia's schedule shape). A batch is
   ``batch_size`` windows of ``seq_len`` tokens at uniformly random offsets of the token stream,
-  drawn from a ``torch.Generator`` seeded with the run's seed; the initialisation uses the
+  drawn from a ``torch.Generator`` seeded with the run's seed; optionally a fraction of each
+  batch's rows (``repeat_fraction``) holds repeated content, a random half placed twice, so
+  that in-context copying (an induction circuit) pays off. The initialisation uses the
   global torch RNG seeded with the same seed. Same seed and same thread count on one machine
   give bitwise-identical checkpoints.
 * **Checkpoints.** ``out_dir/step{N}/`` holds ``config.json``, ``model.safetensors``,
@@ -86,7 +88,17 @@ TRAINING_KEYS_REQUIRED = (
     "warmup_steps",
     "weight_decay",
 )
-TRAINING_KEYS_OPTIONAL = ("threads",)
+TRAINING_KEYS_OPTIONAL = (
+    "threads",
+    "repeat_fraction",
+    "repeat_source",
+    "repeat_vocab",
+    "repeat_min_half",
+)
+REPEAT_SOURCES = ("random", "corpus")
+"""Where the repeated half of a repeated-content row comes from (see :func:`train_run`)."""
+REPEAT_ID_LO = len(("<|endoftext|>", "<|padding|>"))
+"""Random repeated content uses ids from here up (the special tokens are never drawn)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +463,111 @@ def _validate_training(training: Mapping[str, Any]) -> dict[str, Any]:
     wd = out["weight_decay"]
     if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not wd >= 0:
         raise ValueError(f"training.weight_decay must be a number >= 0, got {wd!r}")
+    # Read with defaults but not written back: the manifest records the training config as given.
+    fraction = out.get("repeat_fraction", 0.0)
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, (int, float))
+        or not 0 <= fraction <= 1
+    ):
+        raise ValueError(f"training.repeat_fraction must be a number in [0, 1], got {fraction!r}")
+    source = out.get("repeat_source", "random")
+    if source not in REPEAT_SOURCES:
+        raise ValueError(
+            f"training.repeat_source must be one of {', '.join(REPEAT_SOURCES)}, got {source!r}"
+        )
+    repeat_vocab = out.get("repeat_vocab")
+    if repeat_vocab is not None:
+        _positive_int("training.repeat_vocab", repeat_vocab)
+    if fraction > 0 and out["seq_len"] < 4:
+        raise ValueError(
+            f"training.seq_len ({out['seq_len']}) must be >= 4 for repeated-content rows"
+        )
     return out
+
+
+def n_repeated_rows(batch_size: int, repeat_fraction: float) -> int:
+    """Rows of each batch that hold repeated content: round(batch_size x repeat_fraction).
+
+    Python's round (half to even), e.g. 12 x 0.25 = 3 rows, 8 x 0.25 = 2 rows.
+    """
+    return round(batch_size * repeat_fraction)
+
+
+def _varied_repeats(
+    n_rows: int,
+    seq_len: int,
+    source: str,
+    generator: torch.Generator,
+    stream: torch.Tensor | None,
+    vocab_size: int | None,
+    repeat_vocab: int | None,
+    min_half: int,
+) -> torch.Tensor:
+    """Rows of random ids in which a span of random length H ~ U{min_half..seq_len // 2}
+    starting at a random position is followed by itself (``repeat_min_half``), so no fixed
+    offset finds the earlier copy: only content matching (a real induction head) does."""
+    if source != "random" or vocab_size is None:
+        raise ValueError("training.repeat_min_half needs repeat_source 'random'")
+    if not 1 <= min_half <= seq_len // 2:
+        raise ValueError(f"training.repeat_min_half must be in 1..{seq_len // 2}; got {min_half}")
+    hi = vocab_size if repeat_vocab is None else min(vocab_size, REPEAT_ID_LO + repeat_vocab)
+    rows = []
+    for _ in range(n_rows):
+        half = int(torch.randint(min_half, seq_len // 2 + 1, (1,), generator=generator))
+        fill = torch.randint(REPEAT_ID_LO, hi, (seq_len,), generator=generator)
+        start = int(torch.randint(0, seq_len - 2 * half + 1, (1,), generator=generator))
+        fill[start + half : start + 2 * half] = fill[start : start + half]
+        rows.append(fill)
+    return torch.stack(rows).long()
+
+
+def repeated_rows(
+    n_rows: int,
+    seq_len: int,
+    source: str,
+    generator: torch.Generator,
+    stream: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    repeat_vocab: int | None = None,
+    min_half: int | None = None,
+) -> torch.Tensor:
+    """``[n_rows, seq_len]`` rows made of a half of length H = seq_len // 2 placed twice.
+
+    Row = [x_0..x_{H-1}, x_0..x_{H-1}] (plus, for odd seq_len, x_0 once more at the end).
+    ``source="random"``: x = H ids drawn uniformly with replacement from
+    ``[REPEAT_ID_LO, min(vocab_size, REPEAT_ID_LO + repeat_vocab))`` (``repeat_vocab`` None:
+    up to ``vocab_size``); ``"corpus"``: x = a window of H tokens of ``stream`` at a
+    uniformly random offset. Draws come from ``generator`` (the run's data generator), so
+    training stays a function of the seed. Predicting the second half needs in-context copying,
+    which is what makes an induction circuit useful on such rows; plain pydoc text is
+    memorised instead (a 111k-token corpus, seen ~7 times in 1,000 steps of 768 tokens).
+    ``repeat_vocab`` narrows random ids to ``[REPEAT_ID_LO, REPEAT_ID_LO + repeat_vocab)``;
+    ``min_half`` switches to :func:`_varied_repeats` (variable span length and position).
+
+    Caveat, measured on the default toy-small run: with the fixed half seq_len // 2 the model
+    learns a head that attends to the fixed offset H - 1 (not an induction head) and copies
+    through it; ``mechgen.circuit.positional_control`` exposes this.
+    """
+    half = seq_len // 2
+    if min_half is not None:
+        return _varied_repeats(
+            n_rows, seq_len, source, generator, stream, vocab_size, repeat_vocab, min_half
+        )
+    if source == "random":
+        if vocab_size is None or vocab_size <= REPEAT_ID_LO:
+            raise ValueError(f"random repeated rows need vocab_size > {REPEAT_ID_LO}")
+        hi = vocab_size if repeat_vocab is None else min(vocab_size, REPEAT_ID_LO + repeat_vocab)
+        first = torch.randint(REPEAT_ID_LO, hi, (n_rows, half), generator=generator)
+    elif source == "corpus":
+        if stream is None or len(stream) < half:
+            raise ValueError("corpus repeated rows need a token stream of at least seq_len / 2")
+        offsets = torch.randint(0, len(stream) - half + 1, (n_rows,), generator=generator)
+        first = stream[offsets[:, None] + torch.arange(half)]
+    else:
+        raise ValueError(f"source must be one of {', '.join(REPEAT_SOURCES)}, got {source!r}")
+    rows = torch.cat([first, first, first[:, : seq_len - 2 * half]], dim=1)
+    return rows.long()
 
 
 def _validate_schedule(schedule: Iterable[int], steps: int) -> list[int]:
@@ -509,9 +625,12 @@ def train_run(
     """Train one toy run and save ``out_dir/step{N}/`` for every N in ``schedule``.
 
     ``training`` has steps, batch_size, seq_len, learning_rate, warmup_steps, weight_decay
-    (and optionally threads, ignored here: ``threads`` wins). Each update: a batch of
+    (and optionally threads, ignored here: ``threads`` wins; ``repeat_fraction``, default 0,
+    and ``repeat_source``, default ``"random"``). Each update: a batch of
     ``batch_size`` windows of ``seq_len`` tokens at offsets ~ Uniform{0..len(stream)-seq_len}
-    (seeded ``torch.Generator``), mean next-token cross-entropy in nats, backward, gradient
+    (seeded ``torch.Generator``), of which the first ``round(batch_size x repeat_fraction)``
+    rows are replaced by repeated content (:func:`repeated_rows`: a half of seq_len // 2
+    tokens placed twice), mean next-token cross-entropy in nats, backward, gradient
     clip at norm 1.0, AdamW step with :func:`lr_at_step`'s rate. Writes ``manifest.json`` last
     and returns it: steps, seed, size_spec, n_params, training, tokens_per_step,
     vocab_size, wall_seconds, cpu_seconds, final_loss (mean loss of the last 50 updates, nats/token),
@@ -570,11 +689,27 @@ def train_run(
     )
     window = torch.arange(seq_len)
 
+    n_repeated = n_repeated_rows(batch_size, float(training.get("repeat_fraction", 0.0)))
+
     def next_batch() -> torch.Tensor:
         offsets = torch.randint(
             0, len(stream) - seq_len + 1, (batch_size,), generator=data_generator
         )
-        return stream[offsets[:, None] + window]
+        batch = stream[offsets[:, None] + window]
+        if n_repeated:
+            # Drawn after the windows, and only when enabled: with repeat_fraction 0 the
+            # generator's sequence (and so every checkpoint) is what it was without the option.
+            batch[:n_repeated] = repeated_rows(
+                n_repeated,
+                seq_len,
+                str(training.get("repeat_source", "random")),
+                data_generator,
+                stream=stream,
+                vocab_size=vocab_size,
+                repeat_vocab=training.get("repeat_vocab"),
+                min_half=training.get("repeat_min_half"),
+            )
+        return batch
 
     losses: list[float] = []
     checkpoint_losses: dict[str, float] = {}

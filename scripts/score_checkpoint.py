@@ -26,6 +26,13 @@ from mechgen.sources import CorruptCheckpoint, HubUnavailable  # noqa: E402
 score_cache_dir = Path(sm.config.get("results_dir", "results")) / sm.config["suite"] / "score_cache"
 hub = sm.config.get("hub") or {}
 
+# The relational/configurational scores of the same loaded model (mechgen.circuit); an empty
+# mapping when relational.enabled is false.
+from mechgen.circuit import CircuitSettings
+
+relational = dict(sm.params.get("relational") or {})
+circuit_settings = CircuitSettings.from_mapping(relational) if relational else None
+
 try:
     table, sidecar = score_checkpoint(
         run,
@@ -39,6 +46,8 @@ try:
         progress=True,
         score_cache_dir=score_cache_dir,
         hub=hub,
+        circuit_settings=circuit_settings,
+        circuit_path=sm.output.get("circuit"),
     )
 except CorruptCheckpoint as exc:
     # One clear line instead of a stack trace from deep inside safetensors/torch.

@@ -222,10 +222,10 @@ def test_placeholder_figure(tmp_path: Path) -> None:
 
 
 def declared_figures() -> list[str]:
-    """The figure names the Snakemake rules declare (workflow/rules/analysis.smk, FIGURES)."""
-    text = (REPO / "workflow" / "rules" / "analysis.smk").read_text()
+    """The figure names the Snakemake rules declare (workflow/rules/common.smk, FIGURES)."""
+    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
     block = re.search(r"FIGURES = \[(.*?)\]", text, re.DOTALL)
-    assert block, "analysis.smk has no FIGURES list"
+    assert block, "common.smk has no FIGURES list"
     return re.findall(r'"(\w+)"', block.group(1))
 
 

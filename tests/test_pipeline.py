@@ -109,7 +109,7 @@ def test_report_embeds_every_figure(toy_test_run, tmp_path):
     run_snakemake(work, "--configfile", *TOY_TEST_CONFIGFILES, "--report", str(report))
     html = report.read_text()
     figures = sorted((work / "results" / SUITE / "figures").glob("*.png"))
-    assert len(figures) == 6
+    assert len(figures) == 10  # 6 of the analyses, 4 of the relational axes
     for fig in figures:
         # Snakemake embeds each registered result base64-encoded: the exact bytes must be there.
         encoded = base64.b64encode(fig.read_bytes()).decode()

@@ -394,3 +394,102 @@ def test_scripts_under_snakemake(tmp_path: Path) -> None:
     # The log file gets one line per saved checkpoint and the summary.
     log_text = (tmp_path / "logs" / "train.log").read_text()
     assert "step 2: loss" in log_text and "3 steps saved" in log_text
+
+
+# --- repeated-content rows (induction heads need in-context copying to pay off) -------------
+
+
+def test_repeated_rows_hand_worked() -> None:
+    generator = torch.Generator().manual_seed(0)
+    rows = toy.repeated_rows(3, 9, "random", generator, vocab_size=20)
+    assert rows.shape == (3, 9) and rows.dtype == torch.long
+    # A half of 9 // 2 = 4 ids placed twice, then its first id once more (odd length).
+    assert torch.equal(rows[:, :4], rows[:, 4:8]) and torch.equal(rows[:, 8], rows[:, 0])
+    assert int(rows.min()) >= toy.REPEAT_ID_LO and int(rows.max()) < 20
+    # Drawn from the generator alone: the same state gives the same rows.
+    again = toy.repeated_rows(3, 9, "random", torch.Generator().manual_seed(0), vocab_size=20)
+    assert torch.equal(rows, again)
+    stream = torch.arange(100, 200)
+    corpus = toy.repeated_rows(2, 8, "corpus", torch.Generator().manual_seed(1), stream=stream)
+    for row in corpus.tolist():
+        start = row[0] - 100
+        assert row == list(range(100 + start, 104 + start)) * 2  # a window of the stream, twice
+    assert [toy.n_repeated_rows(b, f) for b, f in ((12, 0.25), (8, 0.25), (4, 0.0), (5, 1.0))] == [
+        3,
+        2,
+        0,
+        5,
+    ]
+
+
+def test_repeat_fraction_zero_is_the_plain_training_and_nonzero_is_seeded(
+    run_seed1: tuple[Path, dict], tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    out1, manifest1 = run_seed1
+    explicit_zero = toy.train_run(
+        tokenizer_dir,
+        tmp_path / "zero",
+        SIZE,
+        1,
+        {**TRAINING, "repeat_fraction": 0.0},
+        SCHEDULE,
+        VOCAB,
+        threads=1,
+        progress=False,
+    )
+    assert explicit_zero["checkpoint_losses"] == manifest1["checkpoint_losses"]
+    assert _same_weights(_weights(out1 / "step6"), _weights(tmp_path / "zero" / "step6"))
+    repeated = {**TRAINING, "repeat_fraction": 0.5}
+    first = toy.train_run(
+        tokenizer_dir,
+        tmp_path / "rep1",
+        SIZE,
+        1,
+        repeated,
+        SCHEDULE,
+        VOCAB,
+        threads=1,
+        progress=False,
+    )
+    second = toy.train_run(
+        tokenizer_dir,
+        tmp_path / "rep2",
+        SIZE,
+        1,
+        repeated,
+        SCHEDULE,
+        VOCAB,
+        threads=1,
+        progress=False,
+    )
+    assert first["checkpoint_losses"] == second["checkpoint_losses"]
+    assert _same_weights(
+        _weights(tmp_path / "rep1" / "step6"), _weights(tmp_path / "rep2" / "step6")
+    )
+    assert first["checkpoint_losses"] != manifest1["checkpoint_losses"]
+    assert first["training"]["repeat_fraction"] == 0.5
+
+
+def test_repeat_settings_are_checked(tokenizer_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"repeat_fraction must be a number in \[0, 1\]"):
+        toy.train_run(
+            tokenizer_dir,
+            tmp_path,
+            SIZE,
+            1,
+            {**TRAINING, "repeat_fraction": 1.5},
+            [0],
+            VOCAB,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="repeat_source must be one of random, corpus"):
+        toy.train_run(
+            tokenizer_dir,
+            tmp_path,
+            SIZE,
+            1,
+            {**TRAINING, "repeat_source": "x"},
+            [0],
+            VOCAB,
+            progress=False,
+        )

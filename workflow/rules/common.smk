@@ -142,3 +142,68 @@ def tokenizer_revision():
     if SOURCE == "hf":
         return f"step{STEPS[-1]}" if STEPS else "main"
     return None
+
+
+# ---- the relational and configurational axes (rules in relational.smk)
+
+RELATIONAL = config.get("relational") or {}
+RELATIONAL_ENABLED = SOURCE != "table" and bool(RELATIONAL.get("enabled", True))
+RELATIONAL_SCORING_KEYS = (
+    "n_sequences",
+    "half_length",
+    "token_lo",
+    "token_hi",
+    "seed",
+    "batch_size",
+    "copying",
+    "max_offset",
+    "qk_top_k",
+    "n_baseline",
+    "n_random_heads",
+    "cka_max_tokens",
+    "control_seed",
+)
+RELATIONAL_STATS = [
+    "relational",
+    "relational_sizes",
+    "relational_regressions",
+    "configurational",
+    "configurational_stability",
+]
+RELATIONAL_FIGURES = [
+    "relational_trajectories",
+    "onset_lag",
+    "ablation",
+    "configurational",
+]
+
+
+def relational_detail_steps():
+    """The resolved `relational.detail_steps` ("final" = the schedule's last step)."""
+    wanted = RELATIONAL.get("detail_steps", ["final"])
+    last = max(STEPS) if STEPS else None
+    return sorted({last if s == "final" else int(s) for s in wanted if s != "final" or STEPS})
+
+
+def relational_job_params(step):
+    """The relational settings of one scoring job: the suite's overrides over `relational:`,
+    and `detail` for this step only, so changing detail_steps reruns only the steps whose
+    `detail` flips (Snakemake's params trigger), not every checkpoint."""
+    if not RELATIONAL_ENABLED:
+        return {}
+    settings = {k: RELATIONAL[k] for k in RELATIONAL_SCORING_KEYS if k in RELATIONAL}
+    settings.update(SPEC.get("relational") or {})
+    settings["detail"] = int(step) in relational_detail_steps()
+    return settings
+
+
+def circuit_files():
+    return [f"{RES}/scores/{run}/step{step}.circuit.npz" for run in RUNS for step in STEPS]
+
+
+def relational_targets():
+    if not RELATIONAL_ENABLED:
+        return []
+    return [f"{RES}/stats/{name}.csv" for name in RELATIONAL_STATS] + [
+        f"{RES}/figures/{name}.png" for name in RELATIONAL_FIGURES
+    ]

@@ -10,10 +10,18 @@ rule score:
     output:
         table=f"{RES}/scores/{{run}}/step{{step}}.parquet",
         sidecar=f"{RES}/scores/{{run}}/step{{step}}.json",
+        # Offset profiles, spectra, W_QK factors; composition, ablation and CKA outputs at the
+        # detail steps (workflow/rules/relational.smk).
+        **(
+            {"circuit": f"{RES}/scores/{{run}}/step{{step}}.circuit.npz"}
+            if RELATIONAL_ENABLED
+            else {}
+        ),
     params:
         run=lambda wc: run_info(wc.run),
         tokens_per_step=TOKENS_PER_STEP,
         scoring=SCORING,
+        relational=lambda wc: relational_job_params(wc.step),
     threads: SCORING.get("threads", 1)
     resources:
         mem_mb=lambda wc: score_mem_mb(RUNS[wc.run].size),

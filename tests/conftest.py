@@ -1,0 +1,170 @@
+"""Shared test helpers: run Snakemake in a private copy of the workflow, and one toy-test run.
+
+The workflow tests never write into the checkout: each works in a copy under pytest's tmp dir.
+``toy_test_run`` runs the small toy-test suite (tests/configs/toy-test.yaml) once per session;
+tests that change something copy it first with :func:`copy_run`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+# No hub access in tests: every HF load must come from local files (and fail fast otherwise).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+WORKFLOW_PATHS = (
+    "Snakefile",
+    "config.yaml",
+    "workflow",
+    "scripts",
+    "mechgen",
+    "profiles",
+    "tests/configs",
+)
+"""What a Snakemake run needs from the checkout (mechgen is copied so the scripts import it)."""
+
+TOY_TEST_CONFIGFILES = ("config.yaml", "tests/configs/toy-test.yaml")
+"""``--configfile`` replaces the Snakefile's configfile, so the overlay comes with the base."""
+
+
+def _toy_test_suite() -> tuple[str, dict, list[str], list[int]]:
+    """Suite name, suite spec, run ids and checkpoint steps of tests/configs/toy-test.yaml, read
+    by hand (run id = <model_prefix><size>-seed<seed>; steps = toy.schedule), not by mechgen."""
+    overlay = yaml.safe_load((REPO_ROOT / TOY_TEST_CONFIGFILES[1]).read_text())
+    suite = overlay["suite"]
+    spec = overlay["suites"][suite]
+    assert spec["source"] == "toy" and spec["schedule"] == "toy", "toy-test must train a toy suite"
+    runs = [
+        f"{spec['model_prefix']}{size}-seed{seed}"
+        for size in spec["sizes"]
+        for seed in spec["seeds"]
+    ]
+    return suite, spec, runs, sorted(overlay["toy"]["schedule"])
+
+
+TOY_TEST_SUITE, TOY_TEST_SPEC, TOY_TEST_RUNS, TOY_TEST_STEPS = _toy_test_suite()
+"""The toy-test suite's name, its spec (sizes, seeds, ...), run ids and checkpoint steps."""
+
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".snakemake", "results")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy the workflow's files (not results, not .snakemake) from the checkout into ``dest``.
+
+    File modification times are kept (shutil.copy2), so Snakemake's mtime-based triggers see the
+    copy exactly as the checkout.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in WORKFLOW_PATHS:
+        src = REPO_ROOT / rel
+        if src.is_dir():
+            shutil.copytree(src, dest / rel, ignore=_IGNORE, dirs_exist_ok=True)
+        elif src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    """Copy a finished work directory - results and .snakemake metadata included - to ``dest``.
+
+    Modification times are kept, so Snakemake sees the same up-to-date state in the copy.
+    """
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def run_snakemake(
+    workdir: Path,
+    *args: str,
+    timeout_s: int = 600,
+    check: bool = True,
+    wrapper: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m snakemake *args`` in ``workdir`` with this interpreter; return the result.
+
+    ``wrapper`` prefixes the command (e.g. ``("timeout", "-k", "30", "300")``). With ``check``, a
+    non-zero exit raises AssertionError carrying the end of Snakemake's output.
+    """
+    cmd = [*wrapper, sys.executable, "-m", "snakemake", *args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        cmd,
+        check=False,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s + 60,
+    )
+    if check and result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-60:])
+        raise AssertionError(f"snakemake {' '.join(args)} exited {result.returncode}:\n{tail}")
+    return result
+
+
+_JOB_HEADER = re.compile(r"^\s*(?P<local>local)?(?:rule|checkpoint) (?P<rule>\w+):\s*$")
+_WILDCARDS = re.compile(r"^\s*wildcards: (?P<wildcards>.+?)\s*$")
+
+
+def logged_jobs(log: str, executed_here: bool = False) -> list[str]:
+    """The jobs a Snakemake log announces, sorted, as ``rule`` or ``rule[k=v,...]`` strings.
+
+    For ``snakemake -n`` these are the planned jobs; for a run, the jobs it started (for a
+    cluster run, the jobs it submitted, inside group jobs too). Each job block starts with a
+    ``rule NAME:`` / ``localrule NAME:`` line; its ``wildcards: k=v, ...`` line, if any, follows.
+    ``executed_here`` keeps only ``localrule`` blocks: in a SLURM job's log, the job step that
+    really ran the rule announces it so, after the job-level Snakemake's ``rule`` block.
+    """
+    jobs: list[tuple[str, bool, list[str]]] = []
+    for line in log.splitlines():
+        header = _JOB_HEADER.match(line)
+        if header:
+            jobs.append((header["rule"], bool(header["local"]), []))
+            continue
+        wildcards = _WILDCARDS.match(line)
+        if wildcards and jobs and not jobs[-1][2]:
+            jobs[-1][2].extend(sorted(pair.strip() for pair in wildcards["wildcards"].split(",")))
+    return sorted(
+        rule + (f"[{','.join(pairs)}]" if pairs else "")
+        for rule, local, pairs in jobs
+        if local or not executed_here
+    )
+
+
+def job_stats(log: str) -> dict[str, int]:
+    """The last "Job stats" table of a Snakemake log as {rule: count} (without the total)."""
+    tables = log.split("Job stats:")
+    if len(tables) < 2:
+        return {}
+    counts: dict[str, int] = {}
+    lines = tables[-1].splitlines()
+    rows = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
+    for line in lines[rows:]:
+        fields = line.split()
+        if len(fields) != 2 or not fields[1].isdigit():
+            break
+        if fields[0] != "total":
+            counts[fields[0]] = int(fields[1])
+    return counts
+
+
+@pytest.fixture(scope="session")
+def toy_test_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A work directory in which the toy-test suite has run end to end (local, 2 cores).
+
+    Read-only for tests: copy it with :func:`copy_run` before running anything in it.
+    """
+    workdir = copy_workflow(tmp_path_factory.mktemp("toy-test-run"))
+    run_snakemake(workdir, "--cores", "2", "--configfile", *TOY_TEST_CONFIGFILES)
+    return workdir

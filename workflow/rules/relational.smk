@@ -1,0 +1,51 @@
+# The relational (1-back head -> induction head) and configurational (head shape across runs)
+# axes. Their per-checkpoint scores come from the scoring job (rule `score`, which writes
+# scores/<run>/step<N>.circuit.npz next to the per-head table); the rules here only analyse,
+# so changing `relational.analysis` plans no scoring job.
+
+# RELATIONAL settings, targets and input functions are defined in common.smk.
+
+if RELATIONAL_ENABLED:
+
+    rule relational:
+        # Reads small arrays, no model: run on the submitting host, not as a cluster job.
+        localrule: True
+        conda:
+            "../envs/mechgen.yaml"
+        input:
+            heads=f"{RES}/heads.parquet",
+            circuits=circuit_files(),
+        output:
+            **{name: f"{RES}/stats/{name}.csv" for name in RELATIONAL_STATS},
+        params:
+            thresholds=ANALYSIS.get(
+                "onset_thresholds", {"start": 0.01, "stop": 0.30, "step": 0.01}
+            ),
+            analysis=RELATIONAL.get("analysis") or {},
+        log:
+            f"{RES}/logs/relational.log",
+        script:
+            "../../scripts/relational.py"
+
+    rule relational_figures:
+        localrule: True
+        conda:
+            "../envs/mechgen.yaml"
+        input:
+            heads=f"{RES}/heads.parquet",
+            **{name: f"{RES}/stats/{name}.csv" for name in RELATIONAL_STATS},
+        output:
+            **{
+                name: report(
+                    f"{RES}/figures/{name}.png",
+                    caption=f"../report/{name}.rst",
+                    category="Relational and configurational",
+                )
+                for name in RELATIONAL_FIGURES
+            },
+        params:
+            half_length=relational_job_params(0).get("half_length", 50),
+        log:
+            f"{RES}/logs/relational_figures.log",
+        script:
+            "../../scripts/relational_figures.py"
