@@ -51,6 +51,7 @@ from mechgen.relational import (
     _gpt_neox_body,
     _r_factor,
     _shape,
+    finite_svdvals,
     head_weights,
     real_queries_from_attention_mask,
 )
@@ -125,8 +126,8 @@ def head_spectra(
     qk_factor = _r_factor(weights.w_q.transpose(-1, -2)) @ weights.w_k
     ov_factor = weights.w_o @ _r_factor(weights.w_v.transpose(-1, -2)).transpose(-1, -2)
     return HeadSpectra(
-        qk=_normalise_spectrum(torch.linalg.svdvals(qk_factor.double()).numpy(), normalise),
-        ov=_normalise_spectrum(torch.linalg.svdvals(ov_factor.double()).numpy(), normalise),
+        qk=_normalise_spectrum(finite_svdvals(qk_factor).numpy(), normalise),
+        ov=_normalise_spectrum(finite_svdvals(ov_factor).numpy(), normalise),
         normalise=normalise,
     )
 

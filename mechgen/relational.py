@@ -657,9 +657,19 @@ def composition_scores(
     return results
 
 
+def finite_svdvals(matrices: torch.Tensor) -> torch.Tensor:
+    """Singular values of each matrix of a batch ``[..., a, b]`` in float64, NaN for a matrix
+    with a non-finite entry: a checkpoint with NaN/inf weights in one head (flagged
+    ``nonfinite`` by the scorer) must not make the SVD of every head fail."""
+    matrices = matrices.double()
+    finite = torch.isfinite(matrices).flatten(-2).all(-1)
+    singular = torch.linalg.svdvals(torch.where(finite[..., None, None], matrices, 0.0))
+    return torch.where(finite[..., None], singular, torch.nan)
+
+
 def _normalised_squared_spectrum(matrices: torch.Tensor) -> torch.Tensor:
     """s_i^2 / sum_j s_j^2 of each matrix [L, H, a, b] -> [L*H, min(a, b)] float64 (NaN if zero)."""
-    singular = torch.linalg.svdvals(matrices.double()).reshape(-1, min(matrices.shape[-2:]))
+    singular = finite_svdvals(matrices).reshape(-1, min(matrices.shape[-2:]))
     squares = singular**2
     return squares / squares.sum(dim=1, keepdim=True)
 

@@ -614,3 +614,21 @@ def test_relation_fraction_uses_wilson_interval():
     assert fractions.loc["b", "ci_high"] == pytest.approx(centre + half_width)
     with pytest.raises(ValueError, match="no column"):
         relation_fraction_by_size(runs, relation="nope")
+
+
+def test_finite_svdvals_isolates_a_nonfinite_head():
+    """A NaN weight in one head gives NaN singular values for that head only; the others
+    equal numpy's SVD (a checkpoint flagged nonfinite must not crash the spectra)."""
+    import numpy as np
+    import torch
+
+    from mechgen.relational import finite_svdvals
+
+    gen = torch.Generator().manual_seed(0)
+    matrices = torch.randn(2, 3, 4, 6, generator=gen)
+    matrices[1, 2, 0, 0] = float("inf")
+    got = finite_svdvals(matrices)
+    assert torch.isnan(got[1, 2]).all()
+    for layer, head in [(0, 0), (0, 2), (1, 1)]:
+        want = np.linalg.svd(matrices[layer, head].double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(got[layer, head].numpy(), want, rtol=1e-12)
