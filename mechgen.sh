@@ -11,6 +11,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${MECHGEN_VENV:-.venv}
 
+# A profile (e.g. profiles/slurm) sets its own `cores`; only a plain run gets --cores.
+cores_args() {
+    case " $* " in
+        *" --profile "*|*" --profile="*|*" --workflow-profile "*) ;;
+        *) echo "--cores ${CORES:-2}" ;;
+    esac
+}
+
 setup() {
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
@@ -33,7 +41,8 @@ case "$cmd" in
     run)
         setup
         export PATH="$PWD/$VENV/bin:$PATH"
-        snakemake --cores "${CORES:-2}" "$@"
+        # shellcheck disable=SC2046
+        snakemake $(cores_args "$@") "$@"
         report=$(python -m mechgen report-path "$@")
         snakemake --cores 1 "$@" --report "$report"
         echo "report: $report"
@@ -42,7 +51,8 @@ case "$cmd" in
         setup
         export PATH="$PWD/$VENV/bin:$PATH"
         snakemake --unlock "$@"
-        snakemake --cores "${CORES:-2}" --rerun-incomplete "$@"
+        # shellcheck disable=SC2046
+        snakemake $(cores_args "$@") --rerun-incomplete "$@"
         report=$(python -m mechgen report-path "$@")
         snakemake --cores 1 "$@" --report "$report"
         echo "report: $report"

@@ -18,7 +18,7 @@ run = Run(**sm.params.run)
 step = int(sm.wildcards.step)
 with open(sm.input.tokens) as fh:
     token_ids = json.load(fh)["token_ids"]
-scoring = sm.params.scoring
+scoring = sm.config.get("scoring", {})
 from mechgen.sources import CorruptCheckpoint, HubUnavailable  # noqa: E402
 
 # Read from the config, not params: neither changes a score, so neither may trigger a rerun.
@@ -40,7 +40,7 @@ try:
         token_ids,
         tokens_per_step=int(sm.params.tokens_per_step),
         batch_size=int(scoring.get("batch_size", 16)),
-        clipped_window=int(scoring.get("clipped_window", 8)),
+        clipped_window=int(sm.params.clipped_window),
         delete_weights=bool(scoring.get("delete_weights", True)),
         threads=sm.threads,
         progress=True,

@@ -4,6 +4,10 @@
 if SOURCE == "table":
 
     rule import_table:
+        conda:
+            "../envs/mechgen.yaml"
+        # Reads tables, no model: run on the submitting host, not as a cluster job.
+        localrule: True
         output:
             heads=f"{RES}/heads.parquet",
         params:
@@ -18,6 +22,10 @@ if SOURCE == "table":
 else:
 
     rule aggregate:
+        conda:
+            "../envs/mechgen.yaml"
+        # Concatenates tables, no model: run on the submitting host, not as a cluster job.
+        localrule: True
         input:
             score_files(),
         output:
@@ -31,6 +39,9 @@ else:
 
 
 rule trajectories:
+    conda:
+        "../envs/mechgen.yaml"
+    localrule: True
     input:
         heads=f"{RES}/heads.parquet",
     output:

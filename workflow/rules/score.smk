@@ -20,7 +20,10 @@ rule score:
     params:
         run=lambda wc: run_info(wc.run),
         tokens_per_step=TOKENS_PER_STEP,
-        scoring=SCORING,
+        # Only what changes a score is a param (a rerun trigger): batch size, threads and
+        # weight deletion are read from the config by the script, so changing them on a
+        # cluster never throws away finished checkpoints.
+        clipped_window=SCORING.get("clipped_window", 8),
         relational=lambda wc: relational_job_params(wc.step),
     threads: SCORING.get("threads", 1)
     resources:

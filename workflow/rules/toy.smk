@@ -5,6 +5,10 @@ TOY = config.get("toy", {})
 
 
 rule toy_tokenizer:
+    conda:
+        "../envs/mechgen.yaml"
+    # Seconds of work: a cluster job would cost a whole polling round.
+    localrule: True
     output:
         f"{RES}/tokenizer/tokenizer.json",
     params:
@@ -16,6 +20,8 @@ rule toy_tokenizer:
 
 
 rule toy_train:
+    conda:
+        "../envs/mechgen.yaml"
     input:
         tokenizer=f"{RES}/tokenizer/tokenizer.json",
     output:
