@@ -221,24 +221,27 @@ class _HeadMetricAccumulator:
         return hook
 
 
-def _transformer_body(model: torch.nn.Module) -> torch.nn.Module:
-    # GPTNeoXForCausalLM keeps the body in `.gpt_neox`; GPTNeoXModel is the body itself.
-    # Both expose it as `base_model`. Running only the body skips the LM head, whose
-    # vocab-sized projection costs more than the whole body for small Pythias.
+def gpt_neox_body(model: torch.nn.Module, need_attention: bool = True) -> torch.nn.Module:
+    """The transformer body (``GPTNeoXModel``) of a GPT-NeoX model, validated.
+
+    GPTNeoXForCausalLM keeps the body in ``.gpt_neox``; GPTNeoXModel is the body itself; both
+    expose it as ``base_model``. Running only the body skips the LM head, whose vocab-sized
+    projection costs more than the whole body for small Pythias. ``need_attention``: the caller
+    reads attention probabilities, which only eager attention returns.
+    """
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) != "gpt_neox":
         raise TypeError(
-            "score_heads needs a transformers GPT-NeoX model (GPTNeoXForCausalLM or "
-            f"GPTNeoXModel); got {type(model).__name__}"
+            "expected a transformers GPT-NeoX model (GPTNeoXForCausalLM or GPTNeoXModel); "
+            f"got {type(model).__name__}"
         )
     body = model.base_model
     if not hasattr(body, "layers"):
         raise TypeError(f"{type(model).__name__}.base_model has no `layers`; not a GPT-NeoX body")
-    implementation = config._attn_implementation
-    if implementation != "eager":
+    if need_attention and config._attn_implementation != "eager":
         raise ValueError(
-            f"score_heads needs attention probabilities, which only eager attention returns; "
-            f"the model uses {implementation!r}. Load it with "
+            "attention probabilities are read, which only eager attention returns; the model "
+            f"uses {config._attn_implementation!r}. Load it with "
             "from_pretrained(..., attn_implementation='eager') or call "
             "model.set_attn_implementation('eager')."
         )
@@ -291,7 +294,7 @@ def score_heads(
     ``n_sentences_too_short`` (skipped one-token sentences), ``batch_size`` and
     ``clipped_window``.
     """
-    body = _transformer_body(model)
+    body = gpt_neox_body(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     _check_clipped_window(clipped_window)

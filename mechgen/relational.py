@@ -55,6 +55,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mechgen.metrics import gpt_neox_body as _gpt_neox_body
+
 __all__ = [
     "CausalDependence",
     "CompositionScores",
@@ -95,31 +97,6 @@ HeadId = tuple[int, int]
 
 # ---------------------------------------------------------------------------------------------
 # Model access
-
-
-def _gpt_neox_body(model: torch.nn.Module, need_attention: bool) -> torch.nn.Module:
-    """The transformer body (``GPTNeoXModel``) of a GPT-NeoX model, validated.
-
-    ``need_attention``: the caller reads attention probabilities from the attention modules'
-    outputs, which only eager attention returns.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "gpt_neox":
-        raise TypeError(
-            "expected a transformers GPT-NeoX model (GPTNeoXForCausalLM or GPTNeoXModel); "
-            f"got {type(model).__name__}"
-        )
-    body = model.base_model
-    if not hasattr(body, "layers"):
-        raise TypeError(f"{type(model).__name__}.base_model has no `layers`; not a GPT-NeoX body")
-    if need_attention and config._attn_implementation != "eager":
-        raise ValueError(
-            "this score reads attention probabilities, which only eager attention returns; the "
-            f"model uses {config._attn_implementation!r}. Load it with "
-            "from_pretrained(..., attn_implementation='eager') or call "
-            "model.set_attn_implementation('eager')."
-        )
-    return body
 
 
 def _shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
