@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from statsmodels.stats.proportion import proportion_confint
 
-from mechgen.tables import validate_heads
+from mechgen.tables import drop_nonfinite_heads, validate_heads
 
 DEFAULT_FUNCTIONAL_MULTIPLE = 2.0
 """A head meets the 1-back criterion when one_back > this x the uniform baseline."""
@@ -294,11 +294,9 @@ def with_nullable_ints(table: pd.DataFrame, columns: Iterable[str]) -> pd.DataFr
 
 
 def finite_heads(heads: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The rows whose ``metric`` is finite and whose ``nonfinite`` flag (if any) is False."""
-    keep = np.isfinite(heads[metric].to_numpy(dtype=float))
-    if "nonfinite" in heads.columns:
-        keep &= ~heads["nonfinite"].astype(bool).to_numpy()
-    return heads[keep]
+    """The rows whose ``metric`` is finite and whose ``nonfinite`` flag (if any) is False, without
+    a warning (:func:`mechgen.tables.drop_nonfinite_heads`, which the statistics call with one)."""
+    return drop_nonfinite_heads(heads, metric)
 
 
 def _order_runs(table: pd.DataFrame) -> pd.DataFrame:
