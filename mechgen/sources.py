@@ -127,6 +127,20 @@ class CheckpointFiles:
         return f"{self.repo_id}@{self.revision}/{self.weight_file.name}"
 
 
+def _missing(where: str, err: Exception) -> MissingCheckpoint:
+    """The "missing" record of a hub answer that the repo or revision is not there (GatedRepoError
+    is a RepositoryNotFoundError, so it is tested first)."""
+    from huggingface_hub.errors import GatedRepoError, RevisionNotFoundError
+
+    if isinstance(err, RevisionNotFoundError):
+        reason = "revision does not exist"
+    elif isinstance(err, GatedRepoError):
+        reason = "repo is gated, check HF_TOKEN"
+    else:
+        reason = "repo does not exist or is private"
+    return MissingCheckpoint(f"missing checkpoint {where}: {reason} ({_first_line(err)})")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -522,7 +536,6 @@ def _head_file(
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (
         FileMetadataError,
-        GatedRepoError,
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -542,18 +555,8 @@ def _head_file(
         if commit and _SHA1_HEX.fullmatch(commit):
             mark_absent(_cache_root(cache_dir), repo_id, commit, filename)
         return None
-    except RevisionNotFoundError as err:
-        raise MissingCheckpoint(
-            f"missing checkpoint {where}: revision does not exist ({_first_line(err)})"
-        ) from None
-    except GatedRepoError as err:
-        raise MissingCheckpoint(
-            f"missing checkpoint {where}: repo is gated, check HF_TOKEN ({_first_line(err)})"
-        ) from None
-    except RepositoryNotFoundError as err:
-        raise MissingCheckpoint(
-            f"missing checkpoint {where}: repo does not exist or is private ({_first_line(err)})"
-        ) from None
+    except (RevisionNotFoundError, RepositoryNotFoundError) as err:
+        raise _missing(where, err) from None
     except FileMetadataError as err:
         raise HubUnavailable(
             f"cannot fetch {where}: the endpoint did not answer like the hub ({_first_line(err)}); "
@@ -655,7 +658,6 @@ def _hub_download(
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
-        GatedRepoError,
         LocalEntryNotFoundError,
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
@@ -694,18 +696,8 @@ def _hub_download(
         )
     except RemoteEntryNotFoundError:
         return None
-    except RevisionNotFoundError as err:
-        raise MissingCheckpoint(
-            f"missing checkpoint {where}: revision does not exist ({_first_line(err)})"
-        ) from None
-    except GatedRepoError as err:
-        raise MissingCheckpoint(
-            f"missing checkpoint {where}: repo is gated, check HF_TOKEN ({_first_line(err)})"
-        ) from None
-    except RepositoryNotFoundError as err:
-        raise MissingCheckpoint(
-            f"missing checkpoint {where}: repo does not exist or is private ({_first_line(err)})"
-        ) from None
+    except (RevisionNotFoundError, RepositoryNotFoundError) as err:
+        raise _missing(where, err) from None
     except LocalEntryNotFoundError:
         return None
 
