@@ -9,8 +9,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging  # noqa: E402
 
+from mechgen.circuit import CircuitSettings  # noqa: E402
 from mechgen.config import Run  # noqa: E402
 from mechgen.scoring import score_checkpoint, write_result  # noqa: E402
+from mechgen.sources import CorruptCheckpoint, HubUnavailable  # noqa: E402
 
 log = setup_logging(snakemake)  # noqa: F821
 sm = snakemake  # noqa: F821
@@ -19,7 +21,6 @@ step = int(sm.wildcards.step)
 with open(sm.input.tokens) as fh:
     token_ids = json.load(fh)["token_ids"]
 scoring = sm.config.get("scoring", {})
-from mechgen.sources import CorruptCheckpoint, HubUnavailable  # noqa: E402
 
 # Read from the config, not params: neither changes a score, so neither may trigger a rerun.
 # The score cache (identical weight blobs scored once) lives in results/<suite>/score_cache/.
@@ -28,8 +29,6 @@ hub = sm.config.get("hub") or {}
 
 # The relational/configurational scores of the same loaded model (mechgen.circuit); an empty
 # mapping when relational.enabled is false.
-from mechgen.circuit import CircuitSettings
-
 relational = dict(sm.params.get("relational") or {})
 circuit_settings = CircuitSettings.from_mapping(relational) if relational else None
 
