@@ -59,13 +59,12 @@ from mechgen.relational import (
 )
 
 # Pythia shapes (config.json of EleutherAI/pythia-*: rotary_pct 0.25, vocab 50304, d_ff 4d);
-# the toy shapes of config.yaml (full rotary, vocab 2048).
+# the toy sizes of config.yaml (full rotary, vocab 2048; toy-small's MLP is d_model wide).
 SHAPES: dict[str, dict[str, float]] = {
-    "toy-tiny": {"n_layers": 2, "n_heads": 4, "d_model": 256, "vocab": 2048, "rotary": 1.0},
-    "toy-small": {"n_layers": 4, "n_heads": 4, "d_model": 256, "vocab": 2048, "rotary": 1.0},
-    # The toy sizes of config.yaml now (2 heads of dim 64).
-    "toy-tiny-128": {"n_layers": 2, "n_heads": 2, "d_model": 128, "vocab": 2048, "rotary": 1.0},
-    "toy-small-128": {"n_layers": 4, "n_heads": 2, "d_model": 128, "vocab": 2048, "rotary": 1.0},
+    "toy-tiny": {"n_layers": 2, "n_heads": 2, "d_model": 64, "vocab": 2048, "rotary": 1.0},
+    "toy-small": {
+        "n_layers": 4, "n_heads": 2, "d_model": 128, "d_ff": 128, "vocab": 2048, "rotary": 1.0,
+    },
     "pythia-14m": {"n_layers": 6, "n_heads": 4, "d_model": 128, "vocab": 50304, "rotary": 0.25},
     "pythia-70m": {"n_layers": 6, "n_heads": 8, "d_model": 512, "vocab": 50304, "rotary": 0.25},
     "pythia-160m": {"n_layers": 12, "n_heads": 12, "d_model": 768, "vocab": 50304, "rotary": 0.25},
@@ -80,7 +79,7 @@ def build(shape: dict[str, float]) -> GPTNeoXForCausalLM:
         hidden_size=d_model,
         num_hidden_layers=int(shape["n_layers"]),
         num_attention_heads=int(shape["n_heads"]),
-        intermediate_size=4 * d_model,
+        intermediate_size=int(shape.get("d_ff", 4 * d_model)),
         max_position_embeddings=2048,
         rotary_pct=shape["rotary"],
         tie_word_embeddings=False,

@@ -536,6 +536,8 @@ RELATIONAL_EXTRA_COLUMNS = [
     "induction_control_at_head",
     "induction_content",
     "induction_positional",
+    "induction_uniform",
+    "induction_formed",
     "one_back_first",
     "expected_order",
 ]
@@ -551,10 +553,16 @@ baseline mean, ``corrected`` = score - baseline and z = corrected / baseline SD.
 non-repeating sequences (:func:`positional_control`); ``induction_content`` = induction_max -
 that (attention probability: the part of the score that needs the repeat);
 ``induction_positional`` = control >= half the induction score (the "induction head" attends to
-the fixed offset L - 1, not by content; NA without the control column).
+the fixed offset L - 1, not by content; NA without the control column, and NA when the score
+is below twice the uniform level: then there is no head to call positional);
+``induction_uniform`` = the uniform-attention level at the scored positions,
+(1/L) sum_{p=L}^{2L-1} 1/(p + 1) with L = the run's ``relational.half_length`` (NaN when the
+circuit records do not say); ``induction_formed`` = induction_max >= 2 x induction_uniform and
+not positional (a content-based induction head exists; NA when the uniform level is unknown).
 ``one_back_first`` = lag_steps > 0 (the induction trajectory's onset after the 1-back one; NA
 when either onset is undefined); ``expected_order`` = one_back_first and
-one_back_earlier_layer (NA when either is NA).
+one_back_earlier_layer and induction_formed (False when no induction head formed, else NA when
+either of the first two is NA; an unknown induction_formed does not count against it).
 """
 
 
@@ -653,24 +661,50 @@ def relational_table(
         control.append(float(at_head["induction_control"].iloc[0]) if has_control else math.nan)
     table["induction_control_at_head"] = control
     table["induction_content"] = table["induction_max"] - table["induction_control_at_head"]
-    table["induction_positional"] = pd.array(
-        [
-            bool(c >= 0.5 * i) if math.isfinite(c) else pd.NA
-            for c, i in zip(table["induction_control_at_head"], table["induction_max"])
-        ],
-        dtype="boolean",
-    )
+    table["induction_uniform"] = [
+        uniform_induction_level(circuits, row.run, row.final_step) for row in table.itertuples()
+    ]
+    positional, formed = [], []
+    for c, i, u in zip(
+        table["induction_control_at_head"], table["induction_max"], table["induction_uniform"]
+    ):
+        above = bool(i >= 2 * u) if math.isfinite(u) else None
+        positional.append(bool(c >= 0.5 * i) if math.isfinite(c) and above is not False else pd.NA)
+        formed.append(
+            pd.NA
+            if above is None or (above and positional[-1] is pd.NA)
+            else bool(above and not positional[-1])
+        )
+    table["induction_positional"] = pd.array(positional, dtype="boolean")
+    table["induction_formed"] = pd.array(formed, dtype="boolean")
     lag = table["lag_steps"].astype(float)
     table["one_back_first"] = pd.array(
         [bool(v > 0) if math.isfinite(v) else pd.NA for v in lag], dtype="boolean"
     )
-    table["expected_order"] = table["one_back_first"] & table["one_back_earlier_layer"].astype(
-        "boolean"
-    )
+    # Without an induction head there is no order to find: onsets of a trajectory that never
+    # leaves the uniform level are noise, so a run with induction_formed False is not counted.
+    order = table["one_back_first"] & table["one_back_earlier_layer"].astype("boolean")
+    table["expected_order"] = order & table["induction_formed"].fillna(True)
     for column in RELATIONAL_EXTRA_COLUMNS:
         if column not in table.columns:
             table[column] = pd.NA
     return table
+
+
+def uniform_induction_level(
+    circuits: Mapping[tuple[str, int], CircuitResult], run: str, step: Any
+) -> float:
+    """(1/L) sum_{p=L}^{2L-1} 1/(p + 1): the induction score of a head attending uniformly to
+    positions 0..p, with L the ``half_length`` recorded in the run's circuit result at ``step``
+    (probability; NaN when that result or its settings record is missing)."""
+    try:
+        result = circuits.get((run, int(step)))
+    except (TypeError, ValueError):
+        return math.nan
+    half = (result.record.get("settings") or {}).get("half_length") if result else None
+    if not half:
+        return math.nan
+    return float(np.mean(1.0 / (np.arange(int(half), 2 * int(half)) + 1.0)))
 
 
 RELATIONS = (
@@ -679,6 +713,7 @@ RELATIONS = (
     "drop_exceeds_control",
     "expected_order",
     "induction_positional",
+    "induction_formed",
 )
 """The boolean per-run relations whose per-size fractions :func:`relational_sizes` reports."""
 

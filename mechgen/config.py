@@ -94,7 +94,30 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
             raise ConfigError(str(exc) if "hub." in str(exc) else f"config key 'hub': {exc}") from None
     for name, spec in suites.items():
         _validate_suite(config, name, spec, check_files=check_files and name == config["suite"])
+    if "training" in config.get("toy", {}):
+        _validate_toy_training(config["toy"]["training"])
     return config
+
+
+def _validate_toy_training(training: dict[str, Any]) -> None:
+    """The cross-key rules of ``toy.training`` the schema cannot state (checked again, with the
+    rest, by :func:`mechgen.toy.train_run`; repeated here so a bad value fails at start)."""
+    seq_len = training.get("seq_len")
+    min_half = training.get("repeat_min_half")
+    if min_half is not None and seq_len is not None and min_half > seq_len // 2:
+        raise ConfigError(
+            f"config key 'toy.training.repeat_min_half': {min_half} is longer than half a "
+            f"training row; allowed: 1..{seq_len // 2} (toy.training.seq_len // 2)"
+        )
+    if (
+        training.get("repeat_source") == "window"
+        and training.get("repeat_fraction", 0) > 0
+        and min_half is None
+    ):
+        raise ConfigError(
+            "config key 'toy.training.repeat_min_half': required by repeat_source 'window' "
+            "(the shortest repeated span, in tokens)"
+        )
 
 
 def resolve_path(path: str) -> str:

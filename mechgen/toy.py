@@ -22,8 +22,11 @@ Everything here works offline on any machine with Python:
   :data:`MIN_LR_FRACTION` of the peak at the last step (Pythia's schedule shape). A batch is
   ``batch_size`` windows of ``seq_len`` tokens at uniformly random offsets of the token stream,
   drawn from a ``torch.Generator`` seeded with the run's seed; optionally a fraction of each
-  batch's rows (``repeat_fraction``) holds repeated content, a random half placed twice, so
-  that in-context copying (an induction circuit) pays off. The initialisation uses the
+  batch's rows (``repeat_fraction``) holds repeated content so that in-context copying (an
+  induction circuit) pays off: a random or corpus half placed twice (``repeat_source``
+  ``random``/``corpus``, :func:`repeated_rows`), or a span of varying length and position of
+  the row's own text repeated in place (``window``, :func:`window_repeats`; the default toy
+  suite's choice, the only one with which content-based induction heads formed). The initialisation uses the
   global torch RNG seeded with the same seed. Same seed and same thread count on one machine
   give bitwise-identical checkpoints.
 * **Checkpoints.** ``out_dir/step{N}/`` holds ``config.json``, ``model.safetensors``,
@@ -95,8 +98,10 @@ TRAINING_KEYS_OPTIONAL = (
     "repeat_vocab",
     "repeat_min_half",
 )
-REPEAT_SOURCES = ("random", "corpus")
-"""Where the repeated half of a repeated-content row comes from (see :func:`train_run`)."""
+REPEAT_SOURCES = ("random", "corpus", "window")
+"""Where the repeated content of a repeated-content row comes from (see :func:`train_run`):
+``random`` ids or a ``corpus`` window placed twice as a whole row (:func:`repeated_rows`), or a
+span of the row's own text ``window`` repeated in place (:func:`window_repeats`)."""
 REPEAT_ID_LO = len(("<|endoftext|>", "<|padding|>"))
 """Random repeated content uses ids from here up (the special tokens are never drawn)."""
 
@@ -479,6 +484,19 @@ def _validate_training(training: Mapping[str, Any]) -> dict[str, Any]:
     repeat_vocab = out.get("repeat_vocab")
     if repeat_vocab is not None:
         _positive_int("training.repeat_vocab", repeat_vocab)
+    min_half = out.get("repeat_min_half")
+    if min_half is not None:
+        _positive_int("training.repeat_min_half", min_half)
+        if not min_half <= out["seq_len"] // 2:
+            raise ValueError(
+                f"training.repeat_min_half must be in 1..{out['seq_len'] // 2} "
+                f"(seq_len // 2); got {min_half}"
+            )
+    if source == "window" and fraction > 0 and min_half is None:
+        raise ValueError(
+            "training.repeat_source 'window' needs training.repeat_min_half (the shortest "
+            "repeated span, in tokens)"
+        )
     if fraction > 0 and out["seq_len"] < 4:
         raise ValueError(
             f"training.seq_len ({out['seq_len']}) must be >= 4 for repeated-content rows"
@@ -520,6 +538,30 @@ def _varied_repeats(
         fill[start + half : start + 2 * half] = fill[start : start + half]
         rows.append(fill)
     return torch.stack(rows).long()
+
+
+def window_repeats(
+    rows: torch.Tensor, generator: torch.Generator, min_half: int
+) -> torch.Tensor:
+    """``rows`` (text windows ``[n_rows, seq_len]``) with a span of each repeated in place.
+
+    Per row, in order: span length H ~ U{min_half..seq_len // 2}, start s ~ U{0..seq_len - 2H},
+    then row[s + H : s + 2H] = row[s : s + H] (the text after the span is overwritten by its
+    copy). Both occurrences are ordinary text, so the previous-token heads that text training
+    forms read them as they read any text; and since H and s vary, no fixed offset finds the
+    earlier copy: only matching by content (an induction head) predicts the copy. The toy
+    corpus itself is memorised within a few thousand steps, so without such rows copying from
+    context never pays off. Returns a new tensor; draws come from ``generator``.
+    """
+    out = rows.clone()
+    n_rows, seq_len = out.shape
+    if not 1 <= min_half <= seq_len // 2:
+        raise ValueError(f"min_half must be in 1..{seq_len // 2}; got {min_half}")
+    for row in range(n_rows):
+        half = int(torch.randint(min_half, seq_len // 2 + 1, (1,), generator=generator))
+        start = int(torch.randint(0, seq_len - 2 * half + 1, (1,), generator=generator))
+        out[row, start + half : start + 2 * half] = out[row, start : start + half]
+    return out
 
 
 def repeated_rows(
@@ -626,11 +668,12 @@ def train_run(
 
     ``training`` has steps, batch_size, seq_len, learning_rate, warmup_steps, weight_decay
     (and optionally threads, ignored here: ``threads`` wins; ``repeat_fraction``, default 0,
-    and ``repeat_source``, default ``"random"``). Each update: a batch of
+    ``repeat_source``, default ``"random"``, ``repeat_vocab`` and ``repeat_min_half``). Each
+    update: a batch of
     ``batch_size`` windows of ``seq_len`` tokens at offsets ~ Uniform{0..len(stream)-seq_len}
     (seeded ``torch.Generator``), of which the first ``round(batch_size x repeat_fraction)``
-    rows are replaced by repeated content (:func:`repeated_rows`: a half of seq_len // 2
-    tokens placed twice), mean next-token cross-entropy in nats, backward, gradient
+    rows get repeated content (:func:`repeated_rows`, or :func:`window_repeats` for
+    ``window``), mean next-token cross-entropy in nats, backward, gradient
     clip at norm 1.0, AdamW step with :func:`lr_at_step`'s rate. Writes ``manifest.json`` last
     and returns it: steps, seed, size_spec, n_params, training, tokens_per_step,
     vocab_size, wall_seconds, cpu_seconds, final_loss (mean loss of the last 50 updates, nats/token),
@@ -690,19 +733,24 @@ def train_run(
     window = torch.arange(seq_len)
 
     n_repeated = n_repeated_rows(batch_size, float(training.get("repeat_fraction", 0.0)))
+    repeat_source = str(training.get("repeat_source", "random"))
 
     def next_batch() -> torch.Tensor:
         offsets = torch.randint(
             0, len(stream) - seq_len + 1, (batch_size,), generator=data_generator
         )
         batch = stream[offsets[:, None] + window]
-        if n_repeated:
+        if n_repeated and repeat_source == "window":
+            batch[:n_repeated] = window_repeats(
+                batch[:n_repeated], data_generator, int(training["repeat_min_half"])
+            )
+        elif n_repeated:
             # Drawn after the windows, and only when enabled: with repeat_fraction 0 the
             # generator's sequence (and so every checkpoint) is what it was without the option.
             batch[:n_repeated] = repeated_rows(
                 n_repeated,
                 seq_len,
-                str(training.get("repeat_source", "random")),
+                repeat_source,
                 data_generator,
                 stream=stream,
                 vocab_size=vocab_size,

@@ -323,6 +323,8 @@ def _circuit(
 def test_relational_table_finds_the_order_hand_worked() -> None:
     heads = _heads({"r1": ("toy-a", 1, 100), "r2": ("toy-a", 2, 1000), "r3": ("toy-b", 1, 100)})
     circuits = {(run, 1000): _circuit(drop=d) for run, d in (("r1", 0.2), ("r2", 0.0), ("r3", 0.1))}
+    for run in ("r1", "r2"):
+        circuits[(run, 1000)].record["settings"] = {"half_length": 4}
     thresholds = onset_thresholds()
     table = circuit.relational_table(heads, circuits, thresholds).set_index("run")
     # Independent onsets: threshold_onset of the hand-built max-over-heads trajectories.
@@ -339,6 +341,12 @@ def test_relational_table_finds_the_order_hand_worked() -> None:
     assert table.at["r1", "induction_content"] == pytest.approx(0.32 - 0.02)
     assert not bool(table.at["r1", "induction_positional"])
     assert bool(table.at["r2", "induction_positional"]) and table.at["r2", "induction_content"] == 0
+    # Uniform attention over 0..p at p = 4..7 (L = 4): (1/5 + 1/6 + 1/7 + 1/8) / 4 = 0.158631.
+    assert table.at["r1", "induction_uniform"] == pytest.approx(0.158631, abs=1e-6)
+    assert bool(table.at["r1", "induction_formed"])  # 0.32 >= 2 x 0.1586, content-based
+    assert not bool(table.at["r2", "induction_formed"])  # as high without the repeat
+    assert np.isnan(table.at["r3", "induction_uniform"]) and pd.isna(table.at["r3", "induction_formed"])
+
     sizes = circuit.relational_sizes(table.reset_index())
     row = sizes[(sizes["relation"] == "drop_exceeds_control") & (sizes["model"] == "toy-a")]
     assert (int(row["n_holds"].iloc[0]), int(row["n_runs"].iloc[0])) == (1, 2)
@@ -351,6 +359,19 @@ def test_relational_table_finds_the_order_hand_worked() -> None:
         "relational_induction_drop",
         "relational_drop_minus_control",
     }
+
+
+def test_no_induction_head_is_neither_formed_nor_positional() -> None:
+    heads = _heads({"r1": ("toy-a", 1, 10**9)})  # induction never rises: 0.02 everywhere
+    result = _circuit()
+    result.record["settings"] = {"half_length": 4}
+    table = circuit.relational_table(heads, {("r1", 1000): result}, onset_thresholds())
+    row = table.set_index("run").loc["r1"]
+    assert row["induction_max"] == pytest.approx(0.02)
+    assert pd.isna(row["induction_positional"])  # 0.02 < 2 x uniform: nothing to call positional
+    assert not bool(row["induction_formed"])
+    # No induction head, so no order to find, whatever the noise onsets say.
+    assert not pd.isna(row["expected_order"]) and not bool(row["expected_order"])
 
 
 def test_relational_regressions_skip_a_single_seed() -> None:

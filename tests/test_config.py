@@ -72,6 +72,21 @@ def test_pythia_repos_seed0_is_the_original(config):
         (lambda c: c["suites"]["toy"].update(seeds=[1, -2]), "suites.toy.seeds.1", ""),
         (lambda c: c["suites"]["toy"].update(source="ftp"), "suites.toy.source", "hf"),
         (lambda c: c["scoring"].update(batch_size=0), "scoring.batch_size", ""),
+        (
+            lambda c: c["toy"]["training"].update(repeat_source="loop"),
+            "toy.training.repeat_source",
+            "window",
+        ),
+        (
+            lambda c: c["toy"]["training"].update(repeat_min_half=33),
+            "toy.training.repeat_min_half",
+            "1..32",
+        ),
+        (
+            lambda c: c["toy"]["training"].pop("repeat_min_half"),
+            "toy.training.repeat_min_half",
+            "window",
+        ),
         (lambda c: c["hub"].update(max_retrys=3), "hub.max_retrys", "max_retries"),
         (lambda c: c["hub"].update(max_retries=-3), "hub.max_retries", ""),
         (

@@ -103,10 +103,24 @@ def test_relational_table_agrees_with_a_pandas_max_over_heads(toy_test_run: Path
         earlier = best["one_back"]["layer"] < best["induction"]["layer"]
         assert bool(row["one_back_earlier_layer"]) == earlier
         control = best["induction"]["induction_control"]
-        assert bool(row["induction_positional"]) == (
-            control >= 0.5 * best["induction"]["induction"]
+        score = best["induction"]["induction"]
+        # Uniform attention over 0..p at the scored queries p = L..2L-1.
+        sidecar = json.loads(
+            (results / "scores" / run / f"step{int(final['step'].iloc[0])}.json").read_text()
         )
-        if np.isfinite(row["lag_steps"]):
+        half = sidecar["relational"]["sequences"]["half_length"]
+        uniform = float(np.mean(1.0 / (np.arange(half, 2 * half) + 1)))
+        if score < 2 * uniform:  # no head stands out: nothing to call positional
+            assert pd.isna(row["induction_positional"])
+        else:
+            assert bool(row["induction_positional"]) == (control >= 0.5 * score)
+        # An induction head exists: at least twice the uniform level, and not explained by the
+        # non-repeating control.
+        formed = score >= 2 * uniform and control < 0.5 * score
+        assert bool(row["induction_formed"]) == formed
+        if not formed:
+            assert not bool(row["expected_order"])
+        elif np.isfinite(row["lag_steps"]):
             assert bool(row["expected_order"]) == (earlier and row["lag_steps"] > 0)
     sizes = pd.read_csv(results / "stats" / "relational_sizes.csv")
     holds = sizes[sizes["relation"] == "one_back_earlier_layer"]

@@ -482,7 +482,7 @@ def test_repeat_settings_are_checked(tokenizer_dir: Path, tmp_path: Path) -> Non
             VOCAB,
             progress=False,
         )
-    with pytest.raises(ValueError, match="repeat_source must be one of random, corpus"):
+    with pytest.raises(ValueError, match="repeat_source must be one of random, corpus, window"):
         toy.train_run(
             tokenizer_dir,
             tmp_path,
@@ -493,3 +493,67 @@ def test_repeat_settings_are_checked(tokenizer_dir: Path, tmp_path: Path) -> Non
             VOCAB,
             progress=False,
         )
+    with pytest.raises(ValueError, match="'window' needs training.repeat_min_half"):
+        toy.train_run(
+            tokenizer_dir,
+            tmp_path,
+            SIZE,
+            1,
+            {**TRAINING, "repeat_fraction": 1.0, "repeat_source": "window"},
+            [0],
+            VOCAB,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match=r"repeat_min_half must be in 1\.\."):
+        toy.train_run(
+            tokenizer_dir,
+            tmp_path,
+            SIZE,
+            1,
+            {**TRAINING, "repeat_fraction": 1.0, "repeat_source": "window", "repeat_min_half": 99},
+            [0],
+            VOCAB,
+            progress=False,
+        )
+
+
+def test_window_repeats_hand_worked() -> None:
+    """Each row keeps its text except that one span of length H in min_half..seq_len // 2 is
+    followed by a copy of itself; the draws (H, then start, per row) replayed by hand."""
+    rows = torch.arange(1000, 1000 + 4 * 20).reshape(4, 20)
+    out = toy.window_repeats(rows, torch.Generator().manual_seed(3), min_half=3)
+    assert torch.equal(rows, torch.arange(1000, 1080).reshape(4, 20))  # input untouched
+    replay = torch.Generator().manual_seed(3)
+    halves = set()
+    for row, got in zip(rows.tolist(), out.tolist()):
+        half = int(torch.randint(3, 11, (1,), generator=replay))
+        start = int(torch.randint(0, 20 - 2 * half + 1, (1,), generator=replay))
+        expected = row[: start + half] + row[start : start + half] + row[start + 2 * half :]
+        assert got == expected and len(got) == 20
+        halves.add(half)
+    # Brute force over every (H, start): exactly one placement explains each row, so the
+    # repeat's offset H - 1 from the copy's first predictable position varies between rows.
+    for row, got in zip(rows.tolist(), out.tolist()):
+        fits = [
+            (h, s)
+            for h in range(3, 11)
+            for s in range(20 - 2 * h + 1)
+            if got == row[: s + h] + row[s : s + h] + row[s + 2 * h :]
+        ]
+        assert len(fits) == 1
+    assert len(halves) > 1
+    with pytest.raises(ValueError, match="min_half must be in 1..10"):
+        toy.window_repeats(rows, torch.Generator(), min_half=11)
+
+
+def test_window_training_is_seeded(tokenizer_dir: Path, tmp_path: Path) -> None:
+    window = {**TRAINING, "repeat_fraction": 1.0, "repeat_source": "window", "repeat_min_half": 4}
+    first, second = (
+        toy.train_run(
+            tokenizer_dir, tmp_path / name, SIZE, 2, window, SCHEDULE, VOCAB, threads=1,
+            progress=False,
+        )
+        for name in ("a", "b")
+    )
+    assert first["checkpoint_losses"] == second["checkpoint_losses"]
+    assert _same_weights(_weights(tmp_path / "a" / "step6"), _weights(tmp_path / "b" / "step6"))

@@ -33,6 +33,9 @@ rule toy_train:
         schedule=STEPS,
         vocab_size=TOY.get("vocab_size", 2048),
     threads: TOY.get("training", {}).get("threads", 1)
+    # Training is the long pole of the default run: start every run's training before scoring
+    # the checkpoints of runs already trained, so the last training does not end alone.
+    priority: 10
     resources:
         mem_mb=2000,
         runtime=60,
