@@ -40,6 +40,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
+from scipy.optimize import linear_sum_assignment
 
 from mechgen.relational import (
     HeadId,
@@ -370,15 +372,13 @@ def spectrum_similarity_matrix(
             b_cdf = np.cumsum(b_mass, axis=1)
             distance = np.abs(a_cdf[:, None, :] - b_cdf[None, :, :]).sum(axis=-1) / a.shape[1]
             return 1.0 - distance
-        from scipy.stats import wasserstein_distance  # lazy: see align_heads
-
         a_positions = (np.arange(a.shape[1]) + 0.5) / a.shape[1]
         b_positions = (np.arange(b.shape[1]) + 0.5) / b.shape[1]
         similarity = np.full((a.shape[0], b.shape[0]), np.nan)
         for i, a_row in enumerate(a_mass):
             for j, b_row in enumerate(b_mass):
                 if np.isfinite(a_row).all() and np.isfinite(b_row).all():
-                    similarity[i, j] = 1.0 - wasserstein_distance(
+                    similarity[i, j] = 1.0 - stats.wasserstein_distance(
                         a_positions, b_positions, a_row, b_row
                     )
         return similarity
@@ -624,9 +624,6 @@ def align_heads(cost: np.ndarray) -> np.ndarray:
     worst = matrix[finite].max()
     spread = worst - matrix[finite].min()
     matrix = np.where(finite, matrix, worst + spread + 1.0)
-    # Imported here: scipy.optimize costs ~1.4 s of import, paid by every scoring job otherwise.
-    from scipy.optimize import linear_sum_assignment
-
     rows, cols = linear_sum_assignment(matrix)
     match = np.full(matrix.shape[0], -1, dtype=int)
     match[rows] = cols
