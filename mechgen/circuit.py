@@ -694,17 +694,17 @@ def relational_table(
 def uniform_induction_level(
     circuits: Mapping[tuple[str, int], CircuitResult], run: str, step: Any
 ) -> float:
-    """(1/L) sum_{p=L}^{2L-1} 1/(p + 1): the induction score of a head attending uniformly to
-    positions 0..p, with L the ``half_length`` recorded in the run's circuit result at ``step``
-    (probability; NaN when that result or its settings record is missing)."""
+    """:func:`mechgen.functional.uniform_induction_baseline` with L the ``half_length`` recorded
+    in the run's circuit result at ``step`` (probability; NaN when that result or its settings
+    record is missing)."""
     try:
         result = circuits.get((run, int(step)))
     except (TypeError, ValueError):
         return math.nan
+    from mechgen.functional import uniform_induction_baseline
+
     half = (result.record.get("settings") or {}).get("half_length") if result else None
-    if not half:
-        return math.nan
-    return float(np.mean(1.0 / (np.arange(int(half), 2 * int(half)) + 1.0)))
+    return uniform_induction_baseline(int(half)) if half else math.nan
 
 
 RELATIONS = (

@@ -42,7 +42,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mechgen.functional import finite_heads
+from mechgen.functional import finite_heads, uniform_induction_baseline
 
 DPI = 300
 
@@ -530,12 +530,6 @@ def plot_functional_heads(functional: pd.DataFrame, path: str | Path) -> Figure:
 
 # ---------------------------------------------------------------------------------------------
 # Relational and configurational axes (mechgen.circuit)
-
-
-def uniform_induction_baseline(half_length: int) -> float:
-    """Induction score of a head attending uniformly over the causal prefix on [x]x2 sequences
-    of half length L: (1/L) sum_{p=L}^{2L-1} 1/(p + 1) (attention probability)."""
-    return float(np.mean(1.0 / (np.arange(half_length, 2 * half_length) + 1.0)))
 
 
 def plot_relational_trajectories(

@@ -111,6 +111,12 @@ def uniform_one_back_baseline(lengths: Iterable[int]) -> float:
     return float(np.mean(per_sentence))
 
 
+def uniform_induction_baseline(half_length: int) -> float:
+    """Induction score of a head attending uniformly over the causal prefix on [x]x2 sequences
+    of half length L: (1/L) sum_{p=L}^{2L-1} 1/(p + 1) (attention probability)."""
+    return float(np.mean(1.0 / (np.arange(half_length, 2 * half_length) + 1.0)))
+
+
 def read_token_lengths(path: str | Path) -> list[int]:
     """Token lengths of the eval sentences in ``path`` (JSON ``{"token_ids": [[...], ...]}``)."""
     with open(path) as fh:
