@@ -11,6 +11,7 @@ fault and lists the allowed values, so a bad config fails before any job starts.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,24 +101,37 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
 
 
 def _validate_toy_training(training: dict[str, Any]) -> None:
-    """The cross-key rules of ``toy.training`` the schema cannot state (checked again, with the
-    rest, by :func:`mechgen.toy.train_run`; repeated here so a bad value fails at start)."""
+    """The cross-key rules of ``toy.training`` the schema cannot state, at start (not only when
+    :func:`mechgen.toy.train_run` checks them again, minutes into a run)."""
+    problem = repeat_min_half_problem(training)
+    if problem:
+        raise ConfigError(f"config key 'toy.training.repeat_min_half': {problem}")
+
+
+def repeat_min_half_problem(training: Mapping[str, Any]) -> str | None:
+    """What is wrong with ``training.repeat_min_half`` given the other training keys, or None.
+
+    It must lie in 1..seq_len // 2 (a span and its copy fit in a row), and repeat_source
+    ``window`` with repeat_fraction > 0 needs it. The one statement of these rules, shared by
+    config validation and :mod:`mechgen.toy` (which cannot be imported here: it loads torch).
+    """
     seq_len = training.get("seq_len")
     min_half = training.get("repeat_min_half")
-    if min_half is not None and seq_len is not None and min_half > seq_len // 2:
-        raise ConfigError(
-            f"config key 'toy.training.repeat_min_half': {min_half} is longer than half a "
-            f"training row; allowed: 1..{seq_len // 2} (toy.training.seq_len // 2)"
+    if min_half is not None and seq_len is not None and not 1 <= min_half <= seq_len // 2:
+        return (
+            f"training.repeat_min_half must be in 1..{seq_len // 2} (seq_len // 2: a span and "
+            f"its copy fit in a row); got {min_half}"
         )
     if (
         training.get("repeat_source") == "window"
         and training.get("repeat_fraction", 0) > 0
         and min_half is None
     ):
-        raise ConfigError(
-            "config key 'toy.training.repeat_min_half': required by repeat_source 'window' "
-            "(the shortest repeated span, in tokens)"
+        return (
+            "training.repeat_source 'window' needs training.repeat_min_half (the shortest "
+            "repeated span, in tokens)"
         )
+    return None
 
 
 def resolve_path(path: str) -> str:

@@ -26,8 +26,8 @@ Everything here works offline on any machine with Python:
   induction circuit) pays off: a random or corpus half placed twice (``repeat_source``
   ``random``/``corpus``, :func:`repeated_rows`), or a span of varying length and position of
   the row's own text repeated in place (``window``, :func:`window_repeats`; the default toy
-  suite's choice, the only one with which content-based induction heads formed). The initialisation uses the
-  global torch RNG seeded with the same seed. Same seed and same thread count on one machine
+  suite's choice, the only one with which content-based induction heads formed). The
+  initialisation uses the global torch RNG seeded with the same seed. Same seed and same thread count on one machine
   give bitwise-identical checkpoints.
 * **Checkpoints.** ``out_dir/step{N}/`` holds ``config.json``, ``model.safetensors``,
   ``generation_config.json`` and the tokenizer files, i.e. one hub revision; step 0 is the
@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mechgen.config import repeat_min_half_problem
 
 log = logging.getLogger(__name__)
 
@@ -484,19 +486,11 @@ def _validate_training(training: Mapping[str, Any]) -> dict[str, Any]:
     repeat_vocab = out.get("repeat_vocab")
     if repeat_vocab is not None:
         _positive_int("training.repeat_vocab", repeat_vocab)
-    min_half = out.get("repeat_min_half")
-    if min_half is not None:
-        _positive_int("training.repeat_min_half", min_half)
-        if not min_half <= out["seq_len"] // 2:
-            raise ValueError(
-                f"training.repeat_min_half must be in 1..{out['seq_len'] // 2} "
-                f"(seq_len // 2); got {min_half}"
-            )
-    if source == "window" and fraction > 0 and min_half is None:
-        raise ValueError(
-            "training.repeat_source 'window' needs training.repeat_min_half (the shortest "
-            "repeated span, in tokens)"
-        )
+    if out.get("repeat_min_half") is not None:
+        _positive_int("training.repeat_min_half", out["repeat_min_half"])
+    problem = repeat_min_half_problem(out)
+    if problem:
+        raise ValueError(problem)
     if fraction > 0 and out["seq_len"] < 4:
         raise ValueError(
             f"training.seq_len ({out['seq_len']}) must be >= 4 for repeated-content rows"
