@@ -7,6 +7,7 @@ tests that change something copy it first with :func:`copy_run`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -168,3 +170,17 @@ def toy_test_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("toy-test-run"))
     run_snakemake(workdir, "--cores", "2", "--configfile", *TOY_TEST_CONFIGFILES)
     return workdir
+
+
+def sidecar_first_halves(sequences: dict) -> np.ndarray:
+    """The first halves ``[N, L]`` of the repeated random sequences a sidecar's
+    ``relational.sequences`` record pins, regenerated without mechgen (numpy's seeded
+    ``choice`` of L distinct ids from [lo, hi) per sequence) and checked against its sha256."""
+    rng = np.random.default_rng(sequences["seed"])
+    lo, hi, half = sequences["lo"], sequences["hi"], sequences["half_length"]
+    first = np.stack(
+        [rng.choice(hi - lo, size=half, replace=False) + lo for _ in range(sequences["n_sequences"])]
+    )
+    # The sidecar pins the ids: the same seed and range regenerate the same bytes.
+    assert hashlib.sha256(first.astype("<i8").tobytes()).hexdigest() == sequences["sha256"]
+    return first

@@ -6,7 +6,6 @@ when only analysis parameters change."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import TOY_TEST_CONFIGFILES, copy_run, logged_jobs, run_snakemake
+from conftest import (
+    TOY_TEST_CONFIGFILES,
+    copy_run,
+    logged_jobs,
+    run_snakemake,
+    sidecar_first_halves,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -41,17 +46,8 @@ def test_induction_column_matches_brute_force(toy_test_run: Path) -> None:
     run, step = "toy-tiny-seed1", _final_step(toy_test_run)
     sidecar = json.loads((results / "scores" / run / f"step{step}.json").read_text())
     sequences = sidecar["relational"]["sequences"]
-    rng = np.random.default_rng(sequences["seed"])
     half = sequences["half_length"]
-    first = np.stack(
-        [
-            rng.choice(sequences["hi"] - sequences["lo"], size=half, replace=False)
-            + sequences["lo"]
-            for _ in range(sequences["n_sequences"])
-        ]
-    )
-    # The sidecar pins the ids: the same seed and range regenerate the same bytes.
-    assert hashlib.sha256(first.astype("<i8").tobytes()).hexdigest() == sequences["sha256"]
+    first = sidecar_first_halves(sequences)
     model = GPTNeoXForCausalLM.from_pretrained(
         results / "hub" / run / f"step{step}", attn_implementation="eager"
     ).eval()

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT, copy_workflow, run_snakemake
+from conftest import REPO_ROOT, copy_workflow, run_snakemake, sidecar_first_halves
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -114,15 +114,8 @@ def test_the_induction_score_matches_output_attentions(induction_run: Path) -> N
     sequences = json.loads((induction_run / "scores" / RUN / f"step{step}.json").read_text())[
         "relational"
     ]["sequences"]
-    rng = np.random.default_rng(sequences["seed"])
     half = sequences["half_length"]
-    first = np.stack(
-        [
-            rng.choice(sequences["hi"] - sequences["lo"], size=half, replace=False)
-            + sequences["lo"]
-            for _ in range(sequences["n_sequences"])
-        ]
-    )
+    first = sidecar_first_halves(sequences)
     model = GPTNeoXForCausalLM.from_pretrained(
         induction_run / "hub" / RUN / f"step{step}", attn_implementation="eager"
     ).eval()
