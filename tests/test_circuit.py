@@ -345,6 +345,11 @@ def test_relational_table_finds_the_order_hand_worked() -> None:
     assert table.at["r1", "induction_uniform"] == pytest.approx(0.158631, abs=1e-6)
     assert bool(table.at["r1", "induction_formed"])  # 0.32 >= 2 x 0.1586, content-based
     assert not bool(table.at["r2", "induction_formed"])  # as high without the repeat
+    # r2's order holds in layer and onset, but with no content-based induction head it is not
+    # the expected circuit; r3's unknown induction_formed does not count against it.
+    assert bool(table.at["r2", "one_back_first"]) and bool(table.at["r2", "one_back_earlier_layer"])
+    assert not bool(table.at["r2", "expected_order"])
+    assert bool(table.at["r3", "expected_order"])
     assert np.isnan(table.at["r3", "induction_uniform"]) and pd.isna(table.at["r3", "induction_formed"])
 
     sizes = circuit.relational_sizes(table.reset_index())
