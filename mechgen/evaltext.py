@@ -3,14 +3,19 @@
 The reference study (Trott 2025) read the Natural Stories corpus with
 ``pd.read_excel(path, sheet_name=None, engine="openpyxl")`` and ran every row of the
 ``Sentence`` column of every sheet (10 stories + "Dundee Sentences": 666 sentences), one
-sentence per forward pass, with no BOS token. :func:`read_sentences` reproduces that reading;
-sentences are kept verbatim (a few Natural Stories sentences carry leading/trailing spaces,
-which change the tokenization, so they are not stripped).
+sentence per forward pass, with no BOS token. :func:`read_sentences` reproduces that reading,
+and every sentence reaches the tokenizer verbatim, whatever the ``eval`` kind: 13 of the 666
+Natural Stories cells carry a leading or trailing space (10), a double space (1) or embedded
+newlines (2), and a leading space changes Pythia's token ids, so nothing is stripped or
+re-spaced. Only empty cells (and cells of whitespace alone) are skipped: they hold no sentence
+(the pinned workbook has none). The sentences travel between rules as a JSON list
+(:func:`write_sentence_file`), never as lines of text, so an embedded newline survives.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import urllib.error
@@ -27,7 +32,7 @@ class ChecksumMismatch(ValueError):
 
 
 def _cell_text(value: Any) -> str | None:
-    """A cell's sentence, or None for an empty cell (NaN/None/blank)."""
+    """A cell's sentence, verbatim, or None for an empty cell (NaN/None, or whitespace alone)."""
     if value is None:
         return None
     if isinstance(value, float) and math.isnan(value):  # an empty spreadsheet cell
@@ -154,3 +159,65 @@ def tokenize_sentences(
             n_truncated += 1
         token_ids.append(ids)
     return token_ids, n_truncated
+
+
+def evaluation_sentences(
+    eval_spec: dict[str, Any], naturalstories: dict[str, Any], download_dir: str | Path
+) -> tuple[list[str], dict[str, Any]]:
+    """The evaluation sentences of a suite's ``eval`` spec, verbatim, and their provenance.
+
+    ``kind`` ``naturalstories``: the pinned workbook (``naturalstories.url``/``sha256``),
+    downloaded into ``download_dir`` and hash-checked, every ``Sentence`` cell of every sheet;
+    ``file``: a user's ``.txt``/``.csv``/``.xlsx`` (``path``, ``column``); ``toy_heldout``:
+    :func:`mechgen.toy.heldout_sentences`. ``n_sentences`` (if given) keeps the first n.
+    No sentence is stripped, re-spaced or split: the strings are exactly the corpus cells (or
+    lines of a ``.txt``). Returns ``(sentences, meta)``; meta records the kind, the source and
+    its sha256, and ``n_sentences``. Raises ``ValueError`` for an unknown kind or no sentences.
+    """
+    kind = eval_spec["kind"]
+    meta: dict[str, Any] = {"kind": kind}
+    if kind == "naturalstories":
+        dest = Path(download_dir) / "parsed-natural-stories.xlsx"
+        corpus = fetch_natural_stories(dest, naturalstories["url"], naturalstories["sha256"])
+        sentences = read_sentences(corpus)
+        meta.update(url=naturalstories["url"], sha256=naturalstories["sha256"])
+    elif kind == "file":
+        corpus = Path(eval_spec["path"])
+        sentences = read_sentences(corpus, column=eval_spec.get("column", DEFAULT_COLUMN))
+        meta.update(path=str(corpus), sha256=_sha256_of(corpus))
+    elif kind == "toy_heldout":
+        from mechgen import toy  # torch-free, but only the toy suite needs it
+
+        sentences = toy.heldout_sentences(int(eval_spec["n_sentences"]))
+        meta.update(source="pydoc_data.topics (held out from toy training)")
+    else:  # the schema rejects other kinds; this guards direct calls
+        raise ValueError(f"unknown eval kind {kind!r}; allowed: naturalstories, file, toy_heldout")
+    if eval_spec.get("n_sentences") and kind != "toy_heldout":
+        sentences = sentences[: int(eval_spec["n_sentences"])]
+    if not sentences:
+        raise ValueError("the evaluation text has no sentences")
+    meta["n_sentences"] = len(sentences)
+    return sentences, meta
+
+
+def write_sentence_file(path: str | Path, sentences: Sequence[str], meta: dict[str, Any]) -> None:
+    """Write ``meta`` plus ``sentences`` (a JSON list of the verbatim strings) to ``path``.
+
+    JSON, not one sentence per line: a sentence may hold a newline. Written to a temporary
+    file and renamed, so a reader never sees half a file.
+    """
+    path = Path(path)
+    record = dict(meta)
+    record["sentences"] = list(sentences)
+    partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    partial.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def read_sentence_file(path: str | Path) -> list[str]:
+    """The sentences written by :func:`write_sentence_file`, exactly as they were written."""
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    sentences = record["sentences"]
+    if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+        raise ValueError(f"{path}: 'sentences' must be a list of strings")
+    return sentences

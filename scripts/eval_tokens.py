@@ -15,7 +15,7 @@ from mechgen.config import Run  # noqa: E402
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)
 run = Run(**sm.params.run)
-sentences = Path(sm.input.sentences).read_text().splitlines()
+sentences = evaltext.read_sentence_file(sm.input.sentences)
 sources.configure_hub(sm.config.get("hub"))
 if run.source == "toy":
     tokenizer_dir = Path(sm.input.tokenizer[0]).parent

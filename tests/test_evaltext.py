@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import
 
@@ -12,10 +13,15 @@ import pytest
 
 from mechgen.evaltext import (
     ChecksumMismatch,
+    evaluation_sentences,
     fetch_natural_stories,
+    read_sentence_file,
     read_sentences,
     tokenize_sentences,
+    write_sentence_file,
 )
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_read_txt(tmp_path):
@@ -157,3 +163,119 @@ def test_tokenize_errors(bpe_tokenizers):
     with pytest.raises(ValueError, match=r"sentence 1 \(''\) has no tokens"):
         tokenize_sentences(plain, ["the cat", ""], max_tokens=8)
     assert tokenize_sentences(plain, [], max_tokens=8) == ([], 0)
+
+
+# ---- The reference study's corpus, verbatim (the real, pinned workbook) ---------------------
+
+NATURAL_STORIES = REPO_ROOT / "tests" / "data" / "naturalstories" / "parsed-natural-stories.xlsx"
+NATURAL_STORIES_SHA256 = "74ad2638a1de078884f4595387f5d92a568015c8be5b7e61149c517dd6bd88eb"
+PYTHIA_TOKENIZER = REPO_ROOT / "tests" / "data" / "pythia-tokenizer" / "tokenizer.json"
+
+
+def workbook_cells() -> list[str]:
+    """Every `Sentence` cell of every sheet, in workbook order, read with openpyxl alone
+    (not pandas, which mechgen uses): the independent statement of what the study fed."""
+    import openpyxl
+
+    book = openpyxl.load_workbook(NATURAL_STORIES, read_only=True)
+    cells = []
+    for sheet in book.worksheets:
+        rows = sheet.iter_rows(values_only=True)
+        column = list(next(rows)).index("Sentence")
+        cells.extend(row[column] for row in rows if row[column] is not None)
+    return cells
+
+
+def test_natural_stories_sentences_are_the_cells_verbatim(tmp_path):
+    assert hashlib.sha256(NATURAL_STORIES.read_bytes()).hexdigest() == NATURAL_STORIES_SHA256
+    cells = workbook_cells()
+    assert len(cells) == 666 and all(isinstance(c, str) for c in cells)
+    sentences, meta = evaluation_sentences(
+        {"kind": "naturalstories"},
+        {"url": NATURAL_STORIES.as_uri(), "sha256": NATURAL_STORIES_SHA256},
+        tmp_path,
+    )
+    assert sentences == cells
+    assert meta["n_sentences"] == 666 and meta["sha256"] == NATURAL_STORIES_SHA256
+    # The cells a whitespace clean-up would change: 10 with an outer space, 1 double space,
+    # 2 with newlines. All 13 must arrive unchanged.
+    changed = [c for c in cells if " ".join(c.split()) != c]
+    assert len(changed) == 13
+    assert sum(c != c.strip() for c in changed) == 10
+    assert sum("\n" in c for c in changed) == 2
+    # ... and survive the file that carries them from rule to rule.
+    path = tmp_path / "sentences.json"
+    write_sentence_file(path, sentences, meta)
+    assert read_sentence_file(path) == cells
+    # The same workbook as a user's `file` corpus: the same 666 strings.
+    file_sentences, _ = evaluation_sentences(
+        {"kind": "file", "path": str(NATURAL_STORIES)}, {}, tmp_path
+    )
+    assert file_sentences == cells
+
+
+def test_a_leading_space_changes_pythia_token_ids():
+    """Why verbatim matters: with Pythia's tokenizer, ' It' and 'It' are different ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(PYTHIA_TOKENIZER))
+    spaced = next(c for c in workbook_cells() if c.startswith(" It 's"))
+    verbatim, _ = tokenize_sentences(tokenizer, [spaced], max_tokens=512)
+    stripped, _ = tokenize_sentences(tokenizer, [spaced.strip()], max_tokens=512)
+    assert verbatim[0] != stripped[0]
+    assert tokenizer.decode(verbatim[0]) == spaced  # byte-level BPE: the ids spell the cell
+
+
+def test_eval_rules_feed_the_tokenizer_every_cell_verbatim(tmp_path):
+    """Snakemake runs rules eval_sentences and eval_tokens on the real workbook (served as a
+    file:// URL); the token ids are those of each cell, as is, one at a time."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import copy_workflow
+
+    work = copy_workflow(tmp_path / "w")
+    tok_dir = tmp_path / "tokenizer"
+    tok_dir.mkdir()
+    shutil.copy2(PYTHIA_TOKENIZER, tok_dir / "tokenizer.json")
+    overlay = {
+        "suite": "ns",
+        "suites": {
+            "ns": {
+                "source": "local",
+                "path": str(tmp_path / "runs"),
+                "model_prefix": "m-",
+                "sizes": ["a"],
+                "seeds": [1],
+                "schedule": [0],
+                "eval": {"kind": "naturalstories"},
+            }
+        },
+        "naturalstories": {"url": NATURAL_STORIES.as_uri(), "sha256": NATURAL_STORIES_SHA256},
+    }
+    # A local run reads the tokenizer saved with its checkpoints: <path>/<run>/step<N>/.
+    step_dir = tmp_path / "runs" / "m-a-seed1" / "step0"
+    step_dir.mkdir(parents=True)
+    shutil.copy2(PYTHIA_TOKENIZER, step_dir / "tokenizer.json")
+    (step_dir / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
+    )
+    (work / "ns.yaml").write_text(yaml.safe_dump(overlay))
+    target = "results/ns/eval/tokens/m-a-seed1.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", target, "--cores", "1",
+         "--configfile", "config.yaml", "ns.yaml"],
+        cwd=work, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(PYTHIA_TOKENIZER))
+    expected = [raw.encode(c, add_special_tokens=False).ids[:512] for c in workbook_cells()]
+    record = json.loads((work / target).read_text())
+    assert record["n_sentences"] == 666
+    assert record["token_ids"] == expected

@@ -18,6 +18,8 @@ import yaml
 
 from conftest import TOY_TEST_CONFIGFILES, copy_workflow, run_snakemake
 
+from mechgen.evaltext import read_sentence_file
+
 SUITE = "toy-test"
 pytestmark = pytest.mark.slow
 
@@ -132,8 +134,8 @@ def test_hf_source_resolves_toy_checkpoints_from_an_offline_cache(toy_test_run, 
         weight_format="pytorch",
     )
     work = copy_workflow(tmp_path / "w")
-    sentences = work / "sentences.txt"
-    sentences.write_text((res / "eval" / "sentences.txt").read_text())
+    sentences = work / "sentences.txt"  # the toy sentences hold no newline: one per line is exact
+    sentences.write_text("\n".join(read_sentence_file(res / "eval" / "sentences.json")) + "\n")
     overlay = work / "hf.yaml"
     overlay.write_text(
         yaml.safe_dump(

@@ -33,6 +33,8 @@ from conftest import (
     run_snakemake,
 )
 
+from mechgen.evaltext import read_sentence_file
+
 pytestmark = pytest.mark.slow
 
 RES = f"results/{TOY_TEST_SUITE}"
@@ -192,7 +194,9 @@ def test_adding_checkpoints_scores_only_the_new_checkpoints(
     # `local` suite reads checkpoints that already exist: the toy-test run's hub directory,
     # <path>/<run>/step<N>/. Start it with the first and the last saved step, then add the
     # others (the last step stays last: it is the tokenizer revision and the detail step).
-    shutil.copy2(workdir / RES / "eval" / "sentences.txt", workdir / "local-eval.txt")
+    (workdir / "local-eval.txt").write_text(
+        "\n".join(read_sentence_file(workdir / RES / "eval" / "sentences.json")) + "\n"
+    )
     res = "results/toy-local"
     first_steps, added_steps = [STEPS[0], STEPS[-1]], STEPS[1:-1]
     assert added_steps, "the toy-test schedule needs more than 2 steps"
@@ -291,7 +295,7 @@ def test_changing_the_evaluation_text_rescores_everything(
     assert all(after[p][0] > before[p][0] for p in rescored)
     assert all(after[p] == before[p] for p in set(before) - rescored)
     assert other and set(before) - rescored
-    sentences = (workdir / RES / "eval" / "sentences.txt").read_text().splitlines()
+    sentences = read_sentence_file(workdir / RES / "eval" / "sentences.json")
     assert len(sentences) == n_sentences
     for step in STEPS:  # every rescored checkpoint saw the new text
         sidecar = json.loads((workdir / RES / "scores" / one / f"step{step}.json").read_text())

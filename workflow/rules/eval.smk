@@ -1,5 +1,5 @@
-# The evaluation text: one sentence per line, then token ids per run (each run's own tokenizer,
-# fetched once per run, not once per checkpoint).
+# The evaluation text: the sentences verbatim, as a JSON list (a sentence may hold a newline),
+# then token ids per run (each run's own tokenizer, fetched once per run, not per checkpoint).
 
 rule eval_sentences:
     conda:
@@ -9,8 +9,7 @@ rule eval_sentences:
     input:
         eval_corpus_input,
     output:
-        sentences=f"{RES}/eval/sentences.txt",
-        meta=f"{RES}/eval/sentences.json",
+        sentences=f"{RES}/eval/sentences.json",
     params:
         eval=EVAL,
         naturalstories=config.get("naturalstories", {}),
@@ -26,7 +25,7 @@ rule eval_tokens:
     # Seconds per run and a tokenizer download: run on the submitting host.
     localrule: True
     input:
-        sentences=f"{RES}/eval/sentences.txt",
+        sentences=f"{RES}/eval/sentences.json",
         tokenizer=tokenizer_input,
     output:
         f"{RES}/eval/tokens/{{run}}.json",
