@@ -57,7 +57,7 @@ METRIC_UNITS = {
     "first_token": "attention weight",
     "first_token_ref": "attention weight",
     "prev_self_ratio": "ratio",
-    "prev_uniform_ratio": "ratio to uniform",
+    "prev_uniform_ratio": "one_back × L",
     "entropy": "nats",
     "mean_distance": "tokens",
     "clipped_distance": "tokens",

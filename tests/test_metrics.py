@@ -170,15 +170,16 @@ def test_nonfinite_entry_flags_only_its_head(bad_value: float) -> None:
     assert torch.isfinite(metrics["entropy"][~expected]).all()
 
 
-def test_half_precision_attention_is_summed_in_float32() -> None:
+def test_half_precision_attention_is_summed_in_float64() -> None:
     # Row sums of 1/(i+1) are not exact in bfloat16 (8-bit mantissa); summing in bfloat16
-    # would be off by ~1e-2, summing the same bfloat16 values in float32 is exact to ~1e-7.
+    # would be off by ~1e-2. The same bfloat16 values are summed in float64: exactly what a
+    # float64 copy of them gives.
     attention = uniform_causal_pattern(40).to(torch.bfloat16)[None, None]
     metrics = sentence_attention_metrics(attention, [40])
     expected = sentence_attention_metrics(attention.to(torch.float64), [40])
-    assert metrics["entropy"].dtype == torch.float32
+    assert metrics["entropy"].dtype == torch.float64
     for name in ATTENTION_METRICS:
-        assert metrics[name].item() == pytest.approx(expected[name].item(), rel=1e-6), name
+        assert metrics[name].item() == pytest.approx(expected[name].item(), rel=1e-12), name
 
 
 def test_bad_lengths_are_rejected() -> None:
@@ -279,8 +280,8 @@ def brute_force_scores(
         # float64 model's attention is only float32-accurate when batch shapes differ: 1e-6.
         (torch.float64, 4, 1e-6),
         (torch.float64, 1, 1e-6),
-        # The pipeline's float32: sums of up to ~17 float32 terms of size ~1-10.
-        (torch.float32, 5, 1e-5),
+        # The pipeline's float32 model; the metrics are summed in float64.
+        (torch.float32, 5, 1e-6),
     ],
 )
 def test_batched_scores_match_brute_force(
@@ -361,3 +362,86 @@ def test_bad_input_is_rejected() -> None:
         score_heads(model, [[1, 2]])
     with pytest.raises(TypeError, match="GPT-NeoX"):
         score_heads(torch.nn.Linear(2, 2), [[1, 2]])
+
+
+def brute_force_long(model: GPTNeoXForCausalLM, tokens: list[int], window: int) -> dict:
+    """One sentence through the full causal LM; every metric as an explicit float64 sum over the
+    causal entries (numpy, no shared code with mechgen). Returns {(layer, head): {metric: v}}."""
+    length = len(tokens)
+    with torch.no_grad():
+        output = model(torch.tensor([tokens]), output_attentions=True)
+    query, key = np.tril_indices(length)  # every (i, j) with j <= i
+    distance = (query - key).astype(np.float64)
+    out = {}
+    for layer, layer_attention in enumerate(output.attentions):
+        for head in range(model.config.num_attention_heads):
+            a = layer_attention[0, head].numpy().astype(np.float64)
+            causal = a[query, key]
+            one_back = math.fsum(a[i, i - 1] for i in range(1, length)) / (length - 1)
+            self_attention = math.fsum(a[i, i] for i in range(length)) / length
+            positive = causal[causal > 0]
+            out[(layer, head)] = {
+                "one_back": one_back,
+                "self_attention": self_attention,
+                "first_token": math.fsum(a[1:, 0]) / (length - 1),
+                "first_token_ref": math.fsum(a[:, 0]) / length,
+                "prev_self_ratio": one_back / self_attention,
+                "prev_uniform_ratio": one_back * length,
+                "entropy": -math.fsum(positive * np.log(positive)) / length,
+                "mean_distance": math.fsum(causal * distance) / length,
+                "clipped_distance": math.fsum(causal * np.minimum(distance, window)) / length,
+            }
+    return out
+
+
+def test_every_metric_is_exact_to_1e6_at_max_tokens() -> None:
+    """Sentences of 512 (= scoring.max_tokens) and 249 tokens, float32 weights and attention as
+    in the pipeline: every metric within 1e-6 of an exact float64 sum. (With the distances
+    summed in float32 mean_distance was off by ~1e-2 tokens at 512 tokens.)"""
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=N_HEADS * HEAD_SIZE,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS,
+        intermediate_size=64,
+        rotary_pct=0.5,
+        max_position_embeddings=512,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(3)
+    model = GPTNeoXForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.gpt_neox.layers:
+            layer.attention.query_key_value.weight.mul_(12.0)
+    generator = np.random.default_rng(4)
+    lengths = [512, 249]
+    token_lists = [generator.integers(0, VOCAB_SIZE, size=n).tolist() for n in lengths]
+    window = 8
+    for batch_size in (1, 2):  # alone, and the 249-token sentence padded to 512
+        scores = score_heads(model, token_lists, batch_size=batch_size, clipped_window=window)
+        per_sentence = [brute_force_long(model, tokens, window) for tokens in token_lists]
+        for row in scores.itertuples():
+            for name in ATTENTION_METRICS:
+                expected = np.mean([s[(row.layer, row.head)][name] for s in per_sentence])
+                assert abs(getattr(row, name) - expected) <= 1e-6 * max(1.0, abs(expected)), (
+                    name, batch_size, getattr(row, name), expected
+                )
+    # Not degenerate: long-range distances matter (a head attends far back on average).
+    assert scores["mean_distance"].max() > 20
+
+
+def test_prev_uniform_ratio_of_uniform_attention_is_not_one() -> None:
+    """What uniform causal attention scores on prev_uniform_ratio: (L/(L-1)) (H_L - 1), with
+    H_L the harmonic number (A[i, i-1] = 1/(i+1)), e.g. 2.92 as the mean over the 666 Natural
+    Stories sentences' Pythia token counts (mean 27.4 tokens), and never 1."""
+    lengths = [2, 5, 25, 85]
+    for length in lengths:
+        metrics = single(uniform_causal_pattern(length))
+        harmonic = math.fsum(1 / k for k in range(1, length + 1))
+        assert metrics["prev_uniform_ratio"] == pytest.approx(
+            length / (length - 1) * (harmonic - 1), rel=1e-12
+        )
+    assert single(uniform_causal_pattern(25))["prev_uniform_ratio"] == pytest.approx(2.93, abs=0.01)
+    # The docstring says so, and no longer that uniform attention gives 1.
+    doc = sentence_attention_metrics.__doc__
+    assert "H_L" in doc and "1 = what uniform" not in doc
