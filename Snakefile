@@ -14,7 +14,6 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/eval.smk"
-# Before score.smk: the score rule's circuit output and params are defined by it.
 include: "workflow/rules/relational.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/aggregate.smk"
