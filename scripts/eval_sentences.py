@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging  # noqa: E402
 
-from mechgen import evaltext  # noqa: E402
+from mechgen import atomic, evaltext  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)
@@ -40,7 +40,7 @@ if ev.get("n_sentences") and kind != "toy_heldout":
 sentences = [" ".join(s.split()) for s in sentences if s and s.strip()]
 if not sentences:
     sys.exit("mechgen: the evaluation text has no sentences")
-Path(sm.output.sentences).write_text("\n".join(sentences) + "\n")
+atomic.write_text(sm.output.sentences, "\n".join(sentences) + "\n")
 meta["n_sentences"] = len(sentences)
-Path(sm.output.meta).write_text(json.dumps(meta, indent=2))
+atomic.write_text(sm.output.meta, json.dumps(meta, indent=2))
 log.info("%d evaluation sentences (%s)", len(sentences), kind)
