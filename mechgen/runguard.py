@@ -20,13 +20,15 @@ run's outputs while a ``resume`` starts the same jobs again. So:
 A process belongs to the recorded run if its environment holds ``MECHGEN_RUN_ID=<run id>``, or
 (for a job that cleared its environment) it is in the run's session and started after the head.
 Linux reads ``/proc``; elsewhere ``ps`` lists the run's process group. SLURM jobs of a dead head
-are not local processes: see docs/cluster.md.
+are not local processes: ``stop`` lists this user's jobs whose working directory is this one
+(``squeue``) and refuses while any is queued or running (see docs/cluster.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,14 +199,46 @@ def _stop_survivors(state: dict, why: str, grace_s: float) -> None:
         _say(f"could not stop:\n{_describe(left)}")
 
 
+def slurm_jobs_here(workdir: Path | None = None) -> list[tuple[str, str, str]]:
+    """``(job id, name, comment)`` of this user's queued or running SLURM jobs whose working
+    directory is ``workdir`` (default: the current one); empty without ``squeue``.
+
+    The SLURM executor submits every job with ``-D <workdir>``, the run's UUID as job name and
+    ``rule_<rule>_wildcards_<...>`` as comment.
+    """
+    if shutil.which("squeue") is None:
+        return []
+    here = (workdir or Path.cwd()).resolve()
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+    try:
+        out = subprocess.run(
+            ["squeue", "-u", user, "--noheader", "-o", "%i|%j|%k|%Z"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        _say("squeue failed; cannot check for SLURM jobs of an earlier run")
+        return []
+    jobs = []
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 4 and Path(parts[3]).resolve() == here:
+            jobs.append((parts[0], parts[1], parts[2]))
+    return jobs
+
+
 def stop(path: Path = STATE_FILE, grace_s: float = GRACE_S) -> int:
-    """Before a new run: stop what is left of the recorded run; refuse if its head is alive.
+    """Before a new run: stop what is left of the recorded run; refuse if its head is alive, or
+    if SLURM jobs of this working directory are still queued or running (they are not local
+    processes; the user decides whether to cancel them, see docs/cluster.md).
 
     Returns 0 (nothing left, or all stopped) or :data:`EXIT_RUN_ALIVE`.
     """
     state = read_state(path)
     if state is None:
-        return 0
+        return _refuse_slurm_leftovers()
     head = state["head_pid"]
     if _alive(head) and (_has_tag(head, state["run_id"]) or not Path("/proc/self").exists()):
         _say(
@@ -219,9 +253,24 @@ def stop(path: Path = STATE_FILE, grace_s: float = GRACE_S) -> int:
         f"the run started {state['started']} (head pid {head}) ended without stopping its jobs",
         grace_s,
     )
-    if not find_run_processes(state["run_id"], state["sid"], state.get("head_start", 0)):
-        path.unlink(missing_ok=True)
+    if find_run_processes(state["run_id"], state["sid"], state.get("head_start", 0)):
+        return EXIT_RUN_ALIVE
+    path.unlink(missing_ok=True)
+    return _refuse_slurm_leftovers()
+
+
+def _refuse_slurm_leftovers() -> int:
+    jobs = slurm_jobs_here()
+    if not jobs:
         return 0
+    listing = "\n".join(f"  job {i} ({name}, {comment})" for i, name, comment in jobs)
+    _say(
+        f"{len(jobs)} SLURM job(s) of this checkout are still queued or running, with no "
+        f"Snakemake process left to wait for them:\n{listing}\n"
+        "A new run would submit the unfinished ones again while these still write. Cancel them "
+        f"(`scancel {' '.join(i for i, _, _ in jobs)}`) or wait until they end, then run this "
+        "again (docs/cluster.md, 'When the head dies')."
+    )
     return EXIT_RUN_ALIVE
 
 

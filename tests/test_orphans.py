@@ -299,3 +299,34 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
     leftovers = [p for p in (killed / "results").rglob("*") if atomic.is_temporary(p)]
     assert leftovers == []
     assert (killed / "results" / "toy-orphans" / "report.html").is_file()
+
+
+def test_stop_refuses_while_slurm_jobs_of_this_checkout_remain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SLURM jobs are not local processes: with no head left, resume must not resubmit while
+    jobs submitted from this working directory are still queued or running."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    lines = [
+        f"101|3f2a-uuid|rule_toy_train_wildcards_toy-small-seed1|{work}",
+        "102|other|rule_x|/somewhere/else",
+    ]
+    listing = tmp_path / "squeue.out"
+    listing.write_text("\n".join(lines) + "\n")
+    squeue = bin_dir / "squeue"
+    squeue.write_text(f"#!/bin/sh\ncat {listing}\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(work)
+    assert runguard.slurm_jobs_here() == [
+        ("101", "3f2a-uuid", "rule_toy_train_wildcards_toy-small-seed1")
+    ]
+    assert runguard.stop(work / "no-state.json") == runguard.EXIT_RUN_ALIVE
+    err = capsys.readouterr().err
+    assert "job 101 (3f2a-uuid, rule_toy_train_wildcards_toy-small-seed1)" in err
+    assert "scancel 101`" in err and "102" not in err
+    listing.write_text("")
+    assert runguard.stop(work / "no-state.json") == 0
