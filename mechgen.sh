@@ -33,6 +33,11 @@ cores_args() {
 }
 
 setup() {
+    # Never pip-install into something that is not a venv (e.g. MECHGEN_VENV=/usr).
+    if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
+        echo "mechgen: MECHGEN_VENV=$VENV exists but is not a virtual environment (no pyvenv.cfg)" >&2
+        exit 2
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
     fi

@@ -25,7 +25,7 @@ from mechgen import atomic, runguard
 from mechgen.toy import STEP_DELAY_ENV
 
 PYTHON = sys.executable
-VENV = str(Path(sys.executable).resolve().parent.parent)
+VENV = sys.prefix  # the venv running the tests (not resolved: its python is a symlink)
 
 FAKE_HEAD = """#!/bin/bash
 sleep 300 &
