@@ -194,6 +194,7 @@ OVERLAY = {
     },
     "relational": {"enabled": False},
 }
+# Last: --configfile takes every following word, a target too.
 CONFIG_ARGS = ["--configfile", "config.yaml", "orphans.yaml"]
 
 
@@ -226,7 +227,7 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
     killed = _workdir(tmp_path / "killed")
     # The uninterrupted run, in parallel with the one that gets killed.
     ref = subprocess.Popen(
-        [PYTHON, "-m", "snakemake", "--cores", "1", *CONFIG_ARGS, TARGET],
+        [PYTHON, "-m", "snakemake", "--cores", "1", TARGET, *CONFIG_ARGS],
         cwd=reference,
         env=_env(),
         stdout=subprocess.DEVNULL,
@@ -238,7 +239,7 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
     # kill lands mid-training.
     log = (tmp_path / "killed.log").open("w")
     first = subprocess.Popen(
-        ["./mechgen.sh", "run", *CONFIG_ARGS, TARGET],
+        ["./mechgen.sh", "run", TARGET, *CONFIG_ARGS],
         cwd=killed,
         env=_env(**{STEP_DELAY_ENV: "0.3"}),
         stdout=log,
@@ -263,7 +264,7 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
         assert all(_alive(pid) for pid in trainers)  # orphans, still training: the bug's setup
 
         resumed = subprocess.run(
-            ["./mechgen.sh", "resume", *CONFIG_ARGS, TARGET],
+            ["./mechgen.sh", "resume", TARGET, *CONFIG_ARGS],
             cwd=killed,
             env=_env(),
             capture_output=True,
