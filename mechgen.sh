@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# mechgen's front door. Creates the virtual environment on first use, then:
-#   ./mechgen.sh run [snakemake args]    run the whole DAG (default: the embedded toy suite),
-#                                        then build results/<suite>/report.html
-#   ./mechgen.sh resume [snakemake args] after a crash or kill: unlock, then rerun what is
-#                                        unfinished (finished jobs are kept), then the report
-#   ./mechgen.sh test [pytest args]      run the test suite
-#   ./mechgen.sh setup                   only (re)install the environment
-# Environment: MECHGEN_VENV (default .venv), CORES (default 2).
+# mechgen's front door; `./mechgen.sh --help` lists the commands. Creates the virtual environment
+# on first use (except for --help). Environment: MECHGEN_VENV (default .venv), CORES (default 2).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${MECHGEN_VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
+
+usage() {
+    cat <<USAGE
+usage: ./mechgen.sh COMMAND [ARGS]
+
+commands:
+  run [snakemake args]     run the whole DAG (default: the embedded toy suite; minutes), then
+                           build results/<suite>/report.html. With -n/--dry-run, --help or a
+                           listing option, only Snakemake runs (no jobs, no report).
+  resume [snakemake args]  after a crash or kill: stop jobs the dead run left running, unlock,
+                           rerun what is unfinished (finished jobs are kept), then the report
+  test [pytest args]       run the test suite (e.g. ./mechgen.sh test -m "not slow")
+  setup                    only (re)install the virtual environment (\$MECHGEN_VENV, default .venv)
+  help, -h, --help         print this help
+
+environment: MECHGEN_VENV (default .venv), CORES (parallel jobs of a local run, default 2)
+USAGE
+}
 
 # A profile (e.g. profiles/slurm) sets its own `cores`; only a plain run gets --cores.
 cores_args() {
@@ -20,6 +33,11 @@ cores_args() {
 }
 
 setup() {
+    # Never pip-install into something that is not a venv (e.g. MECHGEN_VENV=/usr).
+    if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
+        echo "mechgen: MECHGEN_VENV=$VENV exists but is not a virtual environment (no pyvenv.cfg)" >&2
+        exit 2
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
     fi
@@ -32,38 +50,66 @@ setup() {
     fi
 }
 
-cmd=${1:-run}
-[ $# -gt 0 ] && shift
+# Build results/<suite>/report.html. `snakemake --report` logs "Loading script code for rule X"
+# for every rule at INFO level, which only `--quiet all` hides, and that hides errors too; so
+# its output is shown only when it fails.
+report() {
+    local path out
+    path=$(python -m mechgen report-path "$@")
+    if ! out=$(snakemake --cores 1 "$@" --report "$path" 2>&1); then
+        printf '%s\n' "$out" >&2
+        echo "mechgen: building $path failed" >&2
+        return 1
+    fi
+    echo "report: $path"
+}
+
+# Run the DAG supervised (mechgen/runguard.py): in its own session, recorded in
+# .snakemake/mechgen-run.json, and whatever of it outlives the Snakemake process is stopped.
+run_dag() {
+    # shellcheck disable=SC2046
+    python -m mechgen.runguard exec -- snakemake $(cores_args "$@") "$@"
+}
+
+if [ $# -eq 0 ]; then
+    usage >&2
+    exit 2
+fi
+cmd=$1
+shift
 case "$cmd" in
+    help|-h|--help)
+        usage
+        ;;
     setup)
         setup
         ;;
-    run)
+    run|resume)
         setup
-        export PATH="$PWD/$VENV/bin:$PATH"
-        # shellcheck disable=SC2046
-        snakemake $(cores_args "$@") "$@"
-        report=$(python -m mechgen report-path "$@")
-        snakemake --cores 1 "$@" --report "$report"
-        echo "report: $report"
-        ;;
-    resume)
-        setup
-        export PATH="$PWD/$VENV/bin:$PATH"
-        snakemake --unlock "$@"
-        # shellcheck disable=SC2046
-        snakemake $(cores_args "$@") --rerun-incomplete "$@"
-        report=$(python -m mechgen report-path "$@")
-        snakemake --cores 1 "$@" --report "$report"
-        echo "report: $report"
+        export PATH="$VENV/bin:$PATH"
+        if ! python -m mechgen.runguard runs-jobs "$@"; then
+            # A dry run, --help, a listing: Snakemake once, no jobs to supervise, no report.
+            # shellcheck disable=SC2046
+            exec snakemake $(cores_args "$@") "$@"
+        fi
+        # Jobs of an earlier run that was killed with its supervisor must not race this one.
+        python -m mechgen.runguard stop
+        if [ "$cmd" = resume ]; then
+            snakemake --unlock "$@"
+            run_dag --rerun-incomplete "$@"
+        else
+            run_dag "$@"
+        fi
+        report "$@"
         ;;
     test)
         setup
-        export PATH="$PWD/$VENV/bin:$PATH"
+        export PATH="$VENV/bin:$PATH"
         exec python -m pytest "$@"
         ;;
     *)
-        echo "usage: $0 {run|resume|test|setup} [args]" >&2
+        echo "mechgen: unknown command '$cmd'" >&2
+        usage >&2
         exit 2
         ;;
 esac

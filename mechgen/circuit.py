@@ -94,6 +94,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mechgen.atomic import atomic_path
+
 __all__ = [
     "CIRCUIT_VERSION",
     "CircuitResult",
@@ -294,11 +296,9 @@ class CircuitResult:
     def save(self, path: str | Path) -> Path:
         """Write one ``.npz`` (arrays + the record as a JSON string); no pickles."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # np.savez appends .npz to names without it; write to a name that already has it.
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, record=np.array(json.dumps(self.record, default=str)), **self.arrays)
-        tmp.replace(path)
+        # Into an open file: np.savez would append .npz to the temporary name.
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, record=np.array(json.dumps(self.record, default=str)), **self.arrays)
         return path
 
 

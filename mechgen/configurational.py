@@ -43,6 +43,7 @@ import torch
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
+from mechgen.atomic import atomic_path
 from mechgen.relational import (
     HeadId,
     HeadWeights,
@@ -675,7 +676,8 @@ def save_qk_factors(path: str | Path, factors: Mapping[HeadId, QKFactors]) -> No
     for (layer, head), (w_q, w_k) in factors.items():
         arrays[f"L{layer}H{head}_q"] = w_q
         arrays[f"L{layer}H{head}_k"] = w_k
-    np.savez(path, **arrays)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file: savez would add .npz
+        np.savez(fh, **arrays)
 
 
 def load_qk_factors(path: str | Path) -> dict[HeadId, QKFactors]:

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mechgen import atomic
+
 DEFAULT_COLUMN = "Sentence"
 
 
@@ -206,12 +208,9 @@ def write_sentence_file(path: str | Path, sentences: Sequence[str], meta: dict[s
     JSON, not one sentence per line: a sentence may hold a newline. Written to a temporary
     file and renamed, so a reader never sees half a file.
     """
-    path = Path(path)
     record = dict(meta)
     record["sentences"] = list(sentences)
-    partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    partial.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(partial, path)
+    atomic.write_text(path, json.dumps(record, indent=1, ensure_ascii=False))
 
 
 def read_sentence_file(path: str | Path) -> list[str]:

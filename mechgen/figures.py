@@ -42,6 +42,7 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from mechgen.atomic import atomic_path
 from mechgen.functional import finite_heads, uniform_induction_baseline
 
 DPI = 300
@@ -96,8 +97,9 @@ def size_styles(models: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def _save(fig: Figure, path: str | Path) -> Figure:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    # The temporary name hides the extension, so the format is named.
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=Path(path).suffix.lstrip("."))
     plt.close(fig)
     return fig
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import pandas as pd
 
+from mechgen.atomic import atomic_path
 from mechgen.config import Run
 from mechgen.schema import ATTENTION_METRICS, FLAG_COLUMNS, HEAD_COLUMNS, ID_COLUMNS
 
@@ -463,8 +464,11 @@ def score_checkpoint(
 def write_result(
     table: pd.DataFrame, sidecar: dict[str, Any], table_path: str | Path, sidecar_path: str | Path
 ) -> None:
-    """Write the per-head Parquet file and the JSON sidecar of one scoring job."""
-    Path(table_path).parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(table_path, index=False)
-    with open(sidecar_path, "w") as fh:
+    """Write the per-head Parquet file and the JSON sidecar of one scoring job, each atomically.
+
+    The sidecar is written last: a sidecar next to a table means the table is complete.
+    """
+    with atomic_path(table_path) as tmp:
+        table.to_parquet(tmp, index=False)
+    with atomic_path(sidecar_path) as tmp, open(tmp, "w") as fh:
         json.dump(sidecar, fh, indent=2, sort_keys=True, default=str)

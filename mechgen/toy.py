@@ -31,7 +31,9 @@ Everything here works offline on any machine with Python:
   give bitwise-identical checkpoints.
 * **Checkpoints.** ``out_dir/step{N}/`` holds ``config.json``, ``model.safetensors``,
   ``generation_config.json`` and the tokenizer files, i.e. one hub revision; step 0 is the
-  initialisation before any update. ``out_dir/manifest.json`` is written last.
+  initialisation before any update. ``out_dir/manifest.json`` is written last. Each checkpoint
+  directory and the manifest are written under a temporary name and renamed into place
+  (:mod:`mechgen.atomic`), so none is ever seen half-written.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -51,7 +54,9 @@ from typing import Any
 
 import torch
 
+from mechgen.atomic import atomic_dir, write_json
 from mechgen.config import repeat_min_half_problem
+from mechgen.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,10 @@ REPEAT_SOURCES = ("random", "corpus", "window")
 """Where the repeated content of a repeated-content row comes from (see :func:`train_run`):
 ``random`` ids or a ``corpus`` window placed twice as a whole row (:func:`repeated_rows`), or a
 span of the row's own text ``window`` repeated in place (:func:`window_repeats`)."""
+STEP_DELAY_ENV = "MECHGEN_TEST_STEP_DELAY_S"
+"""Test hook: seconds to sleep after every training update (unset or 0 in real runs). It slows a
+tiny toy run down so that tests/test_orphans.py can kill the workflow mid-training; it changes
+no checkpoint."""
 REPEAT_ID_LO = len(("<|endoftext|>", "<|padding|>"))
 """Random repeated content uses ids from here up (the special tokens are never drawn)."""
 
@@ -294,6 +303,20 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 2048) -> Path:
         "pad_token": PAD_TOKEN,
     }
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special)
+    # Written into a temporary directory, then renamed into out_dir file by file with
+    # tokenizer.json (the rule's output) last, so a present tokenizer.json has its companions.
+    staging = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_tokenizer_files(wrapped, special, staging)
+        for name in sorted(os.listdir(staging), key=lambda n: n == "tokenizer.json"):
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / "tokenizer.json"
+
+
+def _write_tokenizer_files(wrapped: Any, special: dict[str, str], out_dir: Path) -> None:
+    """``save_pretrained`` plus the hub-layout fixes of :func:`train_tokenizer`."""
     wrapped.save_pretrained(str(out_dir))
     config_path = out_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text())
@@ -306,7 +329,6 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 2048) -> Path:
     (out_dir / "special_tokens_map.json").write_text(
         json.dumps(special, indent=2, sort_keys=True) + "\n"
     )
-    return out_dir / "tokenizer.json"
 
 
 def _tokenizer_json(tokenizer_dir: str | Path) -> Path:
@@ -618,23 +640,18 @@ def _validate_schedule(schedule: Iterable[int], steps: int) -> list[int]:
 
 
 def _save_checkpoint(model: Any, tokenizer_dir: Path, step_dir: Path) -> None:
-    """Write one hub-style revision atomically (into a temporary directory, then rename)."""
-    tmp_dir = step_dir.with_name(step_dir.name + ".tmp")
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)
-    model.save_pretrained(str(tmp_dir))
-    config_path = tmp_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    # transformers 4 reads the rotary fraction from these legacy keys (Pythia's config.json has
-    # them); transformers 5 reads rope_parameters and drops the legacy keys on load.
-    config["rotary_pct"] = config["rope_parameters"]["partial_rotary_factor"]
-    config["rotary_emb_base"] = config["rope_parameters"]["rope_theta"]
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer_dir / name, tmp_dir / name)
-    if step_dir.exists():
-        shutil.rmtree(step_dir)
-    os.replace(tmp_dir, step_dir)
+    """Write one hub-style revision atomically (:func:`mechgen.atomic.atomic_dir`)."""
+    with atomic_dir(step_dir) as tmp_dir:
+        model.save_pretrained(str(tmp_dir))
+        config_path = tmp_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        # transformers 4 reads the rotary fraction from these legacy keys (Pythia's config.json
+        # has them); transformers 5 reads rope_parameters and drops the legacy keys on load.
+        config["rotary_pct"] = config["rope_parameters"]["partial_rotary_factor"]
+        config["rotary_emb_base"] = config["rope_parameters"]["rope_theta"]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(tokenizer_dir / name, tmp_dir / name)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -657,6 +674,7 @@ def train_run(
     vocab_size: int,
     threads: int = 1,
     progress: bool = True,
+    progress_label: str | None = None,
 ) -> dict[str, Any]:
     """Train one toy run and save ``out_dir/step{N}/`` for every N in ``schedule``.
 
@@ -674,12 +692,14 @@ def train_run(
     checkpoint_losses (the loss of the update at each saved step, step 0 = loss of the
     initialisation on the first batch), and the torch/transformers/tokenizers versions.
     ``threads`` sets ``torch.set_num_threads``; checkpoints are bitwise reproducible for the
-    same seed and thread count on one machine. ``progress`` shows a tqdm bar on stderr.
+    same seed and thread count on one machine. ``progress`` logs plain progress lines (steps done,
+    time left; :class:`mechgen.progress.Progress`) to this module's logger, each starting with
+    ``progress_label`` (default ``"train seed <seed>"``). The environment
+    variable :data:`STEP_DELAY_ENV` (a test hook) adds a sleep after every update.
     Existing ``step*/`` directories and ``manifest.json`` in ``out_dir`` are removed first.
     """
     import tokenizers
     import transformers
-    from tqdm.auto import tqdm
 
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -699,7 +719,7 @@ def train_run(
     # Checkpoints of an earlier run (maybe with another schedule) must not mix with this one's;
     # Snakemake only knows the manifest, so it cannot remove them itself.
     for stale in out_dir.iterdir():
-        if stale.is_dir() and re.fullmatch(r"step\d+(\.tmp)?", stale.name):
+        if stale.is_dir() and re.fullmatch(r"step\d+(\.tmp|\.(tmp|old)-\d+)?", stale.name):
             shutil.rmtree(stale)
 
     torch.set_num_threads(threads)
@@ -762,14 +782,10 @@ def train_run(
         _save_checkpoint(model, tokenizer_dir, out_dir / "step0")
         log.info("seed %d step 0: loss %.4f, checkpoint saved", seed, checkpoint_losses["0"])
 
-    bar = tqdm(
-        range(1, steps_total + 1),
-        desc=f"train seed {seed}",
-        file=sys.stderr,
-        disable=not progress,
-        mininterval=1.0 if sys.stderr.isatty() else 10.0,
-    )
-    for step in bar:
+    label = progress_label or f"train seed {seed}"
+    progress_log = Progress(label, steps_total, log) if progress else None
+    step_delay_s = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    for step in range(1, steps_total + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(
                 step, float(training["learning_rate"]), training["warmup_steps"], steps_total
@@ -780,15 +796,16 @@ def train_run(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if progress_log is not None:
+            progress_log.update(step, f"loss {losses[-1]:.3f}")
+        if step_delay_s:
+            time.sleep(step_delay_s)
         if step in schedule_steps:
             checkpoint_losses[str(step)] = losses[-1]
             _save_checkpoint(model, tokenizer_dir, out_dir / f"step{step}")
             log.info("seed %d step %d: loss %.4f, checkpoint saved", seed, step, losses[-1])
         if step < steps_total:
             batch = next_batch()
-    bar.close()
 
     manifest = {
         "steps": schedule_steps,
@@ -814,7 +831,5 @@ def train_run(
             "tokenizers": tokenizers.__version__,
         },
     }
-    tmp_path = manifest_path.with_name("manifest.json.tmp")
-    tmp_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_path, manifest_path)
+    write_json(manifest_path, manifest)
     return manifest

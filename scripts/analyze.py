@@ -24,6 +24,7 @@ import pandas as pd
 from _common import setup_logging
 
 from mechgen import functional, positional, stats
+from mechgen.atomic import atomic_path
 from mechgen.developmental import onset_thresholds
 
 
@@ -93,7 +94,8 @@ def main(sm: Any) -> None:
         if path is None:
             log.info("%s: not an output of this rule, not written", name)
             continue
-        table.to_csv(path, index=False)
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
         log.info("%s: %d rows -> %s", name, len(table), path)
 
 

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging  # noqa: E402
 
-from mechgen import evaltext, sources  # noqa: E402
+from mechgen import atomic, evaltext, sources  # noqa: E402
 from mechgen.config import Run  # noqa: E402
 
 sm = snakemake  # noqa: F821
@@ -37,5 +37,5 @@ record = {
     "n_truncated": int(n_truncated),
     "token_ids": token_ids,
 }
-Path(sm.output[0]).write_text(json.dumps(record))
+atomic.write_text(sm.output[0], json.dumps(record))
 log.info("%s: %d sentences, %d tokens", run.run, record["n_sentences"], record["n_tokens"])

@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd  # noqa: E402
 from _common import setup_logging  # noqa: E402
 
+from mechgen.atomic import atomic_path  # noqa: E402
 from mechgen.tables import read_trott2025  # noqa: E402
 
 sm = snakemake  # noqa: F821
@@ -21,5 +22,6 @@ elif fmt == "mechgen":
     heads = pd.read_parquet(sm.params.path)
 else:
     sys.exit(f"mechgen: unknown table format {fmt!r}; allowed: trott2025, mechgen")
-heads.to_parquet(sm.output.heads, index=False)
+with atomic_path(sm.output.heads) as tmp:
+    heads.to_parquet(tmp, index=False)
 log.info("imported %d head rows (%d runs) from %s", len(heads), heads["run"].nunique(), sm.params.path)

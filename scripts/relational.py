@@ -21,6 +21,7 @@ import pandas as pd
 from _common import setup_logging
 
 from mechgen import circuit
+from mechgen.atomic import atomic_path
 from mechgen.developmental import onset_thresholds
 
 
@@ -47,7 +48,8 @@ def main(sm: Any) -> None:
         "configurational_stability": circuit.stability_table(heads, circuits),
     }
     for name, table in outputs.items():
-        table.to_csv(sm.output[name], index=False)
+        with atomic_path(sm.output[name]) as tmp:
+            table.to_csv(tmp, index=False)
         log.info("%s: %d rows -> %s", name, len(table), sm.output[name])
 
 

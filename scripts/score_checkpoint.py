@@ -1,6 +1,7 @@
 """Snakemake script of rule `score`: score every head of one (run, step) checkpoint."""
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -9,13 +10,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging  # noqa: E402
 
+# Before anything imports transformers: its "Loading weights" bar reads this at import time.
+setup_logging(snakemake)  # noqa: F821
+
 from mechgen.circuit import CircuitSettings  # noqa: E402
-from mechgen.config import Run  # noqa: E402
+from mechgen.config import Run, suite_steps  # noqa: E402
+from mechgen.progress import format_duration  # noqa: E402
 from mechgen.scoring import score_checkpoint, write_result  # noqa: E402
 from mechgen.sources import CorruptCheckpoint, HubUnavailable  # noqa: E402
 
-log = setup_logging(snakemake)  # noqa: F821
 sm = snakemake  # noqa: F821
+log = logging.getLogger(f"mechgen.{sm.rule}")
 run = Run(**sm.params.run)
 step = int(sm.wildcards.step)
 with open(sm.input.tokens) as fh:
@@ -42,7 +47,8 @@ try:
         clipped_window=int(sm.params.clipped_window),
         delete_weights=bool(scoring.get("delete_weights", True)),
         threads=sm.threads,
-        progress=True,
+        # Per-batch bars of 48 parallel jobs are noise; the run's progress is logged below.
+        progress=False,
         score_cache_dir=score_cache_dir,
         hub=hub,
         circuit_settings=circuit_settings,
@@ -56,11 +62,41 @@ except HubUnavailable as exc:
     log.error("cannot score %s step %d: %s", run.run, step, exc)
     sys.exit(f"mechgen: hub unavailable: {exc}")
 write_result(table, sidecar, sm.output.table, sm.output.sidecar)
+
+
+def _run_progress() -> str:
+    """``k/n checkpoints of <run> scored, about T left (S s per checkpoint, one job at a time)``.
+
+    Counted from the sidecars of this run's schedule that exist now (each job writes its sidecar
+    last and atomically); T = (n - k) x the mean wall_seconds of those sidecars.
+    """
+    steps = suite_steps(sm.config)
+    folder = Path(sm.output.sidecar).parent
+    seconds = []
+    for s in steps:
+        try:
+            sidecar_s = json.loads((folder / f"step{s}.json").read_text())
+            seconds.append(float(sidecar_s["wall_seconds"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    done, total = len(seconds), len(steps)
+    text = f"{done}/{total} checkpoints of {run.run} scored"
+    if seconds and done < total:
+        mean = sum(seconds) / done
+        text += (
+            f", about {format_duration(mean * (total - done))} left "
+            f"({mean:.1f} s per checkpoint, one job at a time)"
+        )
+    return text
+
+
+# One line per job: this checkpoint, then the run's progress.
 log.info(
-    "%s step %d: %s, %d heads, %.1f s",
+    "%s step %d: %s, %d heads, %.1f s; %s",
     run.run,
     step,
     sidecar["status"],
     len(table),
     sidecar["wall_seconds"],
+    _run_progress(),
 )

@@ -31,6 +31,8 @@ if "snakemake" in globals():
     manifest_path = Path(sm.output.get("manifest", sm.output[0]))
     if manifest_path.name != "manifest.json":
         sys.exit(f"mechgen: toy_train's output must be named manifest.json, got {manifest_path}")
+    # The run id labels the progress lines in the main log (jobs run in parallel).
+    run = getattr(getattr(sm, "wildcards", None), "run", None)
     manifest = toy.train_run(
         tokenizer_json.parent,
         manifest_path.parent,
@@ -40,6 +42,7 @@ if "snakemake" in globals():
         schedule=[int(s) for s in sm.params.schedule],
         vocab_size=int(sm.params.vocab_size),
         threads=int(sm.threads),
+        progress_label=f"train {run}" if run else None,
     )
     log.info(
         "toy run seed %d: %d steps saved, %d parameters, final loss %.3f, %.1f s wall, %.1f s CPU",

@@ -1,0 +1,333 @@
+"""A killed run's jobs must not race the resume (mechgen.runguard, mechgen.sh run/resume).
+
+The fast tests use a fake Snakemake head (a shell script with two children); the slow test kills
+a real toy run mid-training and resumes it with ./mechgen.sh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, copy_workflow
+from mechgen import atomic, runguard
+from mechgen.toy import STEP_DELAY_ENV
+
+PYTHON = sys.executable
+VENV = sys.prefix  # the venv running the tests (not resolved: its python is a symlink)
+
+FAKE_HEAD = """#!/bin/bash
+sleep 300 &
+sleep 301 &
+wait
+"""
+
+
+def _guard(cwd: Path, *args: str, **kwargs: object) -> subprocess.Popen:
+    code = "import sys; from mechgen.runguard import main; raise SystemExit(main(sys.argv[1:]))"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.Popen([PYTHON, "-c", code, *args], cwd=cwd, env=env, **kwargs)
+
+
+def _wait_for(predicate, timeout_s: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _state(cwd: Path) -> dict:
+    return json.loads((cwd / runguard.STATE_FILE).read_text())
+
+
+def _alive(pid: int) -> bool:
+    return runguard._alive(pid)
+
+
+@pytest.fixture
+def fake_head(tmp_path: Path) -> Path:
+    script = tmp_path / "head.sh"
+    script.write_text(FAKE_HEAD)
+    script.chmod(0o755)
+    return script
+
+
+def _start_fake_run(tmp_path: Path, fake_head: Path) -> tuple[subprocess.Popen, dict, list[int]]:
+    sup = _guard(tmp_path, "exec", "--", str(fake_head), stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / runguard.STATE_FILE).exists(), what="the run-state file")
+    state = _state(tmp_path)
+    _wait_for(
+        lambda: len(runguard.find_run_processes(state["run_id"], state["sid"])) == 3,
+        what="the fake head's two children",
+    )
+    procs = runguard.find_run_processes(state["run_id"], state["sid"])
+    # The head (setsid: its own session and group leader) and its children, all tagged.
+    assert [p.pid for p in procs][0] == state["head_pid"] == state["sid"]
+    assert all(p.sid == state["sid"] and p.pgid == state["sid"] for p in procs)
+    children = [p.pid for p in procs if p.pid != state["head_pid"]]
+    assert sorted(p.args for p in procs if p.pid in children) == ["sleep 300", "sleep 301"]
+    return sup, state, children
+
+
+def test_supervisor_stops_the_jobs_of_a_killed_head(tmp_path: Path, fake_head: Path) -> None:
+    sup, state, children = _start_fake_run(tmp_path, fake_head)
+    os.kill(state["head_pid"], signal.SIGKILL)
+    _, err = sup.communicate(timeout=30)
+    assert sup.returncode == 128 + signal.SIGKILL
+    assert "was ended by SIGKILL" in err
+    for pid in children:
+        assert f"pid {pid}: sleep 30" in err  # each survivor is named ...
+        assert not _alive(pid)  # ... and stopped
+    assert not (tmp_path / runguard.STATE_FILE).exists()
+
+
+def test_stop_refuses_while_the_head_lives_then_stops_orphans(
+    tmp_path: Path, fake_head: Path
+) -> None:
+    sup, state, children = _start_fake_run(tmp_path, fake_head)
+    refused = _guard(tmp_path, "stop", stderr=subprocess.PIPE, text=True)
+    _, err = refused.communicate(timeout=30)
+    assert refused.returncode == runguard.EXIT_RUN_ALIVE
+    assert f"still running: pid {state['head_pid']}" in err
+    assert all(_alive(pid) for pid in children)  # a live run is never touched
+
+    # The supervisor dies with its head (kill -9 of both): only `stop` can clean up now.
+    os.kill(sup.pid, signal.SIGKILL)
+    os.kill(state["head_pid"], signal.SIGKILL)
+    sup.wait(10)
+    time.sleep(0.2)
+    assert all(_alive(pid) for pid in children)  # the orphans of the issue
+    stopper = _guard(tmp_path, "stop", stderr=subprocess.PIPE, text=True)
+    _, err = stopper.communicate(timeout=30)
+    assert stopper.returncode == 0, err
+    assert "ended without stopping its jobs" in err
+    for pid in children:
+        assert f"pid {pid}: sleep 30" in err
+        assert not _alive(pid)
+    assert not (tmp_path / runguard.STATE_FILE).exists()
+    # Nothing recorded: nothing to do, silently.
+    again = _guard(tmp_path, "stop", stderr=subprocess.PIPE, text=True)
+    assert again.communicate(timeout=30)[1] == "" and again.returncode == 0
+
+
+def test_a_reused_head_pid_is_not_taken_for_the_run(tmp_path: Path) -> None:
+    """A live process with the recorded pid but without the run's tag is not the head."""
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        state = {
+            "run_id": "feedface",
+            "head_pid": other.pid,
+            "sid": other.pid,
+            "head_start": 0,
+            "started": "then",
+            "command": ["snakemake"],
+        }
+        path = tmp_path / "state.json"
+        path.write_text(json.dumps(state))
+        # `sleep` is not a session leader, so it is in no session numbered other.pid: untouched.
+        assert runguard.stop(path, grace_s=1) == 0
+        assert _alive(other.pid)
+        assert not path.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], True),
+        (["--configfile", "config.yaml", "x.yaml", "-p"], True),
+        (["-c4", "--forceall"], True),
+        (["-n"], False),
+        (["-np"], False),
+        (["--dry-run"], False),
+        (["--help"], False),
+        (["-h"], False),
+        (["--dag"], False),
+        (["--list-rules"], False),
+        (["--report=x.html"], False),
+        (["--", "-n"], True),
+    ],
+)
+def test_runs_jobs(args: list[str], expected: bool) -> None:
+    assert runguard.runs_jobs(args) is expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The real thing: kill the head of a toy run mid-training, resume at once.
+
+TARGET = "results/toy-orphans/heads.parquet"
+RUN = "toy-tiny-seed1"
+OVERLAY = {
+    "suite": "toy-orphans",
+    "suites": {
+        "toy-orphans": {
+            "source": "toy",
+            "model_prefix": "toy-",
+            "sizes": ["tiny"],
+            "seeds": [1],
+            "schedule": "toy",
+            "tokens_per_step": 256,
+            "eval": {"kind": "toy_heldout", "n_sentences": 16},
+            "relational": {"half_length": 16, "token_hi": 66, "n_sequences": 8},
+        }
+    },
+    "toy": {
+        "vocab_size": 300,
+        "sizes": {"tiny": {"n_layers": 1, "n_heads": 2, "d_model": 32}},
+        "training": {"steps": 60, "batch_size": 4, "seq_len": 64, "warmup_steps": 5},
+        "schedule": [0, 30, 60],
+    },
+    "relational": {"enabled": False},
+}
+# Last: --configfile takes every following word, a target too.
+CONFIG_ARGS = ["--configfile", "config.yaml", "orphans.yaml"]
+
+
+def _workdir(path: Path) -> Path:
+    copy_workflow(path)
+    shutil.copy2(REPO_ROOT / "mechgen.sh", path / "mechgen.sh")
+    (path / "orphans.yaml").write_text(yaml.safe_dump(OVERLAY))
+    return path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, MECHGEN_VENV=VENV, HF_HUB_OFFLINE="1", CORES="2", **extra)
+    env.pop(runguard.RUN_ID_ENV, None)
+    env.pop(STEP_DELAY_ENV, None)
+    env.update(extra)
+    return env
+
+
+def _checkpoint_digests(workdir: Path) -> dict[str, str]:
+    hub = workdir / "results" / "toy-orphans" / "hub" / RUN
+    return {
+        str(p.relative_to(hub)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(hub.rglob("*.safetensors"))
+    }
+
+
+@pytest.mark.slow
+def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
+    reference = _workdir(tmp_path / "reference")
+    killed = _workdir(tmp_path / "killed")
+    # The uninterrupted run, in parallel with the one that gets killed.
+    ref = subprocess.Popen(
+        [PYTHON, "-m", "snakemake", "--cores", "1", TARGET, *CONFIG_ARGS],
+        cwd=reference,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    # 0.3 s per update (a test hook that changes no checkpoint): 60 updates take >= 18 s, so the
+    # kill lands mid-training.
+    log = (tmp_path / "killed.log").open("w")
+    first = subprocess.Popen(
+        ["./mechgen.sh", "run", TARGET, *CONFIG_ARGS],
+        cwd=killed,
+        env=_env(**{STEP_DELAY_ENV: "0.3"}),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    train_log = killed / "results" / "toy-orphans" / "logs" / "toy_train" / f"{RUN}.log"
+    try:
+        _wait_for(
+            lambda: train_log.exists() and f"train {RUN}: 1/60 steps" in train_log.read_text(),
+            timeout_s=300,
+            what="training to start",
+        )
+        state = _state(killed)
+        procs = runguard.find_run_processes(state["run_id"], state["sid"], state["head_start"])
+        trainers = [p.pid for p in procs if "toy_train" in p.args]
+        assert trainers, [p.args for p in procs]
+        # The head dies, and with it its supervisor (the harder case: nobody is left to clean up).
+        os.kill(state["supervisor_pid"], signal.SIGKILL)
+        os.kill(state["head_pid"], signal.SIGKILL)
+        first.wait(30)
+        assert all(_alive(pid) for pid in trainers)  # orphans, still training: the bug's setup
+
+        resumed = subprocess.run(
+            ["./mechgen.sh", "resume", TARGET, *CONFIG_ARGS],
+            cwd=killed,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        output = resumed.stdout + resumed.stderr
+        assert resumed.returncode == 0, output[-4000:]
+        # resume named and stopped the orphans before Snakemake started any job.
+        stopped_at = output.index("ended without stopping its jobs")
+        for pid in trainers:
+            assert f"pid {pid}: " in output
+        assert stopped_at < output.index("Building DAG of jobs")
+        assert runguard.find_run_processes(state["run_id"], state["sid"], state["head_start"]) == []
+        assert not any(_alive(p.pid) for p in procs)
+        assert f"train {RUN}: 60/60 steps (100%)" in output  # progress reached the main output
+
+        _, ref_err = ref.communicate(timeout=900)
+        assert ref.returncode == 0, ref_err[-4000:]
+    finally:
+        for proc in (ref, first):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(killed / TARGET), pd.read_parquet(reference / TARGET)
+    )
+    digests = _checkpoint_digests(killed)
+    assert sorted(digests) == ["step0/model.safetensors", "step30/model.safetensors",
+                               "step60/model.safetensors"]  # fmt: skip
+    assert digests == _checkpoint_digests(reference)
+    leftovers = [p for p in (killed / "results").rglob("*") if atomic.is_temporary(p)]
+    assert leftovers == []
+    assert (killed / "results" / "toy-orphans" / "report.html").is_file()
+
+
+def test_stop_refuses_while_slurm_jobs_of_this_checkout_remain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SLURM jobs are not local processes: with no head left, resume must not resubmit while
+    jobs submitted from this working directory are still queued or running."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    lines = [
+        f"101|3f2a-uuid|rule_toy_train_wildcards_toy-small-seed1|{work}",
+        "102|other|rule_x|/somewhere/else",
+    ]
+    listing = tmp_path / "squeue.out"
+    listing.write_text("\n".join(lines) + "\n")
+    squeue = bin_dir / "squeue"
+    squeue.write_text(f"#!/bin/sh\ncat {listing}\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(work)
+    assert runguard.slurm_jobs_here() == [
+        ("101", "3f2a-uuid", "rule_toy_train_wildcards_toy-small-seed1")
+    ]
+    assert runguard.stop(work / "no-state.json") == runguard.EXIT_RUN_ALIVE
+    err = capsys.readouterr().err
+    assert "job 101 (3f2a-uuid, rule_toy_train_wildcards_toy-small-seed1)" in err
+    assert "scancel 101`" in err and "102" not in err
+    listing.write_text("")
+    assert runguard.stop(work / "no-state.json") == 0
