@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import setup_logging  # noqa: E402
 
 from mechgen.aggregate import concat_head_tables, read_sidecars  # noqa: E402
+from mechgen.outputs import write_csv  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)
@@ -16,9 +17,9 @@ tables = list(sm.input)
 heads = concat_head_tables(tables)
 heads.to_parquet(sm.output.heads, index=False)
 jobs = read_sidecars([str(Path(t).with_suffix(".json")) for t in tables])
-jobs.to_csv(sm.output.checkpoints, index=False)
+write_csv(jobs, sm.output.checkpoints)
 missing = jobs[jobs["status"] == "missing"][["run", "step", "repo_id", "revision", "reason"]]
-missing.to_csv(sm.output.missing, index=False)
+write_csv(missing, sm.output.missing)
 if len(missing):
     log.warning("%d checkpoints are missing on the hub; see %s", len(missing), sm.output.missing)
 nonfinite = int(heads["nonfinite"].sum()) if "nonfinite" in heads else 0
