@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import setup_logging  # noqa: E402
 
 from mechgen.aggregate import concat_head_tables, read_sidecars  # noqa: E402
-from mechgen.outputs import write_csv  # noqa: E402
+from mechgen.outputs import write_csv
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)

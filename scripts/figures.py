@@ -52,9 +52,7 @@ def main(sm: Any) -> None:
         heads, sm.output.layer_heatmap, metric, positional=positional_size_step
     )
     figures.plot_size_effects(per_seed, per_model, sm.output.size_effects, metric)
-    figures.plot_functional_heads(
-        functional_run_step, functional_size, sm.output.functional_heads
-    )
+    figures.plot_functional_heads(functional_run_step, functional_size, sm.output.functional_heads)
 
     if pairs.empty:
         reason = "No trajectory correlations: the suite has a single run."

@@ -294,7 +294,10 @@ def run_scripts(
     reading the files the previous one wrote; ``before_*`` run just before those scripts."""
     heads_path = tmp_path / "heads.parquet"
     heads.to_parquet(heads_path)
-    traj_paths = {"parquet": str(tmp_path / "trajectories.parquet"), "csv": str(tmp_path / "trajectories.csv")}
+    traj_paths = {
+        "parquet": str(tmp_path / "trajectories.parquet"),
+        "csv": str(tmp_path / "trajectories.csv"),
+    }
     load_script("trajectories").main(
         SimpleNamespace(
             input=Namedlist(fromdict={"heads": str(heads_path)}),

@@ -159,9 +159,10 @@ def test_every_pipeline_output_is_documented(toy_test_run: Path) -> None:
         if path.suffix == ".csv":
             # At most 6 significant digits in every float cell of a CSV.
             text = path.read_text()
-            digits = [len(m.group(1).replace(".", "").lstrip("0")) for m in re.finditer(
-                r"(?<![\w.])(\d+\.\d+)(?:e[-+]\d+)?(?![\w.])", text
-            )]
+            digits = [
+                len(m.group(1).replace(".", "").lstrip("0"))
+                for m in re.finditer(r"(?<![\w.])(\d+\.\d+)(?:e[-+]\d+)?(?![\w.])", text)
+            ]
             assert max(digits, default=0) <= 6, relative
     for name in declared("STATS") + declared("RELATIONAL_STATS"):
         assert f"stats/{name}.csv" in seen, f"the pipeline did not write stats/{name}.csv"
