@@ -47,10 +47,12 @@ def documented_columns() -> dict[str, set[str]]:
 
 
 def section_for(relative: str, sections: dict[str, set[str]]) -> str:
-    """The docs section whose path (with ``<run>``, ``<N>`` placeholders) matches ``relative``."""
+    """The docs section whose path (with ``<run>``, ``<N>``, ``<key>`` placeholders) matches
+    ``relative``."""
     for pattern in sections:
         regex = re.escape(pattern).replace(re.escape("<run>"), r"[^/]+")
         regex = regex.replace(re.escape("<N>"), r"\d+")
+        regex = regex.replace(re.escape("<key>"), r"[0-9a-f]+")
         if re.fullmatch(regex, relative):
             return pattern
     raise AssertionError(f"{relative}: no section in docs/outputs.md")
