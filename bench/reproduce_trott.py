@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from mechgen import stats
+from mechgen.developmental import trajectories
 from mechgen.tables import compare_trott2025, read_trott2025
 
 DEFAULT_PUBLISHED = (
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     heads = read_trott2025(args.directory)
     read_seconds = time.perf_counter() - started
-    results = stats.analyze(heads)
+    traj = trajectories(heads, "one_back")
+    results = stats.analyze(heads, traj)
     analyze_seconds = time.perf_counter() - started - read_seconds
     published = json.loads(args.published.read_text())["numbers"]
     comparison = compare_trott2025(results, published)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = regressions.drop_duplicates("analysis").set_index("analysis")["singular"]
         print("\nsingular flags:", {name: bool(flag) for name, flag in flags.items()})
         print("\ntime model: every fit tried (face = random factors kept; ols = all variances 0)")
-        print(stats.time_model(results["trajectories"]).candidates.to_string(index=False))
+        print(stats.time_model(traj).candidates.to_string(index=False))
     if args.markdown:
         table = comparison.assign(
             mechgen=comparison["mechgen"].map(lambda v: f"{v:.6g}"),

@@ -42,6 +42,9 @@ PAIR_COLUMNS = [
 ]
 """Columns of :func:`pairwise_correlations`."""
 
+MDS_COLUMNS = ["run", "model", "size", "seed", "n_params", "mds1", "mds2"]
+"""Columns of :func:`mds_coordinates` with its default k = 2 (``stats/mds.csv``)."""
+
 
 def trajectory_matrix(traj: pd.DataFrame, min_shared_steps: int = 3) -> pd.DataFrame:
     """Trajectories as a (step x run) matrix over the checkpoints every run has.

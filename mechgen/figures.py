@@ -203,14 +203,12 @@ def plot_layer_heatmap(
 
     Cells: :func:`layer_max_matrices` (each run's final step unless ``step`` is given), on one
     colour scale for all panels; a star marks each seed's strongest layer. With ``positional``
-    (``positional.csv``), each panel's title gives the cross-seed modal share of that layer and
-    its permutation p-value at the final step.
+    (``positional_size_step.csv``), each panel's title gives the cross-seed modal share of that
+    layer and its permutation p-value at the final step.
     """
     agreement = {}
     if positional is not None and step is None:
-        final = positional[
-            (positional["level"] == "size_step") & positional["is_final_step"].astype(bool)
-        ]
+        final = positional[positional["is_final_step"].astype(bool)]
         agreement = final.set_index("model")[["modal_share", "p_value"]].to_dict("index")
     matrices = layer_max_matrices(heads, metric, step)
     if not matrices:
@@ -464,15 +462,16 @@ def plot_mds(
     return _save(fig, path)
 
 
-def plot_functional_heads(functional: pd.DataFrame, path: str | Path) -> Figure:
+def plot_functional_heads(
+    counts: pd.DataFrame, sizes: pd.DataFrame, path: str | Path
+) -> Figure:
     """Figure 6: heads meeting the 1-back criterion over training, one panel per size.
 
-    ``functional``: the ``functional.csv`` table (:func:`mechgen.functional.functional_table`);
-    its ``run_step`` rows give one line per run (count of heads vs step + 1, log x), its
-    ``size`` rows the fraction of seeds with such a head at the final step (panel title).
+    ``counts`` (``functional_run_step.csv``) gives one line per run (count of heads vs
+    step + 1, log x), ``sizes`` (``functional_size.csv``) the fraction of seeds with such a head
+    at the final step (panel title); see :func:`mechgen.functional.functional_tables`.
     """
-    counts = functional[functional["level"] == "run_step"]
-    sizes = functional[functional["level"] == "size"].set_index("model")
+    sizes = sizes.set_index("model")
     models = size_order(counts)
     styles = size_styles(models)
     fig, axes = plt.subplots(

@@ -28,8 +28,9 @@ step-0 median is 0.1257 (0.1253-0.1257 for each of the four sizes); uniform atte
 22-token sentences would score 0.1243, and the step-0 heads' prev_uniform_ratio / one_back is
 about 23, so the step-0 heads do behave like uniform attention on sentences of that length.
 
-Output: :func:`functional_table`, written as ``results/<suite>/stats/functional.csv``; its
-columns are listed in :data:`FUNCTIONAL_COLUMNS`.
+Output: :func:`functional_tables`, written as ``results/<suite>/stats/functional_run_step.csv``,
+``functional_run.csv`` and ``functional_size.csv``; their columns are listed in
+:data:`FUNCTIONAL_COLUMNS` and defined in ``docs/outputs.md``.
 """
 
 from __future__ import annotations
@@ -53,39 +54,22 @@ FUNCTIONAL_METRIC = "one_back"
 RUN_COLUMNS = ["suite", "model", "size", "seed", "run", "n_params", "n_layers", "n_heads"]
 """Columns constant within a run, carried into every run-level row."""
 
+_CRITERION_COLUMNS = ["baseline", "baseline_source", "multiple", "threshold"]
+
 FUNCTIONAL_COLUMNS = {
-    "level": "which table the row belongs to: 'run_step' (one row per run x checkpoint), "
-    "'run' (one row per run) or 'size' (one row per model size, at the final step)",
-    "suite": "suite name",
-    "model": "model (size label with the suite prefix)",
-    "size": "bare size label",
-    "seed": "run_step/run: the run's seed",
-    "run": "run_step/run: the run id",
-    "n_params": "parameters of the model",
-    "n_layers": "layers of the model",
-    "n_heads": "heads per layer",
-    "step": "run_step: the checkpoint's optimiser step; size: the final step used",
-    "tokens_seen": "run_step: tokens seen at that step",
-    "baseline": "uniform one_back baseline used (attention weight, 0..1)",
-    "baseline_source": "'token_lengths' (from the eval token ids) or 'step0_median'",
-    "multiple": "the criterion's multiple of the baseline",
-    "threshold": "multiple x baseline: a head meets the criterion when one_back > threshold",
-    "n_heads_scored": "run_step: heads with a finite, unflagged one_back",
-    "n_functional": "run_step: heads meeting the criterion",
-    "has_functional": "run_step: n_functional > 0",
-    "max_one_back": "run_step: the largest one_back of any head",
-    "first_step": "run: first step at which the run has a head meeting the criterion (NaN: never)",
-    "first_tokens_seen": "run: tokens seen at first_step (NaN: never)",
-    "final_step": "run: the run's last scored step",
-    "has_functional_final": "run: the run has such a head at final_step",
-    "n_runs": "size: runs (seeds) of that size at the final step",
-    "n_runs_functional": "size: of those, runs with at least one head meeting the criterion",
-    "fraction_functional": "size: n_runs_functional / n_runs",
-    "ci_low": "size: lower bound of the Wilson score interval of fraction_functional",
-    "ci_high": "size: upper bound of the Wilson score interval",
-    "confidence": "size: confidence level of the interval",
+    "functional_run_step": RUN_COLUMNS
+    + ["step", "tokens_seen", *_CRITERION_COLUMNS]
+    + ["n_heads_scored", "n_functional", "has_functional", "max_one_back"],
+    "functional_run": RUN_COLUMNS
+    + _CRITERION_COLUMNS
+    + ["first_step", "first_tokens_seen", "final_step", "has_functional_final"],
+    "functional_size": ["suite", "model", "size", "n_params", "n_layers", "n_heads", "step"]
+    + _CRITERION_COLUMNS
+    + ["n_runs", "n_runs_functional", "fraction_functional", "ci_low", "ci_high", "confidence"],
 }
-"""Columns of ``functional.csv`` and what they hold; each applies to the levels it names."""
+"""The functional tables (``results/<suite>/stats/<name>.csv``) and their columns, in order:
+one row per run x checkpoint, per run, and per model size. Every column is defined in
+``docs/outputs.md``."""
 
 
 def uniform_one_back_baseline(lengths: Iterable[int]) -> float:
@@ -258,40 +242,39 @@ def functional_fraction_by_size(per_run: pd.DataFrame, confidence: float = 0.95)
     return pd.DataFrame(rows)
 
 
-def functional_table(
+def functional_tables(
     heads: pd.DataFrame,
     baseline: float | Mapping[str, float],
     baseline_source: str,
     multiple: float = DEFAULT_FUNCTIONAL_MULTIPLE,
     confidence: float = 0.95,
     metric: str = FUNCTIONAL_METRIC,
-) -> pd.DataFrame:
-    """``functional.csv``: the run_step, run and size tables stacked, told apart by ``level``.
+) -> dict[str, pd.DataFrame]:
+    """The three functional tables, keyed by the names of :data:`FUNCTIONAL_COLUMNS`.
 
-    See :data:`FUNCTIONAL_COLUMNS` for the columns; ``baseline_source`` records where the
-    baseline came from ('token_lengths' or 'step0_median').
+    ``functional_run_step``: :func:`functional_counts`; ``functional_run``:
+    :func:`first_functional`; ``functional_size``: :func:`functional_fraction_by_size`.
+    ``baseline_source`` records where the baseline came from ('token_lengths' or
+    'step0_median'). Integer-valued columns that can be missing (``first_step``: a run that
+    never meets the criterion) are nullable Int64, so a CSV shows ``3``, not ``3.0``.
     """
     counts = functional_counts(heads, baseline, multiple, metric)
     per_run = first_functional(counts)
     per_size = functional_fraction_by_size(per_run, confidence)
-    parts = [
-        counts.assign(level="run_step"),
-        per_run.assign(level="run"),
-        per_size.assign(level="size"),
-    ]
-    table = pd.concat(parts, ignore_index=True)
-    table["baseline_source"] = baseline_source
-    table = with_nullable_ints(
-        table,
-        ["seed", "step", "tokens_seen", "n_heads_scored", "n_functional", "first_step"]
-        + ["first_tokens_seen", "final_step", "n_runs", "n_runs_functional"],
-    )
-    return table[[col for col in FUNCTIONAL_COLUMNS if col in table.columns]]
+    tables = {}
+    for name, table in zip(FUNCTIONAL_COLUMNS, (counts, per_run, per_size)):
+        table = with_nullable_ints(
+            table.assign(baseline_source=baseline_source),
+            ["seed", "step", "tokens_seen", "n_heads_scored", "n_functional", "first_step"]
+            + ["first_tokens_seen", "final_step", "n_runs", "n_runs_functional"],
+        )
+        tables[name] = table[FUNCTIONAL_COLUMNS[name]].reset_index(drop=True)
+    return tables
 
 
 def with_nullable_ints(table: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
-    """Integer-valued ``columns`` as pandas' nullable Int64, so that stacking tables of different
-    levels (whose rows leave some columns empty) writes ``3`` rather than ``3.0`` to the CSV."""
+    """Integer-valued ``columns`` (those present) as pandas' nullable Int64, so that a column
+    with missing values writes ``3`` rather than ``3.0`` to a CSV."""
     table = table.copy()
     for col in columns:
         if col in table.columns:

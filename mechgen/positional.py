@@ -44,8 +44,9 @@ head_match_fraction equals same_layer_fraction at every size. The correlation co
 shape only and is stricter (at the final step 0.44 / 0.31 / 0.28 / 0.03 against same-layer
 fractions 0.44 / 0.78 / 0.44 / 0.31 for 14m / 70m / 160m / 410m).
 
-Output: :func:`positional_table`, written as ``results/<suite>/stats/positional.csv``; columns
-in :data:`POSITIONAL_COLUMNS`.
+Output: :func:`positional_tables`, written as ``results/<suite>/stats/positional_run_step.csv``
+and ``positional_size_step.csv``; columns in :data:`POSITIONAL_COLUMNS`, defined in
+``docs/outputs.md``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import entropy, monte_carlo_test
 
-from mechgen.developmental import trajectories
 from mechgen.functional import finite_heads, with_nullable_ints
 from mechgen.tables import validate_heads
 
@@ -71,41 +71,18 @@ DEFAULT_N_PERMUTATIONS = 9999
 """Monte Carlo draws of the layer-agreement null."""
 
 POSITIONAL_COLUMNS = {
-    "level": "'run_step': one row per run x checkpoint (the strongest head); "
-    "'size_step': one row per model size x checkpoint (cross-seed agreement)",
-    "suite": "suite name",
-    "model": "model (size label with the suite prefix)",
-    "size": "bare size label",
-    "seed": "run_step: the run's seed",
-    "run": "run_step: the run id",
-    "n_params": "parameters of the model",
-    "n_layers": "layers of the model",
-    "n_heads": "heads per layer",
-    "step": "the checkpoint's optimiser step",
-    "tokens_seen": "tokens seen at that step",
-    "is_final_step": "the step is the last one of the run (run_step) / of every run of the size",
-    "metric": "the per-head score analysed",
-    "strongest_layer": "run_step: 0-indexed layer of the head with the largest metric",
-    "strongest_head": "run_step: 0-indexed head (within its layer) of that head",
-    "strongest_value": "run_step: its metric value",
-    "rel_depth": "run_step: (strongest_layer + 1) / n_layers, 1/n_layers..1",
-    "n_seeds": "size_step: seeds with a strongest head at that step",
-    "modal_layer": "size_step: the most common strongest_layer (ties: the lowest)",
-    "modal_share": "size_step: count of modal_layer / n_seeds",
-    "entropy_nats": "size_step: Shannon entropy of the strongest_layer distribution, nats",
-    "mean_rel_depth": "size_step: mean rel_depth over seeds",
-    "sd_rel_depth": "size_step: sample SD of rel_depth over seeds",
-    "mean_abs_layer_diff": "size_step: mean over seed pairs of |layer_i - layer_j|, layers",
-    "null_mean_abs_layer_diff": "size_step: mean of the same under the uniform-layer null",
-    "p_value": "size_step: Monte Carlo P(null <= observed), one-sided",
-    "n_permutations": "size_step: Monte Carlo draws of the null",
-    "same_layer_fraction": "size_step: fraction of seed pairs whose strongest heads share a layer",
-    "head_match_fraction": "size_step: fraction of seed pairs whose strongest heads are matched "
-    "by the head alignment (same layer and aligned to each other)",
-    "head_match_chance": "size_step: same_layer_fraction / n_heads",
-    "alignment_cost": "size_step: the alignment cost used ('euclidean' or 'correlation')",
+    "positional_run_step": ["suite", "model", "size", "seed", "run"]
+    + ["n_params", "n_layers", "n_heads", "step", "tokens_seen", "is_final_step", "metric"]
+    + ["strongest_layer", "strongest_head", "strongest_value", "rel_depth"],
+    "positional_size_step": SIZE_COLUMNS
+    + ["step", "tokens_seen", "is_final_step", "metric", "n_seeds", "modal_layer"]
+    + ["modal_share", "entropy_nats", "mean_rel_depth", "sd_rel_depth", "mean_abs_layer_diff"]
+    + ["null_mean_abs_layer_diff", "p_value", "n_permutations", "same_layer_fraction"]
+    + ["head_match_fraction", "head_match_chance", "alignment_cost"],
 }
-"""Columns of ``positional.csv`` and what they hold; each applies to the levels it names."""
+"""The positional tables (``results/<suite>/stats/<name>.csv``) and their columns, in order:
+the strongest head per run x checkpoint, and the cross-seed agreement per model size x
+checkpoint. Every column is defined in ``docs/outputs.md``."""
 
 
 def relative_depth(
@@ -115,22 +92,22 @@ def relative_depth(
     return (np.asarray(layer) + 1) / np.asarray(n_layers)
 
 
-def strongest_heads(heads: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per run and step: the head with the largest ``metric`` and its relative depth.
+def strongest_heads(trajectory: pd.DataFrame) -> pd.DataFrame:
+    """Per run and step: the head with the largest metric and its relative depth.
 
-    The argmax of :func:`mechgen.developmental.trajectories` (non-finite or flagged heads left
-    out; ties to the lowest layer, then head), with columns renamed for this table:
+    ``trajectory`` is the max-over-heads table of one metric
+    (:func:`mechgen.developmental.trajectories`, ``trajectories.parquet``: non-finite or flagged
+    heads left out; ties to the lowest layer, then head), with columns renamed for this table:
     ``strongest_layer``, ``strongest_head``, ``strongest_value``, plus ``rel_depth`` and
     ``is_final_step`` (the run's last step).
     """
-    trajectory = trajectories(heads, metric)
     table = trajectory.rename(
         columns={
             "argmax_layer": "strongest_layer",
             "argmax_head": "strongest_head",
             "value": "strongest_value",
         }
-    ).drop(columns=["metric"])
+    )
     table["rel_depth"] = relative_depth(table["strongest_layer"], table["n_layers"])
     table["is_final_step"] = table["step"] == table.groupby("run")["step"].transform("max")
     return table.sort_values(["n_params", "model", "seed", "step"], kind="stable").reset_index(
@@ -292,21 +269,28 @@ def align_heads(
     return {int(h_a): int(h_b) for h_a, h_b in enumerate(match)}
 
 
-def positional_table(
+def positional_tables(
     heads: pd.DataFrame,
-    metric: str,
+    trajectory: pd.DataFrame,
     n_permutations: int = DEFAULT_N_PERMUTATIONS,
     seed: int = 0,
     cost: AlignmentCost = "euclidean",
-) -> pd.DataFrame:
-    """``positional.csv``: strongest heads per run x step and cross-seed agreement per size x step.
+) -> dict[str, pd.DataFrame]:
+    """The strongest head per run x step and the cross-seed agreement per size x step.
 
-    The two tables are stacked and told apart by ``level`` ('run_step', 'size_step'); see
+    ``trajectory``: the max-over-heads table of the analysed metric
+    (:func:`mechgen.developmental.trajectories` of ``heads``); its ``metric`` is the per-head
+    column of ``heads`` the head alignment compares. Returns the tables keyed by the names of
     :data:`POSITIONAL_COLUMNS`. The Monte Carlo null of the i-th size x step row (sizes by
     n_params, then steps) is drawn from ``numpy.random.default_rng([seed, i])``, so a rerun
     with the same ``seed`` reproduces every p-value.
     """
-    strongest = strongest_heads(heads, metric)
+    metrics = trajectory["metric"].unique()
+    if len(metrics) != 1:
+        raise ValueError(f"the trajectory table must hold one metric, got {list(metrics)}")
+    metric = str(metrics[0])
+    validate_heads(heads, metric)
+    strongest = strongest_heads(trajectory)
     alignments = _size_alignments(heads, metric, cost)
     size_rows = []
     for group_index, ((_, step), group) in enumerate(
@@ -324,6 +308,7 @@ def positional_table(
                 "step": int(step),
                 "tokens_seen": first["tokens_seen"],
                 "is_final_step": bool(group["is_final_step"].all()),
+                "metric": metric,
                 **agreement,
                 "mean_rel_depth": float(group["rel_depth"].mean()),
                 "sd_rel_depth": float(group["rel_depth"].std(ddof=1)) if len(group) > 1 else np.nan,
@@ -334,17 +319,13 @@ def positional_table(
                 "alignment_cost": cost,
             }
         )
-    table = pd.concat(
-        [strongest.assign(level="run_step"), pd.DataFrame(size_rows).assign(level="size_step")],
-        ignore_index=True,
-    )
-    table["metric"] = metric
-    table = with_nullable_ints(
-        table,
-        ["seed", "step", "tokens_seen", "strongest_layer", "strongest_head"]
-        + ["n_seeds", "modal_layer", "n_permutations"],
-    )
-    return table[[col for col in POSITIONAL_COLUMNS if col in table.columns]]
+    size_step = pd.DataFrame(size_rows, columns=POSITIONAL_COLUMNS["positional_size_step"])
+    return {
+        "positional_run_step": strongest[POSITIONAL_COLUMNS["positional_run_step"]],
+        "positional_size_step": with_nullable_ints(
+            size_step, ["step", "tokens_seen", "n_seeds", "modal_layer", "n_permutations"]
+        ),
+    }
 
 
 def _size_alignments(

@@ -67,7 +67,6 @@ from mechgen.developmental import (
     infer_tokens_per_step,
     log_step,
     per_seed_from_trajectories,
-    trajectories,
 )
 from mechgen.tables import drop_nonfinite_heads, validate_heads
 
@@ -676,16 +675,18 @@ def per_model_summary(
 
 def analyze(
     heads: pd.DataFrame,
-    metric: str = "one_back",
+    traj: pd.DataFrame,
     thresholds: np.ndarray = DEFAULT_THRESHOLDS,
     tokens_per_step: int | None = None,
     bootstrap_cfg: dict[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """The developmental, convergence and statistics results of one suite.
 
-    Returns DataFrames keyed by the file stem the lead writes to ``results/<suite>/stats/``:
+    ``traj`` is the suite's trajectories table (:func:`mechgen.developmental.trajectories` of
+    ``heads``, ``trajectories.parquet``): per run and step the max over heads of one metric,
+    the metric every analysis here uses. Returns DataFrames keyed by the file stem the rule
+    writes to ``results/<suite>/stats/``:
 
-    - ``trajectories``: per run and step, the max of ``metric`` over heads (schema.TRAJECTORY_COLUMNS).
     - ``per_seed``: one row per run (:func:`mechgen.developmental.per_seed_from_trajectories`).
     - ``per_model``: per size, means with bootstrap CIs, within/between r, MDS separation
       (:func:`per_model_summary`).
@@ -693,23 +694,29 @@ def analyze(
       models, the time model, the prop_layer model and the two correlation regressions.
     - ``convergence``: the long table of ordered run pairs with Pearson r
       (:func:`mechgen.convergence.pairwise_correlations`; the matrix is ``correlation_matrix``).
-    - ``correlation_matrix``: the (run x run) Pearson r, runs as a ``run`` column + one column per run.
-    - ``mds``: classical MDS coordinates of the runs on 1 - r (k = 2).
-    - ``convergence_overall``: mean/sd of r over all within-size and all between-size pairs.
+    - ``mds``: classical MDS coordinates of the runs on 1 - r (k = 2;
+      :func:`mechgen.convergence.mds_coordinates`).
+    - ``correlation_matrix``: the (run x run) Pearson r, runs as a ``run`` column + one column
+      per run (not written by the pipeline: the figures pivot ``convergence``).
+    - ``convergence_overall``: mean/sd of r over all within-size and all between-size pairs
+      (not written by the pipeline either).
 
     Fewer than 2 runs or 3 shared checkpoints (or 3 runs for MDS) leave the convergence tables
     empty (and their per_model columns NaN), with a warning; models
     that cannot be fitted (e.g. one seed) are rows with ``skipped: <reason>`` in ``note``.
     """
+    metrics = traj["metric"].unique() if "metric" in traj.columns else []
+    if len(metrics) != 1:
+        raise ValueError(f"the trajectory table must hold exactly one metric, got {list(metrics)}")
+    metric = str(metrics[0])
     validate_heads(heads, metric, min_checkpoints=2)
     if tokens_per_step is None:
         tokens_per_step = infer_tokens_per_step(heads)
-    traj = trajectories(heads, metric)
     per_seed = per_seed_from_trajectories(traj, thresholds, tokens_per_step)
 
     pairs = pd.DataFrame(columns=convergence.PAIR_COLUMNS)
     corr = pd.DataFrame()
-    mds = pd.DataFrame()
+    mds = pd.DataFrame(columns=convergence.MDS_COLUMNS)
     separation = pd.DataFrame()
     overall = pd.DataFrame()
     correlation_fits = pd.DataFrame(columns=REGRESSION_COLUMNS)
@@ -730,14 +737,13 @@ def analyze(
     regressions = pd.concat([fit.table() for fit in fits] + [correlation_fits], ignore_index=True)
     per_model = per_model_summary(per_seed, pairs, separation, bootstrap_cfg)
     return {
-        "trajectories": traj,
         "per_seed": per_seed,
         "per_model": per_model,
         "regressions": regressions,
         "convergence": pairs,
+        "mds": mds,
         "correlation_matrix": corr.rename_axis(index="run", columns=None).reset_index()
         if len(corr)
         else corr,
-        "mds": mds,
         "convergence_overall": overall,
     }

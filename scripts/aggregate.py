@@ -9,20 +9,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import setup_logging  # noqa: E402
 
 from mechgen.aggregate import concat_head_tables, read_sidecars  # noqa: E402
-from mechgen.atomic import atomic_path  # noqa: E402
+from mechgen.outputs import write_csv, write_parquet
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)
 tables = list(sm.input)
 heads = concat_head_tables(tables)
-with atomic_path(sm.output.heads) as tmp:
-    heads.to_parquet(tmp, index=False)
+write_parquet(heads, sm.output.heads)
 jobs = read_sidecars([str(Path(t).with_suffix(".json")) for t in tables])
-with atomic_path(sm.output.checkpoints) as tmp:
-    jobs.to_csv(tmp, index=False)
+write_csv(jobs, sm.output.checkpoints)
 missing = jobs[jobs["status"] == "missing"][["run", "step", "repo_id", "revision", "reason"]]
-with atomic_path(sm.output.missing) as tmp:
-    missing.to_csv(tmp, index=False)
+write_csv(missing, sm.output.missing)
 if len(missing):
     log.warning("%d checkpoints are missing on the hub; see %s", len(missing), sm.output.missing)
 nonfinite = int(heads["nonfinite"].sum()) if "nonfinite" in heads else 0

@@ -1,16 +1,18 @@
 """Snakemake script of rule `analyze`: every statistics table of a suite.
 
-Inputs: ``heads`` (heads.parquet) and ``tokens`` (the eval token files
-``results/<suite>/eval/tokens/<run>.json``; none for a suite imported from published tables).
-Params: ``metric``, ``thresholds`` {start, stop, step}, ``functional_multiple``,
+Inputs: ``heads`` (heads.parquet), ``trajectories`` (trajectories.parquet, rule
+`trajectories`: the max over heads of ``analysis.metric``, which every analysis here uses) and
+``tokens`` (the eval token files ``results/<suite>/eval/tokens/<run>.json``; none for a suite
+imported from published tables).
+Params: ``thresholds`` {start, stop, step}, ``functional_multiple``,
 ``bootstrap`` {n_resamples, seed, confidence}, ``tokens_per_step``; optional ``positional``
 {n_permutations (default 9999), alignment_cost ('euclidean' or 'correlation')}.
-Outputs (``results/<suite>/stats/``): ``per_seed``, ``per_model``, ``regressions``,
-``convergence`` (from :func:`mechgen.stats.analyze`), ``functional``
-(:func:`mechgen.functional.functional_table`) and ``positional``
-(:func:`mechgen.positional.positional_table`). Any further key of ``stats.analyze``'s result
-(``trajectories``, ``correlation_matrix``, ``mds``, ``convergence_overall``) is written too when
-the rule declares an output of that name.
+Outputs (``results/<suite>/stats/<name>.csv``, columns in docs/outputs.md): ``per_seed``,
+``per_model``, ``regressions``, ``convergence``, ``mds`` (:func:`mechgen.stats.analyze`),
+``functional_run_step``, ``functional_run``, ``functional_size``
+(:func:`mechgen.functional.functional_tables`), ``positional_run_step`` and
+``positional_size_step`` (:func:`mechgen.positional.positional_tables`). Every output the rule
+declares must be one of these tables.
 """
 
 import sys
@@ -24,8 +26,8 @@ import pandas as pd
 from _common import setup_logging
 
 from mechgen import functional, positional, stats
-from mechgen.atomic import atomic_path
 from mechgen.developmental import onset_thresholds
+from mechgen.outputs import write_csv
 
 
 def uniform_baseline(
@@ -44,42 +46,46 @@ def main(sm: Any) -> None:
     """Run the analyses and write every output of the rule (``sm`` is Snakemake's object)."""
     log = setup_logging(sm)
     heads = pd.read_parquet(sm.input.heads)
-    metric = str(sm.params.metric)
+    traj = pd.read_parquet(sm.input.trajectories)
     bootstrap_cfg = dict(sm.params.bootstrap or {})
     log.info(
         "%d head rows, %d runs, %d checkpoints; metric %s",
         len(heads),
         heads["run"].nunique() if "run" in heads else 0,
         heads["step"].nunique() if "step" in heads else 0,
-        metric,
+        ", ".join(map(str, traj["metric"].unique())) if "metric" in traj else "?",
     )
     try:
         results = stats.analyze(
             heads,
-            metric,
+            traj,
             thresholds=onset_thresholds(**sm.params.thresholds),
             tokens_per_step=int(sm.params.tokens_per_step),
             bootstrap_cfg=bootstrap_cfg,
         )
         baseline, baseline_source = uniform_baseline(heads, list(sm.input.tokens))
         # The 1-back criterion is defined on one_back whatever metric the other axes analyse.
-        results["functional"] = functional.functional_table(
-            heads,
-            baseline,
-            baseline_source,
-            multiple=float(sm.params.functional_multiple),
-            confidence=float(bootstrap_cfg.get("confidence", 0.95)),
+        results.update(
+            functional.functional_tables(
+                heads,
+                baseline,
+                baseline_source,
+                multiple=float(sm.params.functional_multiple),
+                confidence=float(bootstrap_cfg.get("confidence", 0.95)),
+            )
         )
         # Optional param `positional` {n_permutations, alignment_cost}; defaults otherwise.
         positional_cfg = dict(sm.params.get("positional") or {})
-        results["positional"] = positional.positional_table(
-            heads,
-            metric,
-            n_permutations=int(
-                positional_cfg.get("n_permutations", positional.DEFAULT_N_PERMUTATIONS)
-            ),
-            seed=int(bootstrap_cfg.get("seed", 0)),
-            cost=positional_cfg.get("alignment_cost", "euclidean"),
+        results.update(
+            positional.positional_tables(
+                heads,
+                traj,
+                n_permutations=int(
+                    positional_cfg.get("n_permutations", positional.DEFAULT_N_PERMUTATIONS)
+                ),
+                seed=int(bootstrap_cfg.get("seed", 0)),
+                cost=positional_cfg.get("alignment_cost", "euclidean"),
+            )
         )
     except ValueError as exc:
         # Bad input (missing columns, a single checkpoint, ...): the message names the problem.
@@ -89,14 +95,12 @@ def main(sm: Any) -> None:
         log.warning(
             "a single seed: the mixed models with a seed intercept are skipped (see regressions.csv)"
         )
-    for name, table in results.items():
-        path = sm.output.get(name)
-        if path is None:
-            log.info("%s: not an output of this rule, not written", name)
-            continue
-        with atomic_path(path) as tmp:
-            table.to_csv(tmp, index=False)
-        log.info("%s: %d rows -> %s", name, len(table), path)
+    unknown = sorted(set(sm.output.keys()) - set(results))
+    if unknown:
+        raise ValueError(f"rule outputs no analysis computes: {', '.join(unknown)}")
+    for name, path in sm.output.items():
+        write_csv(results[name], path)
+        log.info("%s: %d rows -> %s", name, len(results[name]), path)
 
 
 if "snakemake" in globals():

@@ -1,8 +1,9 @@
 """Snakemake script of rule `figures`: the six figures of a suite (300-dpi PNG).
 
-Inputs: ``heads`` (heads.parquet) and the stats CSVs ``per_seed``, ``per_model``,
-``convergence``, ``functional``, ``positional`` (rule `analyze`); optionally ``trajectories``
-(trajectories.csv) and ``mds``, read instead of recomputed when the rule provides them.
+Inputs: ``heads`` (heads.parquet), ``trajectories`` (trajectories.parquet, rule
+`trajectories`) and the stats CSVs of rule `analyze` (``per_seed``, ``per_model``,
+``convergence``, ``mds``, ``functional_run_step``, ``functional_run``, ``functional_size``,
+``positional_size_step``, ...); every table is read, none recomputed.
 Params: ``metric``. Outputs: ``trajectories``, ``layer_heatmap``, ``size_effects``,
 ``correlation_matrix``, ``mds``, ``functional_heads`` (see :mod:`mechgen.figures`). A figure
 that cannot exist for this suite (e.g. correlations with a single run) is a placeholder that
@@ -16,20 +17,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import convergence, figures
-from mechgen.developmental import trajectories
-
-
-def read_csv(path: str) -> pd.DataFrame:
-    """A stats CSV; an empty file (a table with no rows and no columns) is an empty DataFrame."""
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
+from mechgen import figures
+from mechgen.outputs import read_csv
 
 
 def one_back_baseline(functional_table: pd.DataFrame) -> float | None:
@@ -46,20 +38,21 @@ def main(sm: Any) -> None:
     per_seed = read_csv(sm.input.per_seed)
     per_model = read_csv(sm.input.per_model)
     pairs = read_csv(sm.input.convergence)
-    functional_table = read_csv(sm.input.functional)
-    positional_table = read_csv(sm.input.positional)
-    traj = (
-        read_csv(sm.input.trajectories)
-        if sm.input.get("trajectories")
-        else trajectories(heads, metric)
-    )
+    functional_run_step = read_csv(sm.input.functional_run_step)
+    functional_run = read_csv(sm.input.functional_run)
+    functional_size = read_csv(sm.input.functional_size)
+    positional_size_step = read_csv(sm.input.positional_size_step)
+    traj = pd.read_parquet(sm.input.trajectories)
+    coords = read_csv(sm.input.mds)
 
     # The dashed uniform line is the one_back baseline: only meaningful on the one_back axis.
-    baseline = one_back_baseline(functional_table) if metric == "one_back" else None
+    baseline = one_back_baseline(functional_run) if metric == "one_back" else None
     figures.plot_trajectories(traj, sm.output.trajectories, metric, baseline)
-    figures.plot_layer_heatmap(heads, sm.output.layer_heatmap, metric, positional=positional_table)
+    figures.plot_layer_heatmap(
+        heads, sm.output.layer_heatmap, metric, positional=positional_size_step
+    )
     figures.plot_size_effects(per_seed, per_model, sm.output.size_effects, metric)
-    figures.plot_functional_heads(functional_table, sm.output.functional_heads)
+    figures.plot_functional_heads(functional_run_step, functional_size, sm.output.functional_heads)
 
     if pairs.empty:
         reason = "No trajectory correlations: the suite has a single run."
@@ -69,9 +62,6 @@ def main(sm: Any) -> None:
         return
     corr = figures.correlation_from_pairs(pairs)
     figures.plot_correlation_matrix(corr, per_seed, sm.output.correlation_matrix)
-    coords = read_csv(sm.input.mds) if sm.input.get("mds") else pd.DataFrame()
-    if coords.empty and len(corr) >= 3 and np.isfinite(corr.to_numpy()).all():
-        coords = convergence.mds_coordinates(corr, traj)
     if coords.empty:
         reason = "No MDS: it needs at least 3 runs, each with a non-constant trajectory."
         figures.placeholder_figure(sm.output.mds, reason)

@@ -3,11 +3,13 @@
 Inputs: ``heads`` (heads.parquet, with the ``induction`` column) and ``circuits`` (every
 ``scores/<run>/step<N>.circuit.npz``). Params: ``thresholds`` {start, stop, step} (the onset
 thresholds of the analysis), ``analysis`` {n_null, seed, confidence} (``relational.analysis``).
-Outputs (``results/<suite>/stats/``; columns documented in :mod:`mechgen.circuit`):
+Outputs (``results/<suite>/stats/<name>.csv``; columns in docs/outputs.md):
 ``relational`` (per run: :func:`mechgen.circuit.relational_table`), ``relational_sizes``
 (per size and relation, Wilson CI), ``relational_regressions`` (mixed models on
 log10(n_params)), ``configurational`` (per ordered pair of runs) and
-``configurational_stability`` (per run and consecutive checkpoints).
+``configurational_stability`` (per run and consecutive checkpoints); and ``trajectories``
+(``results/<suite>/relational_trajectories.parquet``: the max-over-heads trajectories of
+:data:`TRAJECTORY_METRICS` present in ``heads``, stacked, for rule `relational_figures`).
 """
 
 import sys
@@ -21,8 +23,11 @@ import pandas as pd
 from _common import setup_logging
 
 from mechgen import circuit
-from mechgen.atomic import atomic_path
-from mechgen.developmental import onset_thresholds
+from mechgen.developmental import onset_thresholds, trajectories
+from mechgen.outputs import write_csv, write_parquet
+
+TRAJECTORY_METRICS = ("one_back", "induction", "induction_control")
+"""The per-head scores whose max-over-heads trajectories the relational figure draws."""
 
 
 def main(sm: Any) -> None:
@@ -48,9 +53,14 @@ def main(sm: Any) -> None:
         "configurational_stability": circuit.stability_table(heads, circuits),
     }
     for name, table in outputs.items():
-        with atomic_path(sm.output[name]) as tmp:
-            table.to_csv(tmp, index=False)
+        write_csv(table, sm.output[name])
         log.info("%s: %d rows -> %s", name, len(table), sm.output[name])
+    traj = pd.concat(
+        [trajectories(heads, metric) for metric in TRAJECTORY_METRICS if metric in heads],
+        ignore_index=True,
+    )
+    write_parquet(traj, sm.output.trajectories)
+    log.info("trajectories of %s -> %s", ", ".join(traj["metric"].unique()), sm.output.trajectories)
 
 
 if "snakemake" in globals():

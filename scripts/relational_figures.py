@@ -1,6 +1,6 @@
 """Snakemake script of rule `relational_figures`: the relational and configurational figures.
 
-Inputs: ``heads`` (heads.parquet) and the CSVs of rule `relational`. Params: ``half_length``
+Inputs: ``trajectories`` (relational_trajectories.parquet) and the CSVs of rule `relational`. Params: ``half_length``
 (L of the repeated sequences, for the uniform-attention induction level). Outputs:
 ``relational_trajectories``, ``onset_lag``, ``ablation``, ``configurational`` (see
 :mod:`mechgen.figures`); a figure that cannot exist (e.g. no pair of runs) is a placeholder
@@ -18,29 +18,22 @@ import pandas as pd
 from _common import setup_logging
 
 from mechgen import figures
-from mechgen.developmental import trajectories
-
-
-def read_csv(path: str) -> pd.DataFrame:
-    """A stats CSV; an empty file is an empty DataFrame."""
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
+from mechgen.outputs import read_csv
 
 
 def main(sm: Any) -> None:
     """Draw every figure of the rule (``sm`` is Snakemake's object)."""
     log = setup_logging(sm)
-    heads = pd.read_parquet(sm.input.heads)
+    traj = pd.read_parquet(sm.input.trajectories)
+    by_metric = {metric: rows for metric, rows in traj.groupby("metric", sort=False)}
     relational = read_csv(sm.input.relational)
     configurational = read_csv(sm.input.configurational)
     figures.plot_relational_trajectories(
-        trajectories(heads, "one_back"),
-        trajectories(heads, "induction"),
+        by_metric["one_back"],
+        by_metric["induction"],
         sm.output.relational_trajectories,
         figures.uniform_induction_baseline(int(sm.params.half_length)),
-        trajectories(heads, "induction_control") if "induction_control" in heads else None,
+        by_metric.get("induction_control"),
     )
     if relational.empty:
         for name in ("onset_lag", "ablation"):

@@ -20,6 +20,7 @@ from PIL import Image
 from snakemake.iocontainers import Namedlist
 
 from mechgen import convergence, figures, functional, positional, stats
+from mechgen.developmental import trajectories
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = (0, 1, 2, 4, 8, 16, 32)
@@ -73,7 +74,9 @@ def heads() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def results(heads: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    return stats.analyze(heads, "one_back", tokens_per_step=64, bootstrap_cfg={"n_resamples": 200})
+    traj = trajectories(heads, "one_back")
+    results = stats.analyze(heads, traj, tokens_per_step=64, bootstrap_cfg={"n_resamples": 200})
+    return {**results, "trajectories": traj}
 
 
 def lines_by_gid(ax) -> dict[str, object]:
@@ -116,7 +119,9 @@ def test_trajectories_figure(tmp_path: Path, results) -> None:
 
 def test_layer_heatmap_figure(tmp_path: Path, heads: pd.DataFrame) -> None:
     path = tmp_path / "layer_heatmap.png"
-    table = positional.positional_table(heads, "one_back", n_permutations=99)
+    table = positional.positional_tables(heads, trajectories(heads, "one_back"), n_permutations=99)[
+        "positional_size_step"
+    ]
     fig = figures.plot_layer_heatmap(heads, path, "one_back", positional=table)
     check_png(path)
     panels = [ax for ax in fig.axes if ax.images]
@@ -194,11 +199,11 @@ def test_mds_figure(tmp_path: Path, results) -> None:
 
 
 def test_functional_heads_figure(tmp_path: Path, heads: pd.DataFrame) -> None:
-    table = functional.functional_table(heads, 0.125, "token_lengths", multiple=2.0)
+    tables = functional.functional_tables(heads, 0.125, "token_lengths", multiple=2.0)
     path = tmp_path / "functional_heads.png"
-    fig = figures.plot_functional_heads(table, path)
+    counts, sizes = tables["functional_run_step"], tables["functional_size"]
+    fig = figures.plot_functional_heads(counts, sizes, path)
     check_png(path)
-    counts = table[table["level"] == "run_step"]
     for ax in fig.axes:
         model = ax.get_title().split(" ")[0]
         run_lines = {g[4:]: line for g, line in lines_by_gid(ax).items() if g.startswith("run:")}
@@ -208,7 +213,7 @@ def test_functional_heads_figure(tmp_path: Path, heads: pd.DataFrame) -> None:
             rows = heads[heads["run"] == run]
             expected = [int((rows.loc[rows["step"] == s, "one_back"] > 0.25).sum()) for s in STEPS]
             np.testing.assert_array_equal(line.get_ydata(), expected)
-        size_row = table[(table["level"] == "size") & (table["model"] == model)].iloc[0]
+        size_row = sizes[sizes["model"] == model].iloc[0]
         assert (
             f"{int(size_row['n_runs_functional'])}/{int(size_row['n_runs'])} seeds"
             in ax.get_title()
@@ -255,7 +260,7 @@ def test_captions_render() -> None:
     assert "toy" in workflow and "one_back" in workflow
 
 
-@pytest.mark.parametrize("name", ["analyze", "figures"])
+@pytest.mark.parametrize("name", ["analyze", "figures", "trajectories"])
 def test_script_runs_after_snakemake_preamble(name: str) -> None:
     # Snakemake runs a `script:` with its own preamble (defining `snakemake`) prepended, so a
     # script must stay valid Python after other statements, e.g. no `from __future__` import.
@@ -270,20 +275,46 @@ def load_script(name: str):
     return module
 
 
-STATS = ["per_seed", "per_model", "regressions", "convergence", "functional", "positional"]
+def declared_stats() -> list[str]:
+    """The stats tables rule `analyze` declares (workflow/rules/common.smk, STATS)."""
+    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    block = re.search(r"^STATS = \[(.*?)\]", text, re.DOTALL | re.MULTILINE)
+    assert block, "common.smk has no STATS list"
+    return re.findall(r'"(\w+)"', block.group(1))
 
 
-def run_scripts(tmp_path: Path, heads: pd.DataFrame, token_files: list[str]) -> dict[str, Path]:
+def run_scripts(
+    tmp_path: Path,
+    heads: pd.DataFrame,
+    token_files: list[str],
+    before_analyze=lambda: None,
+    before_figures=lambda: None,
+) -> dict[str, Path]:
+    """Run the scripts of rules trajectories, analyze and figures as Snakemake would, each
+    reading the files the previous one wrote; ``before_*`` run just before those scripts."""
     heads_path = tmp_path / "heads.parquet"
     heads.to_parquet(heads_path)
-    stats_paths = {name: str(tmp_path / "stats" / f"{name}.csv") for name in STATS}
+    traj_paths = {
+        "parquet": str(tmp_path / "trajectories.parquet"),
+        "csv": str(tmp_path / "trajectories.csv"),
+    }
+    load_script("trajectories").main(
+        SimpleNamespace(
+            input=Namedlist(fromdict={"heads": str(heads_path)}),
+            output=Namedlist(fromdict=traj_paths),
+            params=Namedlist(fromdict={"metric": "one_back"}),
+            log=[str(tmp_path / "trajectories.log")],
+            rule="trajectories",
+        )
+    )
+    stats_paths = {name: str(tmp_path / "stats" / f"{name}.csv") for name in declared_stats()}
     (tmp_path / "stats").mkdir()
+    tables = {"heads": str(heads_path), "trajectories": traj_paths["parquet"]}
     analyze = SimpleNamespace(
-        input=Namedlist(fromdict={"heads": str(heads_path), "tokens": token_files}),
+        input=Namedlist(fromdict={**tables, "tokens": token_files}),
         output=Namedlist(fromdict=stats_paths),
         params=Namedlist(
             fromdict={
-                "metric": "one_back",
                 "thresholds": {"start": 0.01, "stop": 0.3, "step": 0.01},
                 "functional_multiple": 2.0,
                 "bootstrap": {"n_resamples": 100, "seed": 0, "confidence": 0.95},
@@ -294,20 +325,65 @@ def run_scripts(tmp_path: Path, heads: pd.DataFrame, token_files: list[str]) -> 
         log=[str(tmp_path / "analyze.log")],
         rule="analyze",
     )
+    before_analyze()
     load_script("analyze").main(analyze)
     figure_paths = {name: str(tmp_path / "figures" / f"{name}.png") for name in declared_figures()}
     draw = SimpleNamespace(
-        input=Namedlist(fromdict={"heads": str(heads_path), "tokens": token_files, **stats_paths}),
+        input=Namedlist(fromdict={**tables, "tokens": token_files, **stats_paths}),
         output=Namedlist(fromdict=figure_paths),
         params=Namedlist(fromdict={"metric": "one_back", "functional_multiple": 2.0}),
         log=[str(tmp_path / "figures.log")],
         rule="figures",
     )
+    before_figures()
     load_script("figures").main(draw)
     return {
-        **{k: Path(v) for k, v in stats_paths.items()},
+        **{f"stats/{k}": Path(v) for k, v in stats_paths.items()},
         **{k: Path(v) for k, v in figure_paths.items()},
+        "trajectories_table": Path(traj_paths["parquet"]),
     }
+
+
+def test_analyze_and_figures_read_trajectories_and_mds(
+    tmp_path: Path, heads: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The max-over-heads table is computed by rule `trajectories` only, the MDS coordinates by
+    # rule `analyze` only: computing either again in a later script raises.
+    import sys
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{name} recomputed instead of read from its table")
+
+        return fail
+
+    def patch_everywhere(function, name):
+        for module in list(sys.modules.values()):
+            if (getattr(module, "__name__", "") or "").startswith(("mechgen", "script_")):
+                for attr, value in list(vars(module).items()):
+                    if value is function:
+                        monkeypatch.setattr(module, attr, forbidden(name))
+
+    from mechgen import developmental
+
+    real_trajectories, real_mds = developmental.trajectories, convergence.mds_coordinates
+    paths = run_scripts(
+        tmp_path,
+        heads,
+        [],
+        before_analyze=lambda: patch_everywhere(real_trajectories, "trajectories"),
+        before_figures=lambda: patch_everywhere(real_mds, "mds_coordinates"),
+    )
+    monkeypatch.undo()
+    # What analyze wrote is MDS of the trajectories the first script wrote, to 6 digits.
+    traj = pd.read_parquet(paths["trajectories_table"])
+    expected = convergence.mds_coordinates(convergence.correlation_matrix(traj), traj)
+    written = pd.read_csv(paths["stats/mds"])
+    assert list(written.columns) == convergence.MDS_COLUMNS
+    np.testing.assert_allclose(
+        written[["mds1", "mds2"]].to_numpy(), expected[["mds1", "mds2"]].to_numpy(), rtol=1e-5
+    )
+    check_png(paths["mds"])
 
 
 def test_scripts_end_to_end(tmp_path: Path, heads: pd.DataFrame) -> None:
@@ -317,13 +393,18 @@ def test_scripts_end_to_end(tmp_path: Path, heads: pd.DataFrame) -> None:
         path.write_text(json.dumps({"token_ids": [[1, 2, 3]] * 4}))  # baseline (1/2 + 1/3) / 2
         token_files.append(str(path))
     paths = run_scripts(tmp_path, heads, token_files)
-    functional_csv = pd.read_csv(paths["functional"])
-    assert functional_csv["baseline"].dropna().unique() == pytest.approx([(1 / 2 + 1 / 3) / 2])
-    assert set(functional_csv["baseline_source"]) == {"token_lengths"}
-    positional_csv = pd.read_csv(paths["positional"])
-    assert set(positional_csv["level"]) == {"run_step", "size_step"}
-    assert set(positional_csv["n_permutations"].dropna()) == {199}
-    regressions = pd.read_csv(paths["regressions"])
+    for name in ("functional_run_step", "functional_run", "functional_size"):
+        functional_csv = pd.read_csv(paths[f"stats/{name}"])
+        # The CSV carries 6 significant digits.
+        assert functional_csv["baseline"].unique() == pytest.approx([(1 / 2 + 1 / 3) / 2], rel=1e-5)
+        assert set(functional_csv["baseline_source"]) == {"token_lengths"}
+    # Every row of a table is of its own level: no column is empty throughout.
+    run_step = pd.read_csv(paths["stats/positional_run_step"])
+    assert len(run_step) == heads.groupby(["run", "step"]).ngroups
+    size_step = pd.read_csv(paths["stats/positional_size_step"])
+    assert len(size_step) == heads.groupby(["model", "step"]).ngroups
+    assert set(size_step["n_permutations"]) == {199}
+    regressions = pd.read_csv(paths["stats/regressions"])
     assert "prop_layer" in set(regressions["analysis"])
     for name in declared_figures():
         check_png(paths[name])
@@ -332,16 +413,17 @@ def test_scripts_end_to_end(tmp_path: Path, heads: pd.DataFrame) -> None:
 def test_scripts_single_seed(tmp_path: Path) -> None:
     heads = synthetic_heads(seeds=(1,))
     paths = run_scripts(tmp_path, heads, token_files=[])
-    regressions = pd.read_csv(paths["regressions"])
+    regressions = pd.read_csv(paths["stats/regressions"])
     seed_models = regressions[
         regressions["analysis"].isin(["peak_size", "slope_size", "onset_size"])
     ]
     assert seed_models["note"].str.startswith("skipped").all()
     # No token files: the step-0 median head is the baseline.
-    functional_csv = pd.read_csv(paths["functional"])
+    functional_csv = pd.read_csv(paths["stats/functional_run"])
     assert set(functional_csv["baseline_source"]) == {"step0_median"}
     expected = np.median(heads.loc[heads["step"] == 0, "one_back"])
-    assert functional_csv["baseline"].dropna().unique() == pytest.approx([expected])
+    # The CSV carries 6 significant digits.
+    assert functional_csv["baseline"].unique() == pytest.approx([expected], rel=1e-5)
     # Two runs: correlations exist but MDS (>= 3 runs) does not; its figure says so.
     check_png(paths["correlation_matrix"])
     check_png(paths["mds"])

@@ -167,17 +167,23 @@ def test_fraction_by_size_wilson() -> None:
     assert table["ci_high"] == pytest.approx(centre + half)
 
 
-def test_functional_table_levels() -> None:
+def test_functional_tables_one_level_each() -> None:
     heads = synthetic_heads()
-    table = functional.functional_table(heads, 0.125, "token_lengths", multiple=2.0)
-    assert set(table["level"]) == {"run_step", "run", "size"}
-    assert (table["level"] == "run_step").sum() == heads.groupby(["run", "step"]).ngroups
-    assert (table["level"] == "run").sum() == heads["run"].nunique()
-    sizes = table[table["level"] == "size"].set_index("size")
-    finals = table[table["level"] == "run"].groupby("size")["has_functional_final"].mean()
-    assert sizes["fraction_functional"].to_dict() == pytest.approx(finals.to_dict())
-    assert set(table.columns) <= set(functional.FUNCTIONAL_COLUMNS)
-    assert (table["baseline_source"] == "token_lengths").all()
+    tables = functional.functional_tables(heads, 0.125, "token_lengths", multiple=2.0)
+    assert list(tables) == ["functional_run_step", "functional_run", "functional_size"]
+    for name, table in tables.items():
+        assert list(table.columns) == functional.FUNCTIONAL_COLUMNS[name]
+        assert (table["baseline_source"] == "token_lengths").all()
+    counts, runs, sizes = tables.values()
+    assert len(counts) == heads.groupby(["run", "step"]).ngroups
+    assert len(runs) == heads["run"].nunique()
+    finals = runs.groupby("size")["has_functional_final"].mean()
+    assert sizes.set_index("size")["fraction_functional"].to_dict() == pytest.approx(
+        finals.to_dict()
+    )
+    # A table of one level has no column left empty for another level's rows.
+    for name in ("functional_run_step", "functional_size"):
+        assert tables[name].notna().all().all(), name
 
 
 def test_missing_columns_named() -> None:

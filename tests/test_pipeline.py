@@ -84,7 +84,11 @@ def test_heads_table_matches_brute_force(toy_test_run):
 def test_trajectories_are_the_max_over_heads(toy_test_run):
     res = _results(toy_test_run)
     heads = pd.read_parquet(res / "heads.parquet")
-    traj = pd.read_csv(res / "trajectories.csv")
+    traj = pd.read_parquet(res / "trajectories.parquet")
+    # The CSV for people is the same table to 6 significant digits.
+    people = pd.read_csv(res / "trajectories.csv")
+    assert list(people.columns) == list(traj.columns)
+    np.testing.assert_allclose(people["value"], traj["value"], rtol=5e-6)
     for (run, step), group in heads.groupby(["run", "step"]):
         row = traj[(traj["run"] == run) & (traj["step"] == step)]
         assert len(row) == 1

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from mechgen import positional
+from mechgen.developmental import trajectories
 
 STEPS = (0, 1, 2, 4, 8, 16, 32)
 
@@ -74,7 +75,7 @@ def test_strongest_heads_brute_force() -> None:
     heads.loc[heads.index[5], "one_back"] = 9.0  # a flagged outlier must be ignored
     heads.loc[heads.index[5], "nonfinite"] = True
     with pytest.warns(UserWarning, match="non-finite"):
-        table = positional.strongest_heads(heads, "one_back")
+        table = positional.strongest_heads(trajectories(heads, "one_back"))
     for row in table.itertuples():
         rows = heads[(heads["run"] == row.run) & (heads["step"] == row.step) & ~heads["nonfinite"]]
         best = max(rows.itertuples(), key=lambda r: r.one_back)
@@ -187,8 +188,10 @@ def test_align_heads_skips_nonfinite_steps() -> None:
 def test_positional_table_agreement() -> None:
     # Seeds 1-3 put the strong head in layer 2, seed 4 in layer 0.
     heads = synthetic_heads(strong_layer={4: 0})
-    table = positional.positional_table(heads, "one_back", n_permutations=499, seed=0)
-    final = table[(table["level"] == "size_step") & table["is_final_step"]].iloc[0]
+    traj = trajectories(heads, "one_back")
+    tables = positional.positional_tables(heads, traj, n_permutations=499, seed=0)
+    table = tables["positional_size_step"]
+    final = table[table["is_final_step"]].iloc[0]
     assert final["n_seeds"] == 4
     assert final["modal_layer"] == 2 and final["modal_share"] == pytest.approx(0.75)
     # 6 pairs: 3 within layer 2 (same layer, matched heads), 3 with seed 4 (different layers).
@@ -196,6 +199,8 @@ def test_positional_table_agreement() -> None:
     assert final["head_match_fraction"] == pytest.approx(0.5)
     assert final["head_match_chance"] == pytest.approx(0.5 / 4)
     # Reproducible with the same seed.
-    again = positional.positional_table(heads, "one_back", n_permutations=499, seed=0)
-    pd.testing.assert_frame_equal(table, again)
-    assert set(table.columns) <= set(positional.POSITIONAL_COLUMNS)
+    again = positional.positional_tables(heads, traj, n_permutations=499, seed=0)
+    for name, columns in positional.POSITIONAL_COLUMNS.items():
+        pd.testing.assert_frame_equal(tables[name], again[name])
+        assert list(tables[name].columns) == columns
+    assert len(tables["positional_run_step"]) == len(traj)

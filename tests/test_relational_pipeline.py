@@ -91,8 +91,9 @@ def test_relational_table_agrees_with_a_pandas_max_over_heads(toy_test_run: Path
             final = per_step[per_step["step"] == per_step["step"].max()]
             best[metric] = final.loc[final[metric].idxmax()]
         row = table.loc[run]
+        # The CSV carries 6 significant digits (mechgen.outputs.CSV_FLOAT_FORMAT).
         assert row["lag_steps"] == pytest.approx(
-            onsets["induction"] - onsets["one_back"], nan_ok=True
+            onsets["induction"] - onsets["one_back"], rel=1e-5, nan_ok=True
         )
         assert row["induction_layer"] == best["induction"]["layer"]
         assert row["one_back_layer"] == best["one_back"]["layer"]
@@ -151,10 +152,14 @@ def test_detail_step_and_configurational_outputs(toy_test_run: Path) -> None:
         return float(np.sum(k * l) / np.sqrt(np.sum(k * k) * np.sum(l * l)))
 
     x, y = a["cka_outputs"][0].astype(float), b["cka_outputs"][0].astype(float)
-    assert row["cka"] == pytest.approx(hsic_cka(x, y), rel=1e-6)
+    # The CSV carries 6 significant digits.
+    assert row["cka"] == pytest.approx(hsic_cka(x, y), rel=1e-5)
     null = [hsic_cka(x, other.astype(float)) for other in b["cka_outputs"][1:]]
-    assert row["cka_null_mean"] == pytest.approx(np.mean(null), rel=1e-6)
-    assert row["cka_p"] == pytest.approx((1 + sum(v >= row["cka"] for v in null)) / (1 + len(null)))
+    assert row["cka_null_mean"] == pytest.approx(np.mean(null), rel=1e-5)
+    # The p-value is counted on the full-precision CKA; the CSV's is rounded.
+    assert row["cka_p"] == pytest.approx(
+        (1 + sum(v >= hsic_cka(x, y) for v in null)) / (1 + len(null)), rel=1e-5
+    )
     stability = pd.read_csv(results / "stats" / "configurational_stability.csv")
     assert set(stability["run"]) == set(runs)
 

@@ -23,6 +23,7 @@ import statsmodels.formula.api as smf
 from test_stats import brute_force_fit
 
 from mechgen import stats
+from mechgen.developmental import trajectories
 from mechgen.tables import compare_trott2025, read_trott2025, trott2025_value
 
 DATA = Path(__file__).parent / "data" / "trott2025"
@@ -36,7 +37,8 @@ def heads() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def results(heads: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    return stats.analyze(heads)
+    traj = trajectories(heads, "one_back")
+    return {**stats.analyze(heads, traj), "trajectories": traj}
 
 
 def test_subset_is_small_and_complete(

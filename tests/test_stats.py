@@ -395,7 +395,9 @@ def test_analyze_single_seed_skips_mixed_models_with_reason() -> None:
     heads = make_heads(seeds=(1,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MDS/correlations on 2 runs may warn; not under test
-        results = stats.analyze(heads, bootstrap_cfg={"n_resamples": 100})
+        results = stats.analyze(
+            heads, trajectories(heads, "one_back"), bootstrap_cfg={"n_resamples": 100}
+        )
     regressions = results["regressions"]
     for analysis in ("onset_size", "peak_size", "slope_size", "time"):
         rows = regressions[regressions["analysis"] == analysis]
@@ -409,9 +411,12 @@ def test_analyze_single_seed_skips_mixed_models_with_reason() -> None:
 
 def test_analyze_outputs_and_consistency() -> None:
     heads = make_heads(seeds=(1, 2, 3))
-    results = stats.analyze(heads, bootstrap_cfg={"n_resamples": 200, "seed": 1, "confidence": 0.9})
+    results = stats.analyze(
+        heads,
+        trajectories(heads, "one_back"),
+        bootstrap_cfg={"n_resamples": 200, "seed": 1, "confidence": 0.9},
+    )
     assert {
-        "trajectories",
         "per_seed",
         "per_model",
         "regressions",
@@ -443,7 +448,9 @@ def test_analyze_outputs_and_consistency() -> None:
 def test_analyze_two_checkpoints_skips_convergence_with_warning() -> None:
     heads = make_heads(seeds=(1, 2), steps=(0, 100))
     with pytest.warns(UserWarning, match="no convergence analysis: .*at least 3 checkpoints"):
-        results = stats.analyze(heads, bootstrap_cfg={"n_resamples": 100})
+        results = stats.analyze(
+            heads, trajectories(heads, "one_back"), bootstrap_cfg={"n_resamples": 100}
+        )
     assert results["convergence"].empty and results["mds"].empty
     per_model = results["per_model"]
     assert per_model[["within_r_mean", "between_r_mean", "mds_separation"]].isna().all().all()

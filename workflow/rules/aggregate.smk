@@ -45,7 +45,8 @@ rule trajectories:
     input:
         heads=f"{RES}/heads.parquet",
     output:
-        f"{RES}/trajectories.csv",
+        parquet=f"{RES}/trajectories.parquet",
+        csv=f"{RES}/trajectories.csv",
     params:
         metric=ANALYSIS.get("metric", "one_back"),
     log:

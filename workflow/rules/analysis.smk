@@ -7,11 +7,12 @@ rule analyze:
         "../envs/mechgen.yaml"
     input:
         heads=f"{RES}/heads.parquet",
+        # The max over heads of analysis.metric, computed once by rule `trajectories`.
+        trajectories=f"{RES}/trajectories.parquet",
         tokens=eval_token_files,
     output:
         **{name: f"{RES}/stats/{name}.csv" for name in STATS},
     params:
-        metric=ANALYSIS.get("metric", "one_back"),
         thresholds=ANALYSIS.get("onset_thresholds", {"start": 0.01, "stop": 0.30, "step": 0.01}),
         functional_multiple=ANALYSIS.get("functional_multiple", 2.0),
         bootstrap=ANALYSIS.get("bootstrap", {}),
@@ -28,6 +29,7 @@ rule figures:
         "../envs/mechgen.yaml"
     input:
         heads=f"{RES}/heads.parquet",
+        trajectories=f"{RES}/trajectories.parquet",
         tokens=eval_token_files,
         **{name: f"{RES}/stats/{name}.csv" for name in STATS},
     output:

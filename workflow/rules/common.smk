@@ -92,8 +92,12 @@ STATS = [
     "per_model",
     "regressions",
     "convergence",
-    "functional",
-    "positional",
+    "mds",
+    "functional_run_step",
+    "functional_run",
+    "functional_size",
+    "positional_run_step",
+    "positional_size_step",
 ]
 FIGURES = [
     "trajectories",

@@ -17,6 +17,7 @@ if RELATIONAL_ENABLED:
             circuits=circuit_files(),
         output:
             **{name: f"{RES}/stats/{name}.csv" for name in RELATIONAL_STATS},
+            trajectories=f"{RES}/relational_trajectories.parquet",
         params:
             thresholds=ANALYSIS.get(
                 "onset_thresholds", {"start": 0.01, "stop": 0.30, "step": 0.01}
@@ -32,7 +33,7 @@ if RELATIONAL_ENABLED:
         conda:
             "../envs/mechgen.yaml"
         input:
-            heads=f"{RES}/heads.parquet",
+            trajectories=f"{RES}/relational_trajectories.parquet",
             **{name: f"{RES}/stats/{name}.csv" for name in RELATIONAL_STATS},
         output:
             **{
