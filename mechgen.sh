@@ -19,6 +19,11 @@ cores_args() {
     esac
 }
 
+# Snakemake's message for a YAML error names no file, line or column: check the config files first.
+check_configs() {
+    python -m mechgen check-config config.yaml --snakemake "$@"
+}
+
 setup() {
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
@@ -41,6 +46,7 @@ case "$cmd" in
     run)
         setup
         export PATH="$PWD/$VENV/bin:$PATH"
+        check_configs "$@"
         # shellcheck disable=SC2046
         snakemake $(cores_args "$@") "$@"
         report=$(python -m mechgen report-path "$@")
@@ -50,6 +56,7 @@ case "$cmd" in
     resume)
         setup
         export PATH="$PWD/$VENV/bin:$PATH"
+        check_configs "$@"
         snakemake --unlock "$@"
         # shellcheck disable=SC2046
         snakemake $(cores_args "$@") --rerun-incomplete "$@"

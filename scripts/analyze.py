@@ -3,8 +3,9 @@
 Inputs: ``heads`` (heads.parquet) and ``tokens`` (the eval token files
 ``results/<suite>/eval/tokens/<run>.json``; none for a suite imported from published tables).
 Params: ``metric``, ``thresholds`` {start, stop, step}, ``functional_multiple``,
-``bootstrap`` {n_resamples, seed, confidence}, ``tokens_per_step``; optional ``positional``
-{n_permutations (default 9999), alignment_cost ('euclidean' or 'correlation')}.
+``bootstrap`` {n_resamples, seed, confidence, method}, ``tokens_per_step``, ``positional``
+{n_permutations, alignment_cost ('euclidean' or 'correlation')}; the config's ``analysis``
+keys, every one present after validation (defaults: workflow/schemas/config.schema.yaml).
 Outputs (``results/<suite>/stats/``): ``per_seed``, ``per_model``, ``regressions``,
 ``convergence`` (from :func:`mechgen.stats.analyze`), ``functional``
 (:func:`mechgen.functional.functional_table`) and ``positional``
@@ -44,7 +45,7 @@ def main(sm: Any) -> None:
     log = setup_logging(sm)
     heads = pd.read_parquet(sm.input.heads)
     metric = str(sm.params.metric)
-    bootstrap_cfg = dict(sm.params.bootstrap or {})
+    bootstrap_cfg = dict(sm.params.bootstrap)
     log.info(
         "%d head rows, %d runs, %d checkpoints; metric %s",
         len(heads),
@@ -67,18 +68,15 @@ def main(sm: Any) -> None:
             baseline,
             baseline_source,
             multiple=float(sm.params.functional_multiple),
-            confidence=float(bootstrap_cfg.get("confidence", 0.95)),
+            confidence=float(bootstrap_cfg["confidence"]),
         )
-        # Optional param `positional` {n_permutations, alignment_cost}; defaults otherwise.
-        positional_cfg = dict(sm.params.get("positional") or {})
+        positional_cfg = dict(sm.params.positional)
         results["positional"] = positional.positional_table(
             heads,
             metric,
-            n_permutations=int(
-                positional_cfg.get("n_permutations", positional.DEFAULT_N_PERMUTATIONS)
-            ),
-            seed=int(bootstrap_cfg.get("seed", 0)),
-            cost=positional_cfg.get("alignment_cost", "euclidean"),
+            n_permutations=int(positional_cfg["n_permutations"]),
+            seed=int(bootstrap_cfg["seed"]),
+            cost=positional_cfg["alignment_cost"],
         )
     except ValueError as exc:
         # Bad input (missing columns, a single checkpoint, ...): the message names the problem.

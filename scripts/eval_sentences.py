@@ -25,12 +25,12 @@ if kind == "naturalstories":
     meta.update(url=ns["url"], sha256=ns["sha256"])
 elif kind == "file":
     corpus = Path(ev["path"])
-    sentences = evaltext.read_sentences(corpus, column=ev.get("column", "Sentence"))
+    sentences = evaltext.read_sentences(corpus, column=ev["column"])
     meta.update(path=str(corpus), sha256=hashlib.sha256(corpus.read_bytes()).hexdigest())
 elif kind == "toy_heldout":
     from mechgen import toy
 
-    sentences = toy.heldout_sentences(int(ev.get("n_sentences", 200)))
+    sentences = toy.heldout_sentences(int(ev["n_sentences"]))
     meta.update(source="pydoc_data.topics (held out from toy training)")
 else:  # the schema rejects other kinds; this guards direct calls
     sys.exit(f"mechgen: unknown eval kind {kind!r}")

@@ -288,7 +288,7 @@ def run_scripts(tmp_path: Path, heads: pd.DataFrame, token_files: list[str]) -> 
                 "functional_multiple": 2.0,
                 "bootstrap": {"n_resamples": 100, "seed": 0, "confidence": 0.95},
                 "tokens_per_step": 64,
-                "positional": {"n_permutations": 199},
+                "positional": {"n_permutations": 199, "alignment_cost": "euclidean"},
             }
         ),
         log=[str(tmp_path / "analyze.log")],

@@ -33,7 +33,7 @@ rule eval_tokens:
     params:
         run=lambda wc: run_info(wc.run),
         tokenizer_revision=tokenizer_revision(),
-        max_tokens=SCORING.get("max_tokens", 512),
+        max_tokens=SCORING["max_tokens"],
     log:
         f"{RES}/logs/eval_tokens/{{run}}.log",
     script:
