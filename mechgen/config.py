@@ -315,7 +315,7 @@ def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], che
                 raise ConfigError(
                     f"config key '{key}.sizes': unknown toy size {size!r}; allowed: {', '.join(toy_sizes)}"
                 )
-        named = {"toy": config.get("toy", {}).get("schedule", [0])}
+        named = _toy_schedules(config)
     else:
         named = PYTHIA_SCHEDULES
     if source == "hf":
@@ -343,6 +343,14 @@ def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], che
     except KeyError as exc:
         raise ConfigError(f"config key '{key}.schedule': {exc.args[0]}") from None
     ev = spec["eval"]
+    if ev["kind"] == "naturalstories":
+        corpus = config.get("naturalstories") or {}
+        for needed in ("url", "sha256"):
+            if needed not in corpus:
+                raise ConfigError(
+                    f"config key 'naturalstories.{needed}' is required by suite {name!r} "
+                    "(eval kind 'naturalstories'; config.yaml has the pinned values)"
+                )
     if ev["kind"] == "file":
         if "path" not in ev:
             raise ConfigError(f"config key '{key}.eval.path': eval kind 'file' needs a corpus path")
@@ -377,21 +385,27 @@ def suite_spec(config: dict[str, Any], suite: str | None = None) -> dict[str, An
     return config["suites"][suite or config["suite"]]
 
 
+def _toy_schedules(config: Mapping[str, Any]) -> dict[str, list[int]]:
+    """The named schedules of a toy suite: ``toy`` = ``toy.schedule``, if the config has one."""
+    return {"toy": config["toy"]["schedule"]} if "schedule" in config["toy"] else {}
+
+
 def suite_steps(config: dict[str, Any], suite: str | None = None) -> list[int]:
     """Sorted checkpoint steps of ``suite`` (default: the selected one)."""
     spec = suite_spec(config, suite)
-    named = {"toy": config.get("toy", {}).get("schedule", [0])} if spec["source"] == "toy" else PYTHIA_SCHEDULES
+    named = _toy_schedules(config) if spec["source"] == "toy" else PYTHIA_SCHEDULES
     return resolve_schedule(spec["schedule"], named)
 
 
 def tokens_per_step(config: dict[str, Any], suite: str | None = None) -> int:
-    """Tokens seen per optimiser step in ``suite``."""
+    """Tokens seen per optimiser step in ``suite``: its ``tokens_per_step``, else for a toy
+    suite ``toy.training.batch_size x seq_len``, else Pythia's."""
     spec = suite_spec(config, suite)
     if "tokens_per_step" in spec:
         return int(spec["tokens_per_step"])
     if spec["source"] == "toy":
-        tr = config.get("toy", {}).get("training", {})
-        return int(tr.get("batch_size", 16)) * int(tr.get("seq_len", 128))
+        tr = config["toy"]["training"]
+        return int(tr["batch_size"]) * int(tr["seq_len"])
     return PYTHIA_TOKENS_PER_STEP
 
 
@@ -400,20 +414,21 @@ def run_id(model: str, seed: int) -> str:
 
 
 def suite_runs(config: dict[str, Any], suite: str | None = None) -> list[Run]:
-    """Every run of ``suite`` (default: the selected one), sizes outer, seeds inner."""
+    """Every run of ``suite`` (default: the selected one) of a validated config, sizes outer,
+    seeds inner. A run's id is ``<model_prefix><size>-seed<seed>``."""
     name = suite or config["suite"]
     spec = config["suites"][name]
     source = spec["source"]
     runs = []
     for size in spec.get("sizes", []):
-        model = f"{spec.get('model_prefix', '')}{size}"
+        model = f"{spec['model_prefix']}{size}"
         for seed in spec.get("seeds", []):
             rid = run_id(model, seed)
             if source == "hf":
                 template = spec["seed0_repo_template"] if seed == 0 else spec["repo_template"]
                 repo = template.format(size=size, seed=seed)
             elif source == "toy":
-                repo = str(Path(config.get("results_dir", "results")) / name / "hub" / rid)
+                repo = str(Path(config["results_dir"]) / name / "hub" / rid)
             elif source == "local":
                 repo = str(Path(spec["path"]) / rid)
             else:

@@ -28,7 +28,7 @@ SOURCE = SPEC["source"]
 RES = f"{config['results_dir']}/{SUITE}"
 RUNS = {r.run: r for r in suite_runs(config)}
 STEPS = suite_steps(config) if SOURCE != "table" else []
-TOKENS_PER_STEP = tokens_per_step(config) if SOURCE != "table" else 2097152
+TOKENS_PER_STEP = tokens_per_step(config)  # a table suite: Pythia's
 # Validated: every key of these carries its value or the schema's default.
 SCORING = config["scoring"]
 ANALYSIS = config["analysis"]

@@ -13,7 +13,7 @@ rule eval_sentences:
         meta=f"{RES}/eval/sentences.json",
     params:
         eval=EVAL,
-        naturalstories=config.get("naturalstories", {}),
+        naturalstories=config.get("naturalstories"),  # required (validated) for kind naturalstories
     log:
         f"{RES}/logs/eval_sentences.log",
     script:
