@@ -56,7 +56,9 @@ def _report_path(args: list[str]) -> str:
             if key in ("suite", "results_dir"):
                 config[key] = value
         i += 1
-    results_dir = config.get("results_dir") or load_yaml(SCHEMA_PATH)["properties"]["results_dir"]["default"]
+    results_dir = (
+        config.get("results_dir") or load_yaml(SCHEMA_PATH)["properties"]["results_dir"]["default"]
+    )
     return f"{results_dir}/{config['suite']}/report.html"
 
 

@@ -86,7 +86,9 @@ def _schema_error_key(err: Any) -> str:
     return path or "<top level>"
 
 
-def _dataclass_properties(cls: type, constraints: Mapping[str, Any] | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def _dataclass_properties(
+    cls: type, constraints: Mapping[str, Any] | None = None, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """JSON-schema ``properties`` of a settings dataclass: one entry per field, in field order,
     with ``constraints[field]`` (if any) and the field's default."""
     properties = {}
@@ -171,7 +173,9 @@ def _filling_validator(schema: dict[str, Any]) -> Any:
     base = jsonschema.Draft202012Validator
     check_properties = base.VALIDATORS["properties"]
 
-    def properties(validator: Any, properties: Mapping[str, Any], instance: Any, schema: Any) -> Iterator[Any]:
+    def properties(
+        validator: Any, properties: Mapping[str, Any], instance: Any, schema: Any
+    ) -> Iterator[Any]:
         if validator.is_type(instance, "object"):
             for name, subschema in properties.items():
                 if name in instance or not isinstance(subschema, Mapping):
@@ -189,9 +193,10 @@ def _filling_validator(schema: dict[str, Any]) -> Any:
 def _schema_error_message(err: Any) -> str:
     key = _schema_error_key(err)
     if err.validator == "enum":
-        return f"config key '{key}': {err.instance!r} is not allowed; allowed: {', '.join(map(str, err.validator_value))}"
+        allowed = ", ".join(map(str, err.validator_value))
+        return f"config key '{key}': {err.instance!r} is not allowed; allowed: {allowed}"
     if err.validator == "additionalProperties" and err.validator_value is False:
-        allowed = list((err.schema.get("properties") or {}))
+        allowed = list(err.schema.get("properties") or {})
         unknown = sorted(set(err.instance) - set(allowed))
         prefix = f"{key}." if err.absolute_path else ""
         return (
