@@ -32,6 +32,11 @@ cores_args() {
     esac
 }
 
+# Snakemake's message for a YAML error names no file, line or column: check the config files first.
+check_configs() {
+    python -m mechgen check-config config.yaml --snakemake "$@"
+}
+
 setup() {
     # Never pip-install into something that is not a venv (e.g. MECHGEN_VENV=/usr).
     if [ -e "$VENV" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
@@ -87,6 +92,7 @@ case "$cmd" in
     run|resume)
         setup
         export PATH="$VENV/bin:$PATH"
+        check_configs "$@"
         if ! python -m mechgen.runguard runs-jobs "$@"; then
             # A dry run, --help, a listing: Snakemake once, no jobs to supervise, no report.
             # shellcheck disable=SC2046

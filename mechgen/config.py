@@ -11,7 +11,9 @@ fault and lists the allowed values, so a bad config fails before any job starts.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import dataclasses
+import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,46 +58,190 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         return yaml.safe_load(fh) or {}
 
 
+def yaml_problem(path: str | Path) -> str | None:
+    """What keeps ``path`` from being a config file, as ``FILE:LINE:COLUMN: message`` (line
+    and column 1-based, from YAML's mark of the problem), or None if it parses as a mapping."""
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        return f"{path}: cannot read: {exc.strerror or exc}"
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = exc.problem or str(exc)
+        if exc.context and exc.context_mark is not None:
+            cm = exc.context_mark
+            what += f" ({exc.context} started at line {cm.line + 1}, column {cm.column + 1})"
+        return f"{where}: YAML syntax error: {what}"
+    except yaml.YAMLError as exc:
+        return f"{path}: YAML error: {exc}"
+    if data is not None and not isinstance(data, dict):
+        return f"{path}:1:1: a config file must be a mapping of keys, not a {type(data).__name__}"
+    return None
+
+
 def _schema_error_key(err: Any) -> str:
     path = ".".join(str(p) for p in err.absolute_path)
     return path or "<top level>"
 
 
+def _dataclass_properties(
+    cls: type, constraints: Mapping[str, Any] | None = None, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """JSON-schema ``properties`` of a settings dataclass: one entry per field, in field order,
+    with ``constraints[field]`` (if any) and the field's default."""
+    properties = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        entry = dict((constraints or {}).get(f.name, {}))
+        if f.default is not dataclasses.MISSING:
+            entry["default"] = f.default
+        properties[f.name] = entry
+    return properties
+
+
+@functools.lru_cache(maxsize=1)
+def _config_schema() -> dict[str, Any]:
+    schema = load_yaml(SCHEMA_PATH)
+    # Lists the code defines, injected so that no copy of them is kept by hand in the schema.
+    # mechgen.circuit loads torch (about 2 s); its settings dataclass is the definition.
+    from mechgen.circuit import CircuitSettings
+    from mechgen.schema import ATTENTION_METRICS
+    from mechgen.sources import SUITE_SOURCES, HubSettings
+    from mechgen.toy import REPEAT_SOURCES, SIZE_KEYS_REQUIRED, TRAINING_KEYS_REQUIRED
+
+    props = schema["properties"]
+    toy = props["toy"]["properties"]
+    toy["sizes"]["additionalProperties"]["required"] = list(SIZE_KEYS_REQUIRED)
+    toy["training"]["required"] = list(TRAINING_KEYS_REQUIRED)
+    toy["training"]["properties"]["repeat_source"]["enum"] = list(REPEAT_SOURCES)
+    props["analysis"]["properties"]["metric"]["enum"] = list(ATTENTION_METRICS)
+    schema["$defs"]["suite"]["properties"]["source"]["enum"] = list(SUITE_SOURCES)
+    props["hub"]["properties"] = _dataclass_properties(HubSettings)
+    constraints = schema["$defs"]["relational_scoring"]
+    # `detail` is decided per scoring job from `detail_steps`, not a config key.
+    scoring_keys = _dataclass_properties(CircuitSettings, constraints, skip=("detail",))
+    props["relational"]["properties"].update(scoring_keys)
+    # A suite's overrides carry no defaults: an absent key keeps the top-level `relational:` value.
+    schema["$defs"]["suite"]["properties"]["relational"]["properties"] = {
+        k: {c: v for c, v in entry.items() if c != "default"} for k, entry in scoring_keys.items()
+    }
+    return schema
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of config.yaml (workflow/schemas/config.schema.yaml) with the lists the
+    code defines injected: the metric and source enums, the keys of ``hub`` and of the
+    relational scoring settings (with their defaults). A fresh copy on each call."""
+    return copy.deepcopy(_config_schema())
+
+
+def relational_scoring_keys() -> tuple[str, ...]:
+    """The relational scoring keys a suite may override (fields of
+    :class:`mechgen.circuit.CircuitSettings` except the per-job ``detail``), in field order."""
+    return tuple(config_schema()["$defs"]["suite"]["properties"]["relational"]["properties"])
+
+
+def relational_settings(config: Mapping[str, Any], suite: str | None = None) -> dict[str, Any]:
+    """The relational scoring settings of ``suite`` (default: the selected one) in a validated
+    config: ``relational:``'s scoring keys, overridden by ``suites.<suite>.relational``."""
+    name = suite or config["suite"]
+    settings = {k: config["relational"][k] for k in relational_scoring_keys()}
+    settings.update(config["suites"][name].get("relational") or {})
+    return settings
+
+
+def _has_defaults(schema: Any) -> bool:
+    """Whether an absent object with this subschema is to be created for its children's
+    defaults (not when it has required keys: only the user can give those)."""
+    if not isinstance(schema, Mapping) or schema.get("required"):
+        return False
+    return any(
+        "default" in sub or _has_defaults(sub) for sub in (schema.get("properties") or {}).values()
+    )
+
+
+def _filling_validator(schema: dict[str, Any]) -> Any:
+    """A Draft 2020-12 validator whose ``properties`` check first fills in each property's
+    ``default`` (and creates an absent object whose children have defaults), as in the
+    jsonschema FAQ. Filling happens in every subschema the validator descends into, so
+    defaults under ``then``/``else`` apply only when their condition holds."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def properties(
+        validator: Any, properties: Mapping[str, Any], instance: Any, schema: Any
+    ) -> Iterator[Any]:
+        if validator.is_type(instance, "object"):
+            for name, subschema in properties.items():
+                if name in instance or not isinstance(subschema, Mapping):
+                    continue
+                if "default" in subschema:
+                    instance[name] = copy.deepcopy(subschema["default"])
+                elif _has_defaults(subschema):
+                    instance[name] = {}
+        yield from check_properties(validator, properties, instance, schema)
+
+    filling = jsonschema.validators.extend(base, {"properties": properties})
+    return filling(schema)
+
+
+def _schema_error_message(err: Any) -> str:
+    key = _schema_error_key(err)
+    if err.validator == "enum":
+        allowed = ", ".join(map(str, err.validator_value))
+        return f"config key '{key}': {err.instance!r} is not allowed; allowed: {allowed}"
+    if err.validator == "additionalProperties" and err.validator_value is False:
+        allowed = list(err.schema.get("properties") or {})
+        unknown = sorted(set(err.instance) - set(allowed))
+        prefix = f"{key}." if err.absolute_path else ""
+        return (
+            f"config key '{prefix}{unknown[0]}' is unknown; allowed: "
+            f"{', '.join(allowed) if allowed else '(none)'}"
+        )
+    return f"config key '{key}': {err.message}"
+
+
 def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[str, Any]:
     """Validate ``config`` against the JSON schema and mechgen's semantic rules.
 
-    Returns a copy with defaults filled in. Raises :class:`ConfigError` naming the key.
-    ``check_files`` also checks that files the config names (corpus, table directory) exist.
+    Returns a copy with every default of the schema filled in (the schema, with the lists
+    injected by :func:`config_schema`, is the one place a config default is stated). Raises
+    :class:`ConfigError` naming the key and, for a misspelt key or value, the allowed ones.
+    ``check_files`` also checks that files the config names (corpus, table directory, the run
+    folders of a ``local`` suite) exist.
     """
-    import jsonschema
-
     config = copy.deepcopy(config)
-    schema = load_yaml(SCHEMA_PATH)
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    validator = _filling_validator(config_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        err = errors[0]
-        allowed = ""
-        if err.validator == "enum":
-            allowed = f" (allowed: {', '.join(map(str, err.validator_value))})"
-        raise ConfigError(f"config key '{_schema_error_key(err)}': {err.message}{allowed}")
+        raise ConfigError(_schema_error_message(errors[0]))
 
     suites = config["suites"]
     if config["suite"] not in suites:
         raise ConfigError(
             f"config key 'suite': unknown suite {config['suite']!r}; allowed: {', '.join(suites)}"
         )
-    config.setdefault("results_dir", "results")
-    if config.get("hub") is not None:
-        from mechgen.sources import HubSettings
+    from mechgen.sources import HubSettings
 
-        try:
-            HubSettings.from_config(config["hub"])
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(str(exc) if "hub." in str(exc) else f"config key 'hub': {exc}") from None
+    try:
+        HubSettings.from_config(config["hub"])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc) if "hub." in str(exc) else f"config key 'hub': {exc}") from None
+    from mechgen.circuit import CircuitSettings
+
     for name, spec in suites.items():
         _validate_suite(config, name, spec, check_files=check_files and name == config["suite"])
-    if "training" in config.get("toy", {}):
+        if spec["source"] != "table":
+            try:
+                CircuitSettings.from_mapping(relational_settings(config, name))
+            except ValueError as exc:
+                raise ConfigError(f"config key 'relational' (suite {name!r}): {exc}") from None
+    if "training" in config["toy"]:
         _validate_toy_training(config["toy"]["training"])
     return config
 
@@ -156,7 +302,7 @@ def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], che
     if source == "table":
         if "path" not in spec:
             raise ConfigError(f"config key '{key}.path': a table suite needs the directory of its tables")
-        if spec.get("format", "trott2025") == "mechgen":
+        if spec["format"] == "mechgen":
             if check_files and not Path(spec["path"]).is_file():
                 raise ConfigError(f"config key '{key}.path': heads table {spec['path']!r} does not exist")
         elif check_files and not Path(spec["path"]).is_dir():
@@ -166,13 +312,15 @@ def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], che
         if required not in spec:
             raise ConfigError(f"config key '{key}.{required}' is required for source {source!r}")
     if source == "toy":
-        toy_sizes = config.get("toy", {}).get("sizes", {})
+        if "training" not in config["toy"]:
+            raise ConfigError(f"config key 'toy.training' is required by suite {name!r} (source 'toy')")
+        toy_sizes = config["toy"].get("sizes", {})
         for size in spec["sizes"]:
             if size not in toy_sizes:
                 raise ConfigError(
                     f"config key '{key}.sizes': unknown toy size {size!r}; allowed: {', '.join(toy_sizes)}"
                 )
-        named = {"toy": config.get("toy", {}).get("schedule", [0])}
+        named = _toy_schedules(config)
     else:
         named = PYTHIA_SCHEDULES
     if source == "hf":
@@ -193,13 +341,21 @@ def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], che
     if source == "local":
         if "path" not in spec:
             raise ConfigError(f"config key '{key}.path': a local suite needs its checkpoint directory")
-        if check_files and not Path(spec["path"]).is_dir():
-            raise ConfigError(f"config key '{key}.path': directory {spec['path']!r} does not exist")
+        if check_files:
+            _check_local_runs(config, name, key)
     try:
         resolve_schedule(spec["schedule"], named)
     except KeyError as exc:
         raise ConfigError(f"config key '{key}.schedule': {exc.args[0]}") from None
-    ev = spec.get("eval", {"kind": "naturalstories"})
+    ev = spec["eval"]
+    if ev["kind"] == "naturalstories":
+        corpus = config.get("naturalstories") or {}
+        for needed in ("url", "sha256"):
+            if needed not in corpus:
+                raise ConfigError(
+                    f"config key 'naturalstories.{needed}' is required by suite {name!r} "
+                    "(eval kind 'naturalstories'; config.yaml has the pinned values)"
+                )
     if ev["kind"] == "file":
         if "path" not in ev:
             raise ConfigError(f"config key '{key}.eval.path': eval kind 'file' needs a corpus path")
@@ -214,26 +370,47 @@ def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], che
         raise ConfigError(f"config key '{key}.eval.kind': toy_heldout is only for source 'toy'")
 
 
+def _check_local_runs(config: dict[str, Any], name: str, key: str) -> None:
+    """Every run folder of local suite ``name`` exists: ``<path>/<model_prefix><size>-seed<seed>``."""
+    path = Path(config["suites"][name]["path"])
+    if not path.is_dir():
+        raise ConfigError(f"config key '{key}.path': directory {str(path)!r} does not exist")
+    missing = [r for r in suite_runs(config, name) if not Path(r.repo_id).is_dir()]
+    if missing:
+        present = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise ConfigError(
+            f"config key '{key}.path': {len(missing)} run folder(s) missing, e.g. "
+            f"{missing[0].repo_id!r} (expected one folder <model_prefix><size>-seed<seed> per "
+            f"run, holding step<N>/ checkpoints); folders present: {', '.join(present) or '(none)'}"
+        )
+
+
 def suite_spec(config: dict[str, Any], suite: str | None = None) -> dict[str, Any]:
     """The spec of ``suite`` (default: the selected one)."""
     return config["suites"][suite or config["suite"]]
 
 
+def _toy_schedules(config: Mapping[str, Any]) -> dict[str, list[int]]:
+    """The named schedules of a toy suite: ``toy`` = ``toy.schedule``, if the config has one."""
+    return {"toy": config["toy"]["schedule"]} if "schedule" in config["toy"] else {}
+
+
 def suite_steps(config: dict[str, Any], suite: str | None = None) -> list[int]:
     """Sorted checkpoint steps of ``suite`` (default: the selected one)."""
     spec = suite_spec(config, suite)
-    named = {"toy": config.get("toy", {}).get("schedule", [0])} if spec["source"] == "toy" else PYTHIA_SCHEDULES
+    named = _toy_schedules(config) if spec["source"] == "toy" else PYTHIA_SCHEDULES
     return resolve_schedule(spec["schedule"], named)
 
 
 def tokens_per_step(config: dict[str, Any], suite: str | None = None) -> int:
-    """Tokens seen per optimiser step in ``suite``."""
+    """Tokens seen per optimiser step in ``suite``: its ``tokens_per_step``, else for a toy
+    suite ``toy.training.batch_size x seq_len``, else Pythia's."""
     spec = suite_spec(config, suite)
     if "tokens_per_step" in spec:
         return int(spec["tokens_per_step"])
     if spec["source"] == "toy":
-        tr = config.get("toy", {}).get("training", {})
-        return int(tr.get("batch_size", 16)) * int(tr.get("seq_len", 128))
+        tr = config["toy"]["training"]
+        return int(tr["batch_size"]) * int(tr["seq_len"])
     return PYTHIA_TOKENS_PER_STEP
 
 
@@ -242,20 +419,21 @@ def run_id(model: str, seed: int) -> str:
 
 
 def suite_runs(config: dict[str, Any], suite: str | None = None) -> list[Run]:
-    """Every run of ``suite`` (default: the selected one), sizes outer, seeds inner."""
+    """Every run of ``suite`` (default: the selected one) of a validated config, sizes outer,
+    seeds inner. A run's id is ``<model_prefix><size>-seed<seed>``."""
     name = suite or config["suite"]
     spec = config["suites"][name]
     source = spec["source"]
     runs = []
     for size in spec.get("sizes", []):
-        model = f"{spec.get('model_prefix', '')}{size}"
+        model = f"{spec['model_prefix']}{size}"
         for seed in spec.get("seeds", []):
             rid = run_id(model, seed)
             if source == "hf":
                 template = spec["seed0_repo_template"] if seed == 0 else spec["repo_template"]
                 repo = template.format(size=size, seed=seed)
             elif source == "toy":
-                repo = str(Path(config.get("results_dir", "results")) / name / "hub" / rid)
+                repo = str(Path(config["results_dir"]) / name / "hub" / rid)
             elif source == "local":
                 repo = str(Path(spec["path"]) / rid)
             else:

@@ -81,6 +81,13 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SHA1_HEX = re.compile(r"[0-9a-f]{40}")
 
 
+CHECKPOINT_SOURCES = ("toy", "hf", "local")
+"""Suite sources whose checkpoints this module finds: trained by the pipeline (``toy``), the
+Hugging Face hub (``hf``), a directory of run folders (``local``)."""
+SUITE_SOURCES = (*CHECKPOINT_SOURCES, "table")
+"""Every ``suites.<name>.source`` (``table``: published per-head tables, no checkpoints)."""
+
+
 class MissingCheckpoint(Exception):
     """The repo, revision or weight file does not exist (or, offline, is not in the cache)."""
 
@@ -123,7 +130,9 @@ class CheckpointFiles:
 
     @property
     def where(self) -> str:
-        """``repo@revision/file``, for messages."""
+        """For messages: ``repo@revision/file`` from the hub, else the weight file's path."""
+        if not self.from_hub:
+            return str(self.weight_file)
         return f"{self.repo_id}@{self.revision}/{self.weight_file.name}"
 
 
@@ -400,7 +409,9 @@ class CheckpointRef:
 
     @property
     def where(self) -> str:
-        """``repo@revision/file``, for messages."""
+        """For messages: ``repo@revision/file`` from the hub, else the weight file's path."""
+        if not self.from_hub:
+            return str(self.directory / self.weight_filename)
         return f"{self.repo_id}@{self.revision}/{self.weight_filename}"
 
     @property
@@ -885,7 +896,7 @@ def download_checkpoint(
         _delete_snapshot_entry(pointer, delete_blob_if_shared=True)
         if _offline():
             raise CorruptCheckpoint(
-                f"corrupt checkpoint {where}: cached file's hash {sha256} != hub etag {etag}; "
+                f"corrupt checkpoint: {where}: cached file's hash {sha256} != hub etag {etag}; "
                 "deleted it, cannot re-fetch in offline mode"
             )
         pointer = fetch(force_download=True)
@@ -894,7 +905,7 @@ def download_checkpoint(
         if not matches:
             _delete_snapshot_entry(pointer, delete_blob_if_shared=True)
             raise CorruptCheckpoint(
-                f"corrupt checkpoint {where}: hash {sha256} != hub etag {etag} after re-fetching; deleted it"
+                f"corrupt checkpoint: {where}: hash {sha256} != hub etag {etag} after re-fetching; deleted it"
             )
     elif etag is None:
         logger.warning(
@@ -992,16 +1003,15 @@ def _local_tokenizer_dir(run_dir: Path, revision: str | None) -> Path:
 def read_model_config(files: CheckpointFiles) -> dict[str, Any]:
     """``config.json`` of the checkpoint as a dict; :class:`UnsupportedCheckpoint` unless GPT-NeoX."""
     path = files.directory / CONFIG_FILE
+    where = f"{files.repo_id}@{files.revision}/{CONFIG_FILE}" if files.from_hub else str(path)
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptCheckpoint(
-            f"corrupt checkpoint {files.repo_id}@{files.revision}/{CONFIG_FILE}: {_first_line(err)}"
-        ) from None
+        raise CorruptCheckpoint(f"corrupt checkpoint: {where}: {_first_line(err)}") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type != "gpt_neox":
         raise UnsupportedCheckpoint(
-            f"{files.repo_id}@{files.revision}/{CONFIG_FILE}: model_type is {model_type!r}; "
+            f"{where}: model_type is {model_type!r}; "
             "mechgen scores GPT-NeoX models only (model_type 'gpt_neox')"
         )
     return config
@@ -1029,11 +1039,11 @@ def check_weight_file(files: CheckpointFiles) -> None:
                 n_tensors = len(list(handle.keys()))
         except (SafetensorError, OSError) as err:
             raise CorruptCheckpoint(
-                f"corrupt checkpoint {files.where}: {_first_line(err)}"
+                f"corrupt checkpoint: {files.where}: {_first_line(err)}"
             ) from None
         if n_tensors == 0:
             raise CorruptCheckpoint(
-                f"corrupt checkpoint {files.where}: safetensors file holds no tensors"
+                f"corrupt checkpoint: {files.where}: safetensors file holds no tensors"
             )
         return
     if files.weight_format != "pytorch":
@@ -1057,18 +1067,18 @@ def check_weight_file(files: CheckpointFiles) -> None:
             _first_line(err),
         )
         raise CorruptCheckpoint(
-            f"corrupt checkpoint {files.where}: refused, the pickle holds more than tensors ({reason})"
+            f"corrupt checkpoint: {files.where}: refused, the pickle holds more than tensors ({reason})"
         ) from None
     except Exception as err:  # truncated zip, bad magic, EOF...: torch raises many types
         if _is_out_of_memory(err):
             raise
         raise CorruptCheckpoint(
-            f"corrupt checkpoint {files.where}: cannot be read ({_first_line(err)})"
+            f"corrupt checkpoint: {files.where}: cannot be read ({_first_line(err)})"
         ) from None
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
-        raise CorruptCheckpoint(f"corrupt checkpoint {files.where}: not a state dict of tensors")
+        raise CorruptCheckpoint(f"corrupt checkpoint: {files.where}: not a state dict of tensors")
     del state_dict
 
 
@@ -1101,11 +1111,11 @@ def load_model(files: CheckpointFiles, *, dtype: torch.dtype | None = None) -> G
         if _is_out_of_memory(err):
             raise
         raise CorruptCheckpoint(
-            f"corrupt checkpoint {files.where}: transformers cannot load it ({_first_line(err)})"
+            f"corrupt checkpoint: {files.where}: transformers cannot load it ({_first_line(err)})"
         ) from None
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if bad:
-        raise CorruptCheckpoint(f"corrupt checkpoint {files.where}: weights not in the file: {bad}")
+        raise CorruptCheckpoint(f"corrupt checkpoint: {files.where}: weights not in the file: {bad}")
     if info.get("unexpected_keys"):
         logger.info(
             "%s: ignored tensors not used by the model: %s",

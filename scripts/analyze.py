@@ -5,8 +5,9 @@ Inputs: ``heads`` (heads.parquet), ``trajectories`` (trajectories.parquet, rule
 ``tokens`` (the eval token files ``results/<suite>/eval/tokens/<run>.json``; none for a suite
 imported from published tables).
 Params: ``thresholds`` {start, stop, step}, ``functional_multiple``,
-``bootstrap`` {n_resamples, seed, confidence}, ``tokens_per_step``; optional ``positional``
-{n_permutations (default 9999), alignment_cost ('euclidean' or 'correlation')}.
+``bootstrap`` {n_resamples, seed, confidence, method}, ``tokens_per_step``, ``positional``
+{n_permutations, alignment_cost ('euclidean' or 'correlation')}: the config's ``analysis``
+keys, every one present after validation (defaults: workflow/schemas/config.schema.yaml).
 Outputs (``results/<suite>/stats/<name>.csv``, columns in docs/outputs.md): ``per_seed``,
 ``per_model``, ``regressions``, ``convergence``, ``mds`` (:func:`mechgen.stats.analyze`),
 ``functional_run_step``, ``functional_run``, ``functional_size``
@@ -47,7 +48,7 @@ def main(sm: Any) -> None:
     log = setup_logging(sm)
     heads = pd.read_parquet(sm.input.heads)
     traj = pd.read_parquet(sm.input.trajectories)
-    bootstrap_cfg = dict(sm.params.bootstrap or {})
+    bootstrap_cfg = dict(sm.params.bootstrap)
     log.info(
         "%d head rows, %d runs, %d checkpoints; metric %s",
         len(heads),
@@ -71,20 +72,17 @@ def main(sm: Any) -> None:
                 baseline,
                 baseline_source,
                 multiple=float(sm.params.functional_multiple),
-                confidence=float(bootstrap_cfg.get("confidence", 0.95)),
+                confidence=float(bootstrap_cfg["confidence"]),
             )
         )
-        # Optional param `positional` {n_permutations, alignment_cost}; defaults otherwise.
-        positional_cfg = dict(sm.params.get("positional") or {})
+        positional_cfg = dict(sm.params.positional)
         results.update(
             positional.positional_tables(
                 heads,
                 traj,
-                n_permutations=int(
-                    positional_cfg.get("n_permutations", positional.DEFAULT_N_PERMUTATIONS)
-                ),
-                seed=int(bootstrap_cfg.get("seed", 0)),
-                cost=positional_cfg.get("alignment_cost", "euclidean"),
+                n_permutations=int(positional_cfg["n_permutations"]),
+                seed=int(bootstrap_cfg["seed"]),
+                cost=positional_cfg["alignment_cost"],
             )
         )
     except ValueError as exc:

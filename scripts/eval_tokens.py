@@ -16,7 +16,7 @@ sm = snakemake  # noqa: F821
 log = setup_logging(sm)
 run = Run(**sm.params.run)
 sentences = evaltext.read_sentence_file(sm.input.sentences)
-sources.configure_hub(sm.config.get("hub"))
+sources.configure_hub(sm.config["hub"])
 if run.source == "toy":
     tokenizer_dir = Path(sm.input.tokenizer[0]).parent
 else:

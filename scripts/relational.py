@@ -35,20 +35,20 @@ def main(sm: Any) -> None:
     log = setup_logging(sm)
     heads = pd.read_parquet(sm.input.heads)
     circuits = circuit.read_circuits(list(sm.input.circuits))
-    settings = dict(sm.params.analysis or {})
+    settings = dict(sm.params.analysis)  # relational.analysis, defaults filled by validation
     log.info("%d head rows, %d checkpoints with circuit scores", len(heads), len(circuits))
     relational = circuit.relational_table(heads, circuits, onset_thresholds(**sm.params.thresholds))
     outputs = {
         "relational": relational,
         "relational_sizes": circuit.relational_sizes(
-            relational, float(settings.get("confidence", 0.95))
+            relational, float(settings["confidence"])
         ),
         "relational_regressions": circuit.relational_regressions(relational),
         "configurational": circuit.configurational_table(
             heads,
             circuits,
-            n_null=int(settings.get("n_null", 1000)),
-            seed=int(settings.get("seed", 0)),
+            n_null=int(settings["n_null"]),
+            seed=int(settings["seed"]),
         ),
         "configurational_stability": circuit.stability_table(heads, circuits),
     }

@@ -25,12 +25,12 @@ run = Run(**sm.params.run)
 step = int(sm.wildcards.step)
 with open(sm.input.tokens) as fh:
     token_ids = json.load(fh)["token_ids"]
-scoring = sm.config.get("scoring", {})
+scoring = sm.config["scoring"]  # validated: every key present
 
 # Read from the config, not params: neither changes a score, so neither may trigger a rerun.
 # The score cache (identical weight blobs scored once) lives in results/<suite>/score_cache/.
-score_cache_dir = Path(sm.config.get("results_dir", "results")) / sm.config["suite"] / "score_cache"
-hub = sm.config.get("hub") or {}
+score_cache_dir = Path(sm.config["results_dir"]) / sm.config["suite"] / "score_cache"
+hub = sm.config["hub"]
 
 # The relational/configurational scores of the same loaded model (mechgen.circuit); an empty
 # mapping when relational.enabled is false.
@@ -43,9 +43,9 @@ try:
         step,
         token_ids,
         tokens_per_step=int(sm.params.tokens_per_step),
-        batch_size=int(scoring.get("batch_size", 16)),
+        batch_size=int(scoring["batch_size"]),
         clipped_window=int(sm.params.clipped_window),
-        delete_weights=bool(scoring.get("delete_weights", True)),
+        delete_weights=bool(scoring["delete_weights"]),
         threads=sm.threads,
         # Per-batch bars of 48 parallel jobs are noise; the run's progress is logged below.
         progress=False,
@@ -57,7 +57,7 @@ try:
 except CorruptCheckpoint as exc:
     # One clear line instead of a stack trace from deep inside safetensors/torch.
     log.error("cannot score %s step %d: %s", run.run, step, exc)
-    sys.exit(f"mechgen: corrupt checkpoint: {exc}")
+    sys.exit(f"mechgen: {exc}")  # the message starts "corrupt checkpoint: <file>: ..."
 except HubUnavailable as exc:
     log.error("cannot score %s step %d: %s", run.run, step, exc)
     sys.exit(f"mechgen: hub unavailable: {exc}")

@@ -1,7 +1,7 @@
 """Snakemake script of rule `toy_tokenizer`: train the toy suite's byte-level BPE tokenizer.
 
 Snakemake: output[0] = ``<dir>/tokenizer.json`` (its directory receives tokenizer.json,
-tokenizer_config.json, special_tokens_map.json); params.vocab_size (int, default 2048);
+tokenizer_config.json, special_tokens_map.json); params.vocab_size (int: config ``toy.vocab_size``);
 log[0] optional.
 
 Command line (for testing): ``python scripts/toy_tokenizer.py OUT_DIR [--vocab-size 2048]``.
@@ -25,7 +25,7 @@ if "snakemake" in globals():
         sys.exit(
             f"mechgen: toy_tokenizer's output must be named tokenizer.json, got {tokenizer_json}"
         )
-    vocab_size = int(sm.params.get("vocab_size", 2048))
+    vocab_size = int(sm.params.vocab_size)
     written = toy.train_tokenizer(tokenizer_json.parent, vocab_size)
     log.info("toy tokenizer: %d entries, written to %s", vocab_size, written.parent)
 else:

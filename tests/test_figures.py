@@ -319,7 +319,7 @@ def run_scripts(
                 "functional_multiple": 2.0,
                 "bootstrap": {"n_resamples": 100, "seed": 0, "confidence": 0.95},
                 "tokens_per_step": 64,
-                "positional": {"n_permutations": 199},
+                "positional": {"n_permutations": 199, "alignment_cost": "euclidean"},
             }
         ),
         log=[str(tmp_path / "analyze.log")],

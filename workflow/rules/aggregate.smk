@@ -12,7 +12,7 @@ if SOURCE == "table":
             heads=f"{RES}/heads.parquet",
         params:
             path=SPEC["path"],
-            format=SPEC.get("format", "trott2025"),
+            format=SPEC["format"],
             suite=SUITE,
         log:
             f"{RES}/logs/import_table.log",
@@ -48,7 +48,7 @@ rule trajectories:
         parquet=f"{RES}/trajectories.parquet",
         csv=f"{RES}/trajectories.csv",
     params:
-        metric=ANALYSIS.get("metric", "one_back"),
+        metric=ANALYSIS["metric"],
     log:
         f"{RES}/logs/trajectories.log",
     script:

@@ -13,10 +13,10 @@ rule analyze:
     output:
         **{name: f"{RES}/stats/{name}.csv" for name in STATS},
     params:
-        thresholds=ANALYSIS.get("onset_thresholds", {"start": 0.01, "stop": 0.30, "step": 0.01}),
-        functional_multiple=ANALYSIS.get("functional_multiple", 2.0),
-        bootstrap=ANALYSIS.get("bootstrap", {}),
-        positional=ANALYSIS.get("positional", {}),
+        thresholds=ANALYSIS["onset_thresholds"],
+        functional_multiple=ANALYSIS["functional_multiple"],
+        bootstrap=ANALYSIS["bootstrap"],
+        positional=ANALYSIS["positional"],
         tokens_per_step=TOKENS_PER_STEP,
     log:
         f"{RES}/logs/analyze.log",
@@ -42,8 +42,8 @@ rule figures:
             for name in FIGURES
         },
     params:
-        metric=ANALYSIS.get("metric", "one_back"),
-        functional_multiple=ANALYSIS.get("functional_multiple", 2.0),
+        metric=ANALYSIS["metric"],
+        functional_multiple=ANALYSIS["functional_multiple"],
     log:
         f"{RES}/logs/figures.log",
     script:

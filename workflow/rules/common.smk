@@ -9,6 +9,7 @@ from snakemake.exceptions import WorkflowError
 
 from mechgen.config import (
     ConfigError,
+    relational_settings,
     suite_runs,
     suite_steps,
     tokens_per_step,
@@ -27,9 +28,10 @@ SOURCE = SPEC["source"]
 RES = f"{config['results_dir']}/{SUITE}"
 RUNS = {r.run: r for r in suite_runs(config)}
 STEPS = suite_steps(config) if SOURCE != "table" else []
-TOKENS_PER_STEP = tokens_per_step(config) if SOURCE != "table" else 2097152
-SCORING = config.get("scoring", {})
-ANALYSIS = config.get("analysis", {})
+TOKENS_PER_STEP = tokens_per_step(config)  # a table suite: Pythia's
+# Validated: every key of these carries its value or the schema's default.
+SCORING = config["scoring"]
+ANALYSIS = config["analysis"]
 
 
 wildcard_constraints:
@@ -84,7 +86,7 @@ def score_runtime_min(size):
 
 # ---- inputs and targets of the rules (Snakemake lint wants functions here, not beside rules)
 
-EVAL = SPEC.get("eval", {"kind": "naturalstories"})
+EVAL = SPEC.get("eval")  # the schema's default for every source but `table` (which has none)
 
 
 STATS = [
@@ -150,23 +152,8 @@ def tokenizer_revision():
 
 # ---- the relational and configurational axes (rules in relational.smk)
 
-RELATIONAL = config.get("relational") or {}
-RELATIONAL_ENABLED = SOURCE != "table" and bool(RELATIONAL.get("enabled", True))
-RELATIONAL_SCORING_KEYS = (
-    "n_sequences",
-    "half_length",
-    "token_lo",
-    "token_hi",
-    "seed",
-    "batch_size",
-    "copying",
-    "max_offset",
-    "qk_top_k",
-    "n_baseline",
-    "n_random_heads",
-    "cka_max_tokens",
-    "control_seed",
-)
+RELATIONAL = config["relational"]
+RELATIONAL_ENABLED = SOURCE != "table" and bool(RELATIONAL["enabled"])
 RELATIONAL_STATS = [
     "relational",
     "relational_sizes",
@@ -184,7 +171,7 @@ RELATIONAL_FIGURES = [
 
 def relational_detail_steps():
     """The resolved `relational.detail_steps` ("final" = the schedule's last step)."""
-    wanted = RELATIONAL.get("detail_steps", ["final"])
+    wanted = RELATIONAL["detail_steps"]
     last = max(STEPS) if STEPS else None
     return sorted({last if s == "final" else int(s) for s in wanted if s != "final" or STEPS})
 
@@ -195,8 +182,7 @@ def relational_job_params(step):
     `detail` flips (Snakemake's params trigger), not every checkpoint."""
     if not RELATIONAL_ENABLED:
         return {}
-    settings = {k: RELATIONAL[k] for k in RELATIONAL_SCORING_KEYS if k in RELATIONAL}
-    settings.update(SPEC.get("relational") or {})
+    settings = relational_settings(config)
     settings["detail"] = int(step) in relational_detail_steps()
     return settings
 

@@ -12,7 +12,7 @@ rule eval_sentences:
         sentences=f"{RES}/eval/sentences.json",
     params:
         eval=EVAL,
-        naturalstories=config.get("naturalstories", {}),
+        naturalstories=config.get("naturalstories"),  # required (validated) for kind naturalstories
     log:
         f"{RES}/logs/eval_sentences.log",
     script:
@@ -32,7 +32,7 @@ rule eval_tokens:
     params:
         run=lambda wc: run_info(wc.run),
         tokenizer_revision=tokenizer_revision(),
-        max_tokens=SCORING.get("max_tokens", 512),
+        max_tokens=SCORING["max_tokens"],
     log:
         f"{RES}/logs/eval_tokens/{{run}}.log",
     script:

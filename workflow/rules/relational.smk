@@ -19,10 +19,8 @@ if RELATIONAL_ENABLED:
             **{name: f"{RES}/stats/{name}.csv" for name in RELATIONAL_STATS},
             trajectories=f"{RES}/relational_trajectories.parquet",
         params:
-            thresholds=ANALYSIS.get(
-                "onset_thresholds", {"start": 0.01, "stop": 0.30, "step": 0.01}
-            ),
-            analysis=RELATIONAL.get("analysis") or {},
+            thresholds=ANALYSIS["onset_thresholds"],
+            analysis=RELATIONAL["analysis"],
         log:
             f"{RES}/logs/relational.log",
         script:
@@ -45,7 +43,7 @@ if RELATIONAL_ENABLED:
                 for name in RELATIONAL_FIGURES
             },
         params:
-            half_length=relational_job_params(0).get("half_length", 50),
+            half_length=relational_job_params(0)["half_length"],
         log:
             f"{RES}/logs/relational_figures.log",
         script:

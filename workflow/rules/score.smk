@@ -23,9 +23,9 @@ rule score:
         # Only what changes a score is a param (a rerun trigger): batch size, threads and
         # weight deletion are read from the config by the script, so changing them on a
         # cluster never throws away finished checkpoints.
-        clipped_window=SCORING.get("clipped_window", 8),
+        clipped_window=SCORING["clipped_window"],
         relational=lambda wc: relational_job_params(wc.step),
-    threads: SCORING.get("threads", 1)
+    threads: SCORING["threads"]
     resources:
         mem_mb=lambda wc: score_mem_mb(RUNS[wc.run].size),
         runtime=lambda wc: score_runtime_min(RUNS[wc.run].size),

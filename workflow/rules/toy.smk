@@ -1,7 +1,7 @@
 # The embedded toy suite: a byte-level BPE tokenizer and GPT-NeoX runs trained on CPU,
 # saved per checkpoint in the hub's layout (results/<suite>/hub/<run>/step<N>/).
 
-TOY = config.get("toy", {})
+TOY = config["toy"]  # validated: `training` is there whenever a toy suite is selected
 
 
 rule toy_tokenizer:
@@ -12,7 +12,7 @@ rule toy_tokenizer:
     output:
         f"{RES}/tokenizer/tokenizer.json",
     params:
-        vocab_size=TOY.get("vocab_size", 2048),
+        vocab_size=TOY["vocab_size"],
     log:
         f"{RES}/logs/toy_tokenizer.log",
     script:
@@ -29,10 +29,10 @@ rule toy_train:
     params:
         size_spec=lambda wc: TOY["sizes"][RUNS[wc.run].size],
         seed=lambda wc: RUNS[wc.run].seed,
-        training=TOY.get("training", {}),
+        training=lambda wc: TOY["training"],
         schedule=STEPS,
-        vocab_size=TOY.get("vocab_size", 2048),
-    threads: TOY.get("training", {}).get("threads", 1)
+        vocab_size=TOY["vocab_size"],
+    threads: lambda wc: TOY["training"]["threads"]
     # Training is the long pole of the default run: start every run's training before scoring
     # the checkpoints of runs already trained, so the last training does not end alone.
     priority: 10
