@@ -603,7 +603,7 @@ def test_ablation_draws_what_the_caption_says(tmp_path: Path) -> None:
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "bar: mean over seeds" in labels
     caption = (REPO / "workflow" / "report" / "ablation.rst").read_text()
-    assert "open squares" in caption and "filled circles" in caption.lower()
+    assert "open blue squares" in caption and "filled orange circles" in caption.lower()
 
 
 def test_functional_heads_titles_give_the_head_count(tmp_path: Path, heads) -> None:
