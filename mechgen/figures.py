@@ -51,7 +51,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mechgen.functional import finite_heads, uniform_induction_baseline
+from mechgen.functional import finite_heads
 
 DPI = 300
 
@@ -314,10 +314,9 @@ def plot_layer_heatmap(
     else:
         # Stack when a row would make a panel too narrow for its title or its layer columns.
         usable = width - 1.2
-        stacked = (
-            usable * min(widths) / sum(widths) < MIN_PANEL_WIDTH * 0.75
-            or usable < LAYER_CELL_WIDTH * sum(widths)
-        )
+        stacked = usable * min(widths) / sum(
+            widths
+        ) < MIN_PANEL_WIDTH * 0.75 or usable < LAYER_CELL_WIDTH * sum(widths)
     nrows, ncols = (len(matrices), 1) if stacked else (1, len(matrices))
     fig, axes = plt.subplots(
         nrows,

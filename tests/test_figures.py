@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from docutils.core import publish_parts
-from PIL import Image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from PIL import Image
 from snakemake.iocontainers import Namedlist
 
-from mechgen import convergence, figures, functional, positional, stats
+from mechgen import convergence, figures, functional, positional, stats, summary
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = (0, 1, 2, 4, 8, 16, 32)
@@ -260,18 +260,19 @@ def declared_figures() -> list[str]:
     return re.findall(r'"(\w+)"', block.group(1))
 
 
-def render_caption(path: Path, config: dict, params: dict) -> str:
+def render_caption(path: Path, config: dict, params: dict, part: str = "body") -> str:
     """Render a caption as Snakemake's report does: jinja2, then docutils; docutils warnings
-    (bad reStructuredText) raise."""
+    (bad reStructuredText) raise. The workflow description is the ``html_body`` part, which
+    keeps its title."""
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     snakemake = SimpleNamespace(config=config, params=SimpleNamespace(**params))
     text = env.from_string(path.read_text()).render(snakemake=snakemake)
     return publish_parts(
         text, writer="html", settings_overrides={"halt_level": 2, "report_level": 5}
-    )["body"]
+    )[part]
 
 
-def test_captions_render() -> None:
+def test_captions_render(tmp_path: Path, monkeypatch, results, heads) -> None:
     config = {"suite": "toy", "analysis": {"metric": "one_back", "bootstrap": {"confidence": 0.9}}}
     params = {"metric": "one_back", "functional_multiple": 2.0}
     names = declared_figures()
@@ -282,11 +283,30 @@ def test_captions_render() -> None:
     assert "90%" in render_caption(
         REPO / "workflow" / "report" / "functional_heads.rst", config, params
     )
-    workflow = render_caption(REPO / "workflow" / "report" / "workflow.rst", {"suite": "toy"}, {})
-    assert "toy" in workflow and "one_back" in workflow
+    # The landing page includes the summary rule's output, relative to the working directory.
+    table = summary.summary_table(
+        results["per_model"],
+        functional.functional_table(heads, 0.125, "token_lengths", multiple=2.0),
+    )
+    (tmp_path / "out" / "toy").mkdir(parents=True)
+    (tmp_path / "out" / "toy" / "summary.rst").write_text(
+        summary.summary_rst(table, "toy", "one_back", 0.95, "out/toy/stats/")
+    )
+    monkeypatch.chdir(tmp_path)
+    workflow = render_caption(
+        REPO / "workflow" / "report" / "workflow.rst",
+        {"suite": "toy", "results_dir": "out"},
+        {},
+        part="html_body",
+    )
+    assert '<h1 class="title">mechgen report, suite toy: ' in workflow
+    assert "Summary of the findings" in workflow and "out/toy/stats/" in workflow
+    assert "&lt;suite&gt;" not in workflow and "one_back" in workflow
+    for name in ("table", "summary"):
+        assert "toy" in render_caption(REPO / "workflow" / "report" / f"{name}.rst", config, {})
 
 
-@pytest.mark.parametrize("name", ["analyze", "figures"])
+@pytest.mark.parametrize("name", ["analyze", "figures", "relational_figures", "summary"])
 def test_script_runs_after_snakemake_preamble(name: str) -> None:
     # Snakemake runs a `script:` with its own preamble (defining `snakemake`) prepended, so a
     # script must stay valid Python after other statements, e.g. no `from __future__` import.
@@ -358,6 +378,33 @@ def test_scripts_end_to_end(tmp_path: Path, heads: pd.DataFrame) -> None:
     assert "prop_layer" in set(regressions["analysis"])
     for name in declared_figures():
         check_png(paths[name])
+    # Rule `summary` on the same tables (no relational axis): its CSV is summary_table's.
+    outputs = {"csv": str(tmp_path / "summary.csv"), "rst": str(tmp_path / "summary.rst")}
+    load_script("summary").main(
+        SimpleNamespace(
+            input=Namedlist(
+                fromdict={k: str(paths[k]) for k in ("per_model", "functional", "positional")}
+            ),
+            output=Namedlist(fromdict=outputs),
+            params=Namedlist(
+                fromdict={
+                    "suite": "syn",
+                    "metric": "one_back",
+                    "confidence": 0.95,
+                    "stats_dir": "results/syn/stats/",
+                }
+            ),
+            log=[str(tmp_path / "summary.log")],
+            rule="summary",
+        )
+    )
+    expected = summary.summary_table(
+        pd.read_csv(paths["per_model"]),
+        pd.read_csv(paths["functional"]),
+        pd.read_csv(paths["positional"]),
+    )
+    pd.testing.assert_frame_equal(pd.read_csv(outputs["csv"]), expected, check_dtype=False)
+    assert "Summary of the findings" in Path(outputs["rst"]).read_text()
 
 
 def test_scripts_single_seed(tmp_path: Path) -> None:
@@ -509,7 +556,11 @@ def readability_problems(fig, width: float) -> list[str]:
         if t.get_fontsize() < figures.MIN_FONT_PT - 1e-9
     ]
     boxes = [t.get_window_extent(renderer) for t in texts]
-    slanted = {i for i, t in enumerate(texts) if 0 < t.get_rotation() % 90 < 90 and t.get_rotation() % 180 not in (0, 90)}
+    slanted = {
+        i
+        for i, t in enumerate(texts)
+        if 0 < t.get_rotation() % 90 < 90 and t.get_rotation() % 180 not in (0, 90)
+    }
     for i in range(len(texts)):
         for j in range(i + 1, len(texts)):
             a, b = boxes[i], boxes[j]
@@ -614,3 +665,47 @@ def test_functional_heads_titles_give_the_head_count(tmp_path: Path, heads) -> N
         n_layers = int(heads.loc[heads["model"] == model, "n_layers"].iloc[0])
         n_heads = int(heads.loc[heads["model"] == model, "n_heads"].iloc[0])
         assert f"{n_layers} x {n_heads} = {n_layers * n_heads} heads" in ax.get_title()
+
+
+def test_summary_table_restates_the_stats_tables(results, heads) -> None:
+    table_f = functional.functional_table(heads, 0.125, "token_lengths", multiple=2.0)
+    table_p = positional.positional_table(heads, "one_back", n_permutations=99)
+    relational_sizes = pd.DataFrame(
+        {
+            "model": ["syn-big", "syn-small"],
+            "relation": ["expected_order"] * 2,
+            "n_runs": [3, 3],
+            "n_holds": [1, 3],
+            "fraction": [1 / 3, 1.0],
+            "ci_low": [0.06, 0.44],
+            "ci_high": [0.79, 1.0],
+        }
+    )
+    table = summary.summary_table(results["per_model"], table_f, table_p, relational_sizes)
+    assert list(table.columns) == list(summary.SUMMARY_COLUMNS)
+    assert table["model"].tolist() == ["syn-small", "syn-big"]  # by parameters
+    per_seed = results["per_seed"]
+    final = heads[heads["step"] == heads["step"].max()]
+    for row in table.itertuples():
+        seeds = per_seed[per_seed["model"] == row.model]
+        # Brute force from the per-seed and per-head tables, not from the per-size ones.
+        assert row.n_seeds == len(seeds)
+        assert row.peak_mean == pytest.approx(seeds["peak"].mean())
+        strongest = final[final["model"] == row.model].loc[
+            lambda f: f.groupby("run")["one_back"].transform("max") == f["one_back"]
+        ]
+        has = final[final["model"] == row.model].groupby("run")["one_back"].max() > 0.25
+        assert row.n_functional == has.sum() and row.functional_fraction == pytest.approx(
+            has.mean()
+        )
+        layers = strongest["layer"].value_counts()
+        assert row.modal_share == pytest.approx(layers.max() / len(seeds))
+    assert table.set_index("model").at["syn-big", "n_expected_order"] == 1
+    # Without the relational axis, its columns are NaN and the text says n/a.
+    bare = summary.summary_table(results["per_model"], table_f, table_p)
+    assert bare["expected_order_fraction"].isna().all()
+    text = summary.summary_rst(bare, "syn", "one_back", 0.95, "results/syn/stats/")
+    html = publish_parts(text, writer="html", settings_overrides={"halt_level": 2})["body"]
+    assert html.count("<tr") == 1 + len(bare) and "results/syn/stats/" in html
+    first = bare.iloc[0]
+    assert f"{first.peak_mean:.3f} [{first.peak_ci_low:.3f}, {first.peak_ci_high:.3f}]" in html

@@ -9,7 +9,16 @@ rule analyze:
         heads=f"{RES}/heads.parquet",
         tokens=eval_token_files,
     output:
-        **{name: f"{RES}/stats/{name}.csv" for name in STATS},
+        # Attached to the report (category Tables) so it carries the numbers behind the figures.
+        **{
+            name: report(
+                f"{RES}/stats/{name}.csv",
+                caption="../report/table.rst",
+                category="Tables",
+                labels={"table": f"{name}.csv"},
+            )
+            for name in STATS
+        },
     params:
         metric=ANALYSIS.get("metric", "one_back"),
         thresholds=ANALYSIS.get("onset_thresholds", {"start": 0.01, "stop": 0.30, "step": 0.01}),
