@@ -51,7 +51,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mechgen.functional import finite_heads
+# uniform_induction_baseline is re-exported for scripts/relational_figures.py.
+from mechgen.functional import finite_heads, uniform_induction_baseline  # noqa: F401
 
 DPI = 300
 
