@@ -18,10 +18,12 @@ include: "workflow/rules/relational.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         final_targets(),
         relational_targets(),  # workflow/rules/relational.smk
+        f"{RES}/summary.rst",  # workflow/rules/report.smk: the report opens with it
     default_target: True

@@ -567,5 +567,8 @@ def test_relational_figures_draw_the_tables(tmp_path) -> None:
     )
     fig = figures.plot_configurational(configurational, tmp_path / "conf.png")
     image = fig.axes[0].get_images()[0].get_array()
-    assert image[0, 1] == pytest.approx(configurational["qk_spectrum_similarity"].iloc[0])
+    # The cell is the contrast with the null: z of the observed similarity.
+    first = configurational.iloc[0]
+    assert (first["run_a"], first["run_b"]) == ("r1", "r2")
+    assert image[0, 1] == pytest.approx(first["qk_spectrum_z"])
     assert np.ma.is_masked(image[0, 0])  # the diagonal: no self-comparison

@@ -11,7 +11,16 @@ rule analyze:
         trajectories=f"{RES}/trajectories.parquet",
         tokens=eval_token_files,
     output:
-        **{name: f"{RES}/stats/{name}.csv" for name in STATS},
+        # Attached to the report (category Tables) so it carries the numbers behind the figures.
+        **{
+            name: report(
+                f"{RES}/stats/{name}.csv",
+                caption="../report/table.rst",
+                category="Tables",
+                labels={"table": f"{name}.csv"},
+            )
+            for name in STATS
+        },
     params:
         thresholds=ANALYSIS["onset_thresholds"],
         functional_multiple=ANALYSIS["functional_multiple"],

@@ -16,7 +16,15 @@ if RELATIONAL_ENABLED:
             heads=f"{RES}/heads.parquet",
             circuits=circuit_files(),
         output:
-            **{name: f"{RES}/stats/{name}.csv" for name in RELATIONAL_STATS},
+            **{
+                name: report(
+                    f"{RES}/stats/{name}.csv",
+                    caption="../report/table.rst",
+                    category="Tables",
+                    labels={"table": f"{name}.csv"},
+                )
+                for name in RELATIONAL_STATS
+            },
             trajectories=f"{RES}/relational_trajectories.parquet",
         params:
             thresholds=ANALYSIS["onset_thresholds"],
