@@ -1,0 +1,53 @@
+"""The mechanism catalog: every module of this package that defines ``MECHANISM`` is one entry.
+
+:func:`catalog` finds them by importing the package's modules (no list to edit), in the order
+of :data:`ORDER` first and then by name. See :mod:`mechgen.mechanisms.base` for what a
+mechanism defines.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from functools import cache
+
+from mechgen.mechanisms.base import Link, Mechanism, NullContext
+
+__all__ = ["Link", "Mechanism", "NullContext", "catalog", "get", "names"]
+
+ORDER = ("previous_token", "induction")
+"""Mechanisms listed first, in this order (the reference study's and its partner); the rest of
+the catalog follows by name."""
+
+_NOT_MECHANISMS = frozenset({"base"})
+
+
+@cache
+def catalog() -> dict[str, Mechanism]:
+    """Every registered mechanism by name. Raises if two modules claim one name."""
+    found: dict[str, Mechanism] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in _NOT_MECHANISMS or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        mechanism = getattr(module, "MECHANISM", None)
+        if not isinstance(mechanism, Mechanism):
+            continue
+        if mechanism.name in found:
+            raise ValueError(f"two modules define mechanism {mechanism.name!r}")
+        found[mechanism.name] = mechanism
+    ordered = [n for n in ORDER if n in found] + sorted(n for n in found if n not in ORDER)
+    return {name: found[name] for name in ordered}
+
+
+def names() -> list[str]:
+    """The catalog's mechanism names, in catalog order (the config schema's allowed values)."""
+    return list(catalog())
+
+
+def get(name: str) -> Mechanism:
+    """The mechanism ``name``; a ``KeyError`` lists the allowed names."""
+    mechanisms = catalog()
+    if name not in mechanisms:
+        raise KeyError(f"unknown mechanism {name!r}; allowed: {', '.join(mechanisms)}")
+    return mechanisms[name]
