@@ -5,8 +5,10 @@ is scored once without interruption (the reference). Then, per trial, in a fresh
 
 1. start ``snakemake --cores 2 results/<suite>/heads.parquet`` in its own process group;
 2. at a random moment (once a random number k of the scoring jobs, 0 <= k < all, have
-   written their sidecar, plus a random fraction of one job's duration), ``kill -9`` the
-   whole group (Snakemake and its job subprocesses) and check that no process survives;
+   written their sidecar, plus a random fraction of one job's duration), stop the whole group
+   (Snakemake and its job subprocesses) with SIGSTOP, read its state, then ``kill -9`` it and
+   check that no process survives (a caller may ask for a state, e.g. a job mid-run: if the
+   stopped state is not one, the group continues and is stopped again 50 ms later);
 3. record which outputs were finished at that moment (they exist and Snakemake has no
    ``.snakemake/incomplete`` marker for them) with their modification times;
 4. rerun robustly (:data:`RESUME_STEPS`): ``snakemake --unlock`` (a kill -9 leaves
@@ -195,13 +197,32 @@ def _live_processes_in_group(pgid: int) -> list[int]:
     return alive
 
 
+@dataclass(frozen=True)
+class KillState:
+    """What a stopped (SIGSTOP) sweep has on disk: ``finished`` outputs (relative paths, with
+    their mtimes in ns) and ``incomplete`` ones (Snakemake's markers: the jobs running)."""
+
+    finished: dict[Path, int]
+    incomplete: set[Path]
+
+
+def kill_state(workdir: Path) -> KillState:
+    """The outputs finished and marked incomplete in ``workdir`` now (see :class:`KillState`)."""
+    incomplete = incomplete_outputs(workdir)
+    finished = {
+        p: (workdir / p).stat().st_mtime_ns for p in job_outputs(workdir) if p not in incomplete
+    }
+    return KillState(finished, incomplete)
+
+
 @dataclass
 class Trial:
-    """One kill trial's record."""
+    """One trial's record."""
 
     kill_after_s: float
     finished_at_kill: int = 0
     unfinished_at_kill: int = 0
+    running_at_kill: int = 0
     redone: int = 0
     finished_redone: list[str] = field(default_factory=list)
     unfinished_not_made: list[str] = field(default_factory=list)
@@ -210,6 +231,7 @@ class Trial:
     identical: bool = False
     rerun_seconds: float = 0.0
     message: str = ""
+    at_kill: KillState | None = None
 
     @property
     def ok(self) -> bool:
@@ -223,6 +245,13 @@ class Trial:
         )
 
 
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:  # every process of the group has exited (and been reaped)
+        pass
+
+
 def kill_trial(
     workdir: Path,
     overlay: Path,
@@ -231,17 +260,23 @@ def kill_trial(
     *,
     kill_after_s: float | None = None,
     kill_when: Callable[[Path], bool] | None = None,
+    kill_in: Callable[[KillState], bool] | None = None,
     extra_delay_s: float = 0.0,
     timeout_s: float = 600.0,
 ) -> Trial:
     """One trial in a fresh ``workdir``: start, kill -9 the whole process group, resume, compare.
 
     The kill comes ``kill_after_s`` seconds after the start, or ``extra_delay_s`` after
-    ``kill_when(workdir)`` first holds (polled every 50 ms), whichever is given.
+    ``kill_when(workdir)`` first holds (polled every 50 ms), whichever is given. The group is
+    stopped (SIGSTOP) first and its state read, so the record is the state at the kill; with
+    ``kill_in``, the kill only lands in a state it accepts: otherwise the group continues
+    (SIGCONT) and is stopped again 50 ms later. A sweep that ends before the kill has
+    ``message`` "finished before the kill" (and nothing else is checked).
     """
     if (kill_after_s is None) == (kill_when is None):
         raise ValueError("give exactly one of kill_after_s and kill_when")
     started = time.monotonic()
+    deadline = started + timeout_s
     proc = subprocess.Popen(
         snakemake_command(workdir, overlay),
         env=_env(),
@@ -250,33 +285,38 @@ def kill_trial(
         start_new_session=True,  # its own process group: the kill reaches every job subprocess
     )
     if kill_when is not None:
-        deadline = started + timeout_s
         while proc.poll() is None and not kill_when(workdir) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(extra_delay_s)
-        wait_s = 0.0
     else:
-        wait_s = kill_after_s
-    try:
-        proc.wait(timeout=wait_s)
-        finished_early = True
-    except subprocess.TimeoutExpired:
-        finished_early = False
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:
+            proc.wait(timeout=kill_after_s)
+        except subprocess.TimeoutExpired:
+            pass
+    state = None
+    while proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGSTOP)
+        state = kill_state(workdir)
+        if kill_in is None or kill_in(state) or time.monotonic() >= deadline:
+            _signal_group(proc.pid, signal.SIGKILL)  # kills stopped processes too
+            proc.wait()
+            break
+        _signal_group(proc.pid, signal.SIGCONT)
+        state = None
+        time.sleep(0.05)
     trial = Trial(kill_after_s=time.monotonic() - started)
-    if finished_early:
+    if state is None:
         trial.message = "finished before the kill"
+        return trial
     deadline = time.monotonic() + 10
     while (survivors := _live_processes_in_group(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     trial.survivors = survivors
 
-    incomplete = incomplete_outputs(workdir)
-    finished = {
-        p: (workdir / p).stat().st_mtime_ns for p in job_outputs(workdir) if p not in incomplete
-    }
+    trial.at_kill = state
+    finished = state.finished
     trial.finished_at_kill = len(finished)
+    trial.running_at_kill = len(state.incomplete)
     unfinished = all_outputs - set(finished)
     trial.unfinished_at_kill = len(unfinished)
 

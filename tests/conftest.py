@@ -1,8 +1,13 @@
-"""Shared test helpers: run Snakemake in a private copy of the workflow, and one toy-test run.
+"""Shared test helpers: run Snakemake in a private copy of the workflow, and the two trained runs.
 
 The workflow tests never write into the checkout: each works in a copy under pytest's tmp dir.
 ``toy_test_run`` runs the small toy-test suite (tests/configs/toy-test.yaml) once per session;
-tests that change something copy it first with :func:`copy_run`.
+tests that change something copy it first with :func:`copy_run`. ``induction_run`` trains and
+scores the default toy suite's ``small`` size, seed 1 (tests/test_toy_induction.py).
+
+Both runs start in the background as soon as the tests are collected, if a selected test uses
+them (:func:`pytest_collection_finish`), and their fixtures wait for them: the training runs on
+the cores the tests before their first user leave idle (most tests use one core).
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,15 +168,118 @@ def job_stats(log: str) -> dict[str, int]:
     return counts
 
 
+class BackgroundSnakemake:
+    """``python -m snakemake *args`` started now in ``workdir`` (its own process group; output
+    to ``<workdir>.log``), to be waited for later; the ``timeout_s`` counts from the start."""
+
+    def __init__(self, workdir: Path, args: tuple[str, ...], timeout_s: float) -> None:
+        self.workdir = workdir
+        self.args = args
+        self.log = workdir.with_name(workdir.name + ".log")
+        self.deadline = time.monotonic() + timeout_s
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "snakemake", *args],
+                cwd=workdir,
+                env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # stop() reaches the job subprocesses too
+            )
+
+    def wait(self) -> Path:
+        """Wait for the run; return ``workdir``, or raise AssertionError with its log's end."""
+        try:
+            returncode = self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            returncode = None
+        if returncode != 0:
+            tail = "\n".join(self.log.read_text().splitlines()[-60:])
+            status = "timed out" if returncode is None else f"exited {returncode}"
+            raise AssertionError(f"snakemake {' '.join(self.args)} {status}:\n{tail}")
+        return self.workdir
+
+    def stop(self) -> None:
+        """Kill the run's whole process group if it is still running."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+
+INDUCTION_SUITE = "toy-induction"
+INDUCTION_SIZE, INDUCTION_SEED = "small", 1
+INDUCTION_RUN = f"toy-{INDUCTION_SIZE}-seed{INDUCTION_SEED}"
+"""The suite, size, seed and run id of ``induction_run``."""
+
+
+def _induction_overlay() -> dict:
+    """config.yaml's `toy` suite (same models, training, schedule, relational settings) with
+    only the larger size and one seed, under its own suite name."""
+    base = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    spec = dict(base["suites"]["toy"])
+    assert INDUCTION_SIZE in spec["sizes"], "the test follows the default suite's larger size"
+    spec.update(sizes=[INDUCTION_SIZE], seeds=[INDUCTION_SEED])
+    return {"suite": INDUCTION_SUITE, "suites": {INDUCTION_SUITE: spec}}
+
+
+def _start_toy_test_run(factory: pytest.TempPathFactory) -> BackgroundSnakemake:
+    workdir = copy_workflow(factory.mktemp("toy-test-run"))
+    args = ("--cores", "2", "--configfile", *TOY_TEST_CONFIGFILES)
+    return BackgroundSnakemake(workdir, args, timeout_s=1200)
+
+
+def _start_induction_run(factory: pytest.TempPathFactory) -> BackgroundSnakemake:
+    workdir = copy_workflow(factory.mktemp("toy-induction"))
+    overlay = workdir / "toy-induction.yaml"
+    overlay.write_text(yaml.safe_dump(_induction_overlay()))
+    target = f"results/{INDUCTION_SUITE}/stats/relational.csv"
+    args = ("--cores", "2", target, "--configfile", "config.yaml", overlay.name)
+    return BackgroundSnakemake(workdir, args, timeout_s=2400)
+
+
+_BACKGROUND_STARTS = {"toy_test_run": _start_toy_test_run, "induction_run": _start_induction_run}
+_background: dict[str, BackgroundSnakemake] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the trained runs that the selected tests use (see the module docstring)."""
+    used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    factory = session.config._tmp_path_factory  # the factory behind tmp_path_factory
+    for name, start in _BACKGROUND_STARTS.items():
+        if name in used and name not in _background:
+            _background[name] = start(factory)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop a background run that no test waited for (e.g. after -x stopped the session)."""
+    for run in _background.values():
+        run.stop()
+
+
+def _background_run(name: str, factory: pytest.TempPathFactory) -> Path:
+    if name not in _background:  # not started at collection (e.g. a fixture asked by name)
+        _background[name] = _BACKGROUND_STARTS[name](factory)
+    return _background[name].wait()
+
+
 @pytest.fixture(scope="session")
 def toy_test_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A work directory in which the toy-test suite has run end to end (local, 2 cores).
 
     Read-only for tests: copy it with :func:`copy_run` before running anything in it.
     """
-    workdir = copy_workflow(tmp_path_factory.mktemp("toy-test-run"))
-    run_snakemake(workdir, "--cores", "2", "--configfile", *TOY_TEST_CONFIGFILES)
-    return workdir
+    return _background_run("toy_test_run", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def induction_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``results/toy-induction`` of a work directory in which the default toy suite, cut to
+    ``small`` seed 1, has trained and been scored up to its relational statistics (2 cores)."""
+    return _background_run("induction_run", tmp_path_factory) / "results" / INDUCTION_SUITE
 
 
 def sidecar_first_halves(sequences: dict) -> np.ndarray:

@@ -1,8 +1,9 @@
 """The relational and configurational axes, really run by Snakemake on the toy-test suite
 (the session's ``toy_test_run``), checked against independent computations: induction scores
 from ``output_attentions`` of the saved checkpoints on ids regenerated from the sidecar, onsets
-and layer order from a pandas max over heads, CKA from its HSIC formula, and Snakemake's plan
-when only analysis parameters change."""
+and layer order from a pandas max over heads, the induction verdicts of the `relational` rule on
+planted heads with a known answer, CKA from its HSIC formula, and Snakemake's plan when only
+analysis parameters change."""
 
 from __future__ import annotations
 
@@ -99,29 +100,64 @@ def test_relational_table_agrees_with_a_pandas_max_over_heads(toy_test_run: Path
         assert row["one_back_layer"] == best["one_back"]["layer"]
         earlier = best["one_back"]["layer"] < best["induction"]["layer"]
         assert bool(row["one_back_earlier_layer"]) == earlier
-        control = best["induction"]["induction_control"]
-        score = best["induction"]["induction"]
-        # Uniform attention over 0..p at the scored queries p = L..2L-1.
-        sidecar = json.loads(
-            (results / "scores" / run / f"step{int(final['step'].iloc[0])}.json").read_text()
-        )
-        half = sidecar["relational"]["sequences"]["half_length"]
-        uniform = float(np.mean(1.0 / (np.arange(half, 2 * half) + 1)))
-        if score < 2 * uniform:  # no head stands out: nothing to call positional
-            assert pd.isna(row["induction_positional"])
-        else:
-            assert bool(row["induction_positional"]) == (control >= 0.5 * score)
-        # An induction head exists: at least twice the uniform level, and not explained by the
-        # non-repeating control.
-        formed = score >= 2 * uniform and control < 0.5 * score
-        assert bool(row["induction_formed"]) == formed
-        if not formed:
-            assert not bool(row["expected_order"])
-        elif np.isfinite(row["lag_steps"]):
-            assert bool(row["expected_order"]) == (earlier and row["lag_steps"] > 0)
     sizes = pd.read_csv(results / "stats" / "relational_sizes.csv")
     holds = sizes[sizes["relation"] == "one_back_earlier_layer"]
     assert int(holds["n_holds"].sum()) == int(table["one_back_earlier_layer"].sum())
+
+
+def test_relational_rule_classifies_planted_induction_heads(
+    toy_test_run: Path, tmp_path: Path
+) -> None:
+    """The `relational` rule rerun on a per-head table whose final step holds planted heads.
+
+    The documented verdicts (mechgen.circuit): an induction head is formed when the strongest
+    head scores at least 2 x the uniform level and its non-repeating control stays below half
+    its score; positional when the control reaches half. Planted close to both limits, on
+    either side, so that another multiple or fraction changes a verdict:
+    seed 1, layer 1 head 0: 2.2 x uniform, control 0.45 x score -> formed, not positional;
+    seed 2, layer 0 head 1: 2.5 x uniform, control 0.55 x score -> positional, not formed.
+    The strongest 1-back head: layer 0 (seed 1), layer 1 (seed 2).
+    """
+    workdir = copy_run(toy_test_run, tmp_path / "work")
+    results = _results(workdir)
+    heads = pd.read_parquet(results / "heads.parquet")
+    final = _final_step(workdir)
+    sidecar = json.loads((results / "scores" / "toy-tiny-seed1" / f"step{final}.json").read_text())
+    half = sidecar["relational"]["sequences"]["half_length"]
+    uniform = float(np.mean(1.0 / (np.arange(half, 2 * half) + 1)))  # 1/(p+1), p = L..2L-1
+    planted = {
+        # run: (induction head, score / uniform, control / score, 1-back head)
+        "toy-tiny-seed1": ((1, 0), 2.2, 0.45, (0, 1)),
+        "toy-tiny-seed2": ((0, 1), 2.5, 0.55, (1, 1)),
+    }
+    at_final = heads["step"] == final
+    for run, (induction_head, multiple, fraction, one_back_head) in planted.items():
+        rows = at_final & (heads["run"] == run)
+        heads.loc[rows, ["induction", "induction_control"]] = uniform  # no head stands out
+        heads.loc[rows, "one_back"] = 0.1
+        layer, head = induction_head
+        at = rows & (heads["layer"] == layer) & (heads["head"] == head)
+        heads.loc[at, "induction"] = multiple * uniform
+        heads.loc[at, "induction_control"] = fraction * multiple * uniform
+        layer, head = one_back_head
+        heads.loc[rows & (heads["layer"] == layer) & (heads["head"] == head), "one_back"] = 0.9
+    heads.to_parquet(results / "heads.parquet")
+
+    target = f"results/{SUITE}/stats/relational.csv"
+    log = run_snakemake(workdir, "--cores", "1", target, "--configfile", *TOY_TEST_CONFIGFILES)
+    assert logged_jobs(log.stdout + log.stderr) == ["relational"]
+    table = pd.read_csv(results / "stats" / "relational.csv").set_index("run")
+    formed, positional = table.loc["toy-tiny-seed1"], table.loc["toy-tiny-seed2"]
+    assert (formed["induction_layer"], formed["induction_head"]) == (1, 0)
+    assert formed["induction_uniform"] == pytest.approx(uniform)
+    assert formed["induction_formed"] in (True, "True")
+    assert formed["induction_positional"] in (False, "False")
+    assert formed["one_back_earlier_layer"] in (True, "True")
+    assert (positional["induction_layer"], positional["induction_head"]) == (0, 1)
+    assert positional["induction_formed"] in (False, "False")
+    assert positional["induction_positional"] in (True, "True")
+    assert positional["one_back_earlier_layer"] in (False, "False")
+    assert positional["expected_order"] in (False, "False")  # no induction head, no order
 
 
 def test_detail_step_and_configurational_outputs(toy_test_run: Path) -> None:

@@ -11,6 +11,7 @@ one unit off the exact optimum.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
@@ -20,7 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.formula.api as smf
-from test_stats import brute_force_fit
+from scipy import optimize
+from test_stats import brute_force_fit, profile_likelihood
 
 from mechgen import stats
 from mechgen.developmental import trajectories
@@ -135,13 +137,64 @@ def test_time_model_is_the_true_ml_optimum(results: dict[str, pd.DataFrame]) -> 
     assert time.loc["Var(residual)", "estimate"] == pytest.approx(truth["sigma2"], rel=1e-5)
 
 
+def _brute_force_reml_from_cross_products(
+    y: np.ndarray, x: np.ndarray, zs: list[np.ndarray]
+) -> dict:
+    """test_stats.brute_force_fit (REML, L-BFGS-B over the variance ratios from the same grid of
+    starts) with test_stats.profile_likelihood's formula evaluated from the cross-products of
+    [X Z y] alone: with W = [X y], every W'H^-1 W = W'W - W'Z S (I + S Z'Z S)^-1 S Z'W (Woodbury,
+    as there) and |H| = |I + S Z'Z S|. So each evaluation costs (p + q + 1)^2, not n x q (here
+    n = 5400 rows): the same optimum, in milliseconds instead of seconds."""
+    n, p = x.shape
+    z = np.hstack(zs)
+    w = np.column_stack([x, y])
+    zz, zw, ww = z.T @ z, z.T @ w, w.T @ w
+
+    def reml(ratios: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
+        scale = np.sqrt(np.concatenate([np.full(zk.shape[1], r) for zk, r in zip(zs, ratios)]))
+        inner = np.eye(len(zz)) + scale[:, None] * zz * scale[None, :]
+        szw = scale[:, None] * zw
+        wvw = ww - szw.T @ np.linalg.solve(inner, szw)  # W'H^-1 W
+        xtvx, xtvy, ytvy = wvw[:p, :p], wvw[:p, p], wvw[p, p]
+        beta = np.linalg.solve(xtvx, xtvy)
+        q = float(ytvy - xtvy @ beta)  # (y - X b)' H^-1 (y - X b) at the GLS b
+        m = n - p
+        loglik = (
+            -m / 2 * (1 + math.log(2 * math.pi * q / m))
+            - np.linalg.slogdet(inner)[1] / 2
+            - np.linalg.slogdet(xtvx)[1] / 2
+        )
+        se = np.sqrt(np.diag(q / m * np.linalg.inv(xtvx)))
+        return loglik, beta, se, q / m
+
+    best = None
+    for start in itertools.product((0.0, 0.3, 3.0), repeat=len(zs)):
+        result = optimize.minimize(
+            lambda r: -reml(r)[0],
+            np.array(start),
+            method="L-BFGS-B",
+            bounds=[(0.0, None)] * len(zs),
+            options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 5000},
+        )
+        if best is None or result.fun < best.fun:
+            best = result
+    loglik, beta, se, sigma2 = reml(best.x)
+    # The cross-product form is test_stats' profile likelihood, evaluated the long way here.
+    reference = profile_likelihood(y, x, zs, best.x, reml=True)
+    assert loglik == pytest.approx(reference[0], abs=1e-8)
+    assert np.concatenate([beta, se, [sigma2]]) == pytest.approx(
+        np.concatenate([reference[1], reference[2], [reference[3]]]), rel=1e-9
+    )
+    return {"ratios": best.x, "variances": best.x * sigma2, "llf": loglik, "beta": beta, "se": se}
+
+
 def test_prop_layer_model_is_the_true_reml_optimum(
     results: dict[str, pd.DataFrame], heads: pd.DataFrame
 ) -> None:
     final = stats.final_step_heads(heads)
     x = np.column_stack([np.ones(len(final)), final["prop_layer"]])
     zs = [pd.get_dummies(final[f]).to_numpy(dtype=float) for f in ("head", "model")]
-    truth = brute_force_fit(final["one_back"].to_numpy(), x, zs, reml=True)
+    truth = _brute_force_reml_from_cross_products(final["one_back"].to_numpy(), x, zs)
     prop = results["regressions"].query("analysis == 'prop_layer'").set_index("term")
     assert prop["llf"].iloc[0] == pytest.approx(truth["llf"], abs=1e-6)
     assert prop.loc[["(Intercept)", "prop_layer"], "estimate"].to_numpy() == pytest.approx(

@@ -1,7 +1,8 @@
 """The embedded toy suite grows the circuit the relational axis looks for: in toy-small, a
 previous-token (1-back) head emerges first, in an earlier layer, and an induction head that
 matches by content forms after it. The suite is the default `toy` suite of config.yaml, cut
-to one size and one seed; Snakemake trains it and scores it. The expectation is checked from
+to one size and one seed; Snakemake trains it and scores it (conftest.induction_run, started
+in the background once the tests are collected). The expectation is checked from
 the per-head table by hand (pandas max over heads, half-rise steps), independently of mechgen's
 onset and order code, and the induction head's score against ``output_attentions``."""
 
@@ -15,39 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
-from conftest import REPO_ROOT, copy_workflow, run_snakemake, sidecar_first_halves
+from conftest import INDUCTION_RUN, sidecar_first_halves
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 pytestmark = pytest.mark.slow
 
-SUITE = "toy-induction"
-SIZE, SEED = "small", 1
-RUN = f"toy-{SIZE}-seed{SEED}"
-
-
-def _overlay() -> dict:
-    """config.yaml's `toy` suite (same models, training, schedule, relational settings) with
-    only the larger size and one seed, under its own suite name."""
-    base = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
-    spec = dict(base["suites"]["toy"])
-    assert SIZE in spec["sizes"], "the test follows the default suite's larger size"
-    spec.update(sizes=[SIZE], seeds=[SEED])
-    return {"suite": SUITE, "suites": {SUITE: spec}}
-
-
-@pytest.fixture(scope="module")
-def induction_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = copy_workflow(tmp_path_factory.mktemp("toy-induction"))
-    overlay = workdir / "toy-induction.yaml"
-    overlay.write_text(yaml.safe_dump(_overlay()))
-    stats = f"results/{SUITE}/stats/relational.csv"
-    run_snakemake(
-        workdir, "--cores", "2", stats, "--configfile", "config.yaml", str(overlay),
-        timeout_s=1200,
-    )
-    return workdir / "results" / SUITE
+RUN = INDUCTION_RUN
 
 
 def _half_rise_step(trajectory: pd.Series) -> int:
