@@ -66,6 +66,7 @@ report() {
         echo "mechgen: building $path failed" >&2
         return 1
     fi
+    python -m mechgen retitle-report "$path"
     echo "report: $path"
 }
 

@@ -4,6 +4,9 @@
 selected by config.yaml (as modified by the same ``--configfile``/``--config suite=...``
 arguments that Snakemake gets) belongs.
 
+``python -m mechgen retitle-report PATH`` gives the built HTML report at PATH
+(``results/<suite>/report.html``) a title naming its suite (:mod:`mechgen.report`).
+
 ``python -m mechgen check-config [FILE...] [--snakemake ARGS...]`` checks that each FILE, and
 each ``--configfile``/``--configfiles`` file among Snakemake's ARGS, parses as a YAML mapping;
 for each that does not it prints ``FILE:LINE:COLUMN: message`` and the exit status is 2.
@@ -13,12 +16,15 @@ for each that does not it prints ``FILE:LINE:COLUMN: message`` and the exit stat
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from mechgen.config import REPO_ROOT, SCHEMA_PATH, load_yaml, yaml_problem
+from mechgen.report import retitle
 
 USAGE = (
     "usage: python -m mechgen report-path [snakemake args]\n"
-    "       python -m mechgen check-config [FILE...] [--snakemake ARGS...]"
+    "       python -m mechgen check-config [FILE...] [--snakemake ARGS...]\n"
+    "       python -m mechgen retitle-report PATH"
 )
 
 
@@ -80,6 +86,10 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:1] == ["check-config"]:
         return _check_config(argv[1:])
+    if argv[:1] == ["retitle-report"] and len(argv) == 2:
+        path = Path(argv[1])
+        retitle(path, path.parent.name)  # results/<suite>/report.html
+        return 0
     print(USAGE, file=sys.stderr)
     return 2
 

@@ -8,6 +8,8 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +115,15 @@ def test_report_embeds_every_figure(toy_test_run, tmp_path):
     shutil.copytree(toy_test_run / ".snakemake", work / ".snakemake", symlinks=True)
     report = work / "results" / SUITE / "report.html"
     run_snakemake(work, "--configfile", *TOY_TEST_CONFIGFILES, "--report", str(report))
+    assert "<title>Snakemake Report</title>" in report.read_text()
+    retitle = subprocess.run(
+        [sys.executable, "-m", "mechgen", "retitle-report", str(report)],
+        cwd=work, capture_output=True, text=True,
+    )
+    assert retitle.returncode == 0, retitle.stderr
     html = report.read_text()
+    assert f"<title>mechgen report, suite {SUITE}</title>" in html
+    assert html.count("<title>") == 1 and "Snakemake Report</title>" not in html
     figures = sorted((work / "results" / SUITE / "figures").glob("*.png"))
     assert len(figures) == 10  # 6 of the analyses, 4 of the relational axes
     for fig in figures:
