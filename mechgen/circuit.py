@@ -86,7 +86,7 @@ import json
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ import pandas as pd
 import torch
 
 from mechgen.atomic import atomic_path
+from mechgen.settings import CircuitSettings
 
 __all__ = [
     "CIRCUIT_VERSION",
@@ -112,70 +113,6 @@ __all__ = [
 
 CIRCUIT_VERSION = 1
 """Bump when what a stored circuit array means changes (invalidates cached circuit results)."""
-
-PYTHIA_TOKENIZER_SIZE = 50277
-"""Pythia's tokenizer has 50,277 ids; its embedding matrix is padded to 50,304 untrained rows."""
-
-
-@dataclass(frozen=True)
-class CircuitSettings:
-    """The ``relational:`` config of one scoring job (``detail``: this step is a detail step).
-
-    Units: ``n_sequences`` sequences of ``half_length`` tokens (x2); token ids in
-    ``[token_lo, min(token_hi, vocab_size))``; ``max_offset`` in tokens; ``cka_max_tokens``
-    evaluation tokens; ``n_baseline`` rotation draws.
-    """
-
-    n_sequences: int = 100
-    half_length: int = 50
-    token_lo: int = 2
-    token_hi: int = PYTHIA_TOKENIZER_SIZE
-    seed: int = 0
-    batch_size: int = 16
-    copying: bool = True
-    max_offset: int = 8
-    qk_top_k: int = 3
-    detail: bool = False
-    n_baseline: int = 200
-    n_random_heads: int = 4
-    cka_max_tokens: int = 4096
-    control_seed: int = 0
-
-    @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> CircuitSettings:
-        """Settings from a params mapping; unknown keys (e.g. ``enabled``) are ignored."""
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in mapping.items() if k in known}
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad field."""
-        for name in (
-            "n_sequences",
-            "half_length",
-            "batch_size",
-            "qk_top_k",
-            "n_baseline",
-            "cka_max_tokens",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"relational.{name} must be a positive int; got {value!r}")
-        if self.half_length < 2:
-            raise ValueError(f"relational.half_length must be >= 2; got {self.half_length}")
-        if not 0 <= self.token_lo < self.token_hi:
-            raise ValueError(
-                f"relational token range must satisfy 0 <= token_lo < token_hi; got "
-                f"[{self.token_lo}, {self.token_hi})"
-            )
-        if self.max_offset < 1 or self.n_random_heads < 0:
-            raise ValueError("relational.max_offset must be >= 1 and n_random_heads >= 0")
-
-    def record(self) -> dict[str, Any]:
-        """JSON-serialisable copy (for the sidecar and the cache key)."""
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------

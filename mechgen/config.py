@@ -107,10 +107,14 @@ def _config_schema() -> dict[str, Any]:
     schema = load_yaml(SCHEMA_PATH)
     # Lists the code defines, injected so that no copy of them is kept by hand in the schema.
     # mechgen.circuit loads torch (about 2 s); its settings dataclass is the definition.
-    from mechgen.circuit import CircuitSettings
     from mechgen.schema import ATTENTION_METRICS
+    from mechgen.settings import (
+        REPEAT_SOURCES,
+        SIZE_KEYS_REQUIRED,
+        TRAINING_KEYS_REQUIRED,
+        CircuitSettings,
+    )
     from mechgen.sources import SUITE_SOURCES, HubSettings
-    from mechgen.toy import REPEAT_SOURCES, SIZE_KEYS_REQUIRED, TRAINING_KEYS_REQUIRED
 
     props = schema["properties"]
     toy = props["toy"]["properties"]
@@ -232,7 +236,7 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
         HubSettings.from_config(config["hub"])
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc) if "hub." in str(exc) else f"config key 'hub': {exc}") from None
-    from mechgen.circuit import CircuitSettings
+    from mechgen.settings import CircuitSettings
 
     for name, spec in suites.items():
         _validate_suite(config, name, spec, check_files=check_files and name == config["suite"])
@@ -259,7 +263,7 @@ def repeat_min_half_problem(training: Mapping[str, Any]) -> str | None:
 
     It must lie in 1..seq_len // 2 (a span and its copy fit in a row), and repeat_source
     ``window`` with repeat_fraction > 0 needs it. The one statement of these rules, shared by
-    config validation and :mod:`mechgen.toy` (which cannot be imported here: it loads torch).
+    config validation and :mod:`mechgen.toy`.
     """
     seq_len = training.get("seq_len")
     min_half = training.get("repeat_min_half")

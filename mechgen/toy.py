@@ -57,6 +57,13 @@ import torch
 from mechgen.atomic import atomic_dir, write_json
 from mechgen.config import repeat_min_half_problem
 from mechgen.progress import Progress
+from mechgen.settings import (
+    REPEAT_SOURCES,
+    SIZE_KEYS_OPTIONAL,
+    SIZE_KEYS_REQUIRED,
+    TRAINING_KEYS_OPTIONAL,
+    TRAINING_KEYS_REQUIRED,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,27 +95,6 @@ MIN_POSITIONS = 512
 """max_position_embeddings is at least this, since the scorer sees sentences up to 512 tokens."""
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-SIZE_KEYS_REQUIRED = ("n_layers", "n_heads", "d_model")
-SIZE_KEYS_OPTIONAL = ("d_ff",)
-TRAINING_KEYS_REQUIRED = (
-    "steps",
-    "batch_size",
-    "seq_len",
-    "learning_rate",
-    "warmup_steps",
-    "weight_decay",
-)
-TRAINING_KEYS_OPTIONAL = (
-    "threads",
-    "repeat_fraction",
-    "repeat_source",
-    "repeat_vocab",
-    "repeat_min_half",
-)
-REPEAT_SOURCES = ("random", "corpus", "window")
-"""Where the repeated content of a repeated-content row comes from (see :func:`train_run`):
-``random`` ids or a ``corpus`` window placed twice as a whole row (:func:`repeated_rows`), or a
-span of the row's own text ``window`` repeated in place (:func:`window_repeats`)."""
 STEP_DELAY_ENV = "MECHGEN_TEST_STEP_DELAY_S"
 """Test hook: seconds to sleep after every training update (unset or 0 in real runs). It slows a
 tiny toy run down so that tests/test_orphans.py can kill the workflow mid-training; it changes

@@ -236,7 +236,7 @@ def test_schema_enums_are_the_codes_lists():
     from mechgen.config import config_schema, relational_scoring_keys
     from mechgen.schema import ATTENTION_METRICS
     from mechgen.sources import SUITE_SOURCES, HubSettings
-    from mechgen.toy import REPEAT_SOURCES, TRAINING_KEYS_OPTIONAL, TRAINING_KEYS_REQUIRED
+    from mechgen.settings import REPEAT_SOURCES, TRAINING_KEYS_OPTIONAL, TRAINING_KEYS_REQUIRED
 
     schema = config_schema()
     props = schema["properties"]
@@ -397,3 +397,18 @@ def test_corrupt_checkpoint_message_says_it_once(tmp_path):
     line = str(exit_info.value.code)
     assert line.startswith(f"mechgen: corrupt checkpoint: {step / 'model.safetensors'}: ")
     assert line.count("corrupt checkpoint") == 1
+
+
+def test_validation_loads_no_torch() -> None:
+    """Snakemake validates the config at every start (on a cluster, in every job): doing so must
+    not import torch (seconds per start). The definitions it checks live in mechgen.settings."""
+    code = (
+        "import sys; from mechgen.config import load_yaml, validate_config; "
+        "validate_config(load_yaml('config.yaml')); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
