@@ -46,7 +46,7 @@ def main(sm: Any) -> None:
         figures.placeholder_figure(sm.output.configurational, reason)
         log.warning(reason)
     else:
-        figures.plot_configurational(configurational, sm.output.configurational, runs=heads)
+        figures.plot_configurational(configurational, sm.output.configurational, runs=traj)
 
 
 if "snakemake" in globals():

@@ -809,3 +809,52 @@ def test_summary_table_restates_the_stats_tables(results, heads) -> None:
     assert html.count("<tr") == 1 + len(bare) and "results/syn/stats/" in html
     first = bare.iloc[0]
     assert f"{first.peak_mean:.3f} [{first.peak_ci_low:.3f}, {first.peak_ci_high:.3f}]" in html
+
+
+def test_relational_figures_script_orders_runs_from_its_inputs(
+    tmp_path: Path, heads: pd.DataFrame, monkeypatch
+) -> None:
+    """Rule `relational_figures` draws from its declared inputs only: the trajectories Parquet
+    (which also gives the run order, size then seed) and the two CSVs."""
+    one_back = trajectories(heads, "one_back")
+    traj = pd.concat(
+        [
+            one_back,
+            one_back.assign(metric="induction", value=one_back["value"] * 0.8),
+            one_back.assign(metric="induction_control", value=0.01),
+        ],
+        ignore_index=True,
+    )
+    relational, configurational = synthetic_relational(heads)
+    inputs = {
+        "trajectories": str(tmp_path / "relational_trajectories.parquet"),
+        "relational": str(tmp_path / "relational.csv"),
+        "configurational": str(tmp_path / "configurational.csv"),
+    }
+    traj.to_parquet(inputs["trajectories"])
+    relational.to_csv(inputs["relational"], index=False)
+    configurational.to_csv(inputs["configurational"], index=False)
+    names = ("relational_trajectories", "onset_lag", "ablation", "configurational")
+    outputs = {name: str(tmp_path / f"{name}.png") for name in names}
+    seen = {}
+    draw = figures.plot_configurational
+
+    def spy(table, path, runs=None, **kwargs):
+        seen["runs"] = runs
+        return draw(table, path, runs=runs, **kwargs)
+
+    monkeypatch.setattr(figures, "plot_configurational", spy)
+    load_script("relational_figures").main(
+        SimpleNamespace(
+            input=Namedlist(fromdict=inputs),
+            output=Namedlist(fromdict=outputs),
+            params=Namedlist(fromdict={"half_length": 8}),
+            log=[str(tmp_path / "relational_figures.log")],
+            rule="relational_figures",
+        )
+    )
+    for path in outputs.values():
+        check_png(Path(path))
+    order = figures.run_order(seen["runs"])["run"].tolist()
+    expected = heads.drop_duplicates("run").sort_values(["n_params", "model", "seed"])["run"]
+    assert order == expected.tolist()
