@@ -614,8 +614,19 @@ def test_kill9_then_resume_redoes_only_unfinished_jobs(tmp_path):
     def score_steps(paths) -> set[int]:
         return {int(p.name[4:].split(".")[0]) for p in paths if str(p.parent) == scores}
 
+    def done_steps(state) -> set[int]:
+        # A scoring job is done when its table is finished and none of its outputs (table,
+        # sidecar, circuit file) is still marked incomplete: Snakemake drops the markers one
+        # output at a time as the job ends, and reruns a job with any marker left.
+        return {
+            s
+            for s in steps
+            if Path(f"{scores}/step{s}.parquet") in state.finished
+            and s not in score_steps(state.incomplete)
+        }
+
     def mid_run(state) -> bool:
-        finished = {s for s in steps if Path(f"{scores}/step{s}.parquet") in state.finished}
+        finished = done_steps(state)
         return bool(finished) and bool(score_steps(state.incomplete) - finished)
 
     trial = bench.kill_trial(
@@ -632,7 +643,7 @@ def test_kill9_then_resume_redoes_only_unfinished_jobs(tmp_path):
     assert trial.survivors == [], "processes of the killed group survived"
     assert trial.rerun_ok, trial.message
     # The resume started exactly the score jobs whose table was not finished, and the table.
-    done = {s for s in steps if Path(f"{scores}/step{s}.parquet") in trial.at_kill.finished}
+    done = done_steps(trial.at_kill)
     assert 1 <= len(done) < len(steps)
     resumed = logged_jobs((tmp_path / "trial" / "resume.log").read_text())
     assert resumed == sorted(
