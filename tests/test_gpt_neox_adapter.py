@@ -118,9 +118,7 @@ def test_neox_effective_embedding_is_layer0_output_minus_its_attention(parallel:
     too)."""
     model = random_model(parallel)
     layer0 = model.gpt_neox.layers[0]
-    layer0.attention.register_forward_hook(
-        lambda m, a, out: (torch.zeros_like(out[0]), *out[1:])
-    )
+    layer0.attention.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]), *out[1:]))
     seen = {}
     layer0.register_forward_hook(lambda m, a, out: seen.update(h=out.detach()))
     for token in (0, 11, VOCAB - 1):
@@ -173,12 +171,14 @@ def test_ov_logits_brute_force_through_the_modules() -> None:
                     layer.register_forward_pre_hook(replace_input, with_kwargs=True),
                     layer.attention.dense.register_forward_pre_hook(keep_one_head),
                     layer.attention.register_forward_hook(
-                        lambda m, a, out: seen.update(o=out[0].detach())
+                        lambda m, a, out, seen=seen: seen.update(o=out[0].detach())
                     ),
                 ]
                 with torch.no_grad():
                     bare.gpt_neox(input_ids=torch.tensor([[0]]), use_cache=False)
-                    logits = bare.get_output_embeddings()(bare.gpt_neox.final_layer_norm(seen["o"][0, 0]))
+                    logits = bare.get_output_embeddings()(
+                        bare.gpt_neox.final_layer_norm(seen["o"][0, 0])
+                    )
                 for handle in handles:
                     handle.remove()
                 torch.testing.assert_close(
