@@ -272,3 +272,56 @@ def test_a_run_whose_tokenizer_keeps_no_task_is_not_formed() -> None:
     mech = get("successor")
     null = mech.null(frame.assign(run="r"), NullContext()).iloc[0]
     assert not mech.meets_criterion(frame["successor"], null, frame["successor_permuted"]).any()
+
+
+# ------------------------------------------------------------------ the scoring job
+
+
+def test_scoring_job_adds_the_weight_columns_and_caches_them(tmp_path: Path, monkeypatch) -> None:
+    """score_checkpoint with weight tasks: the columns equal an independent
+    score_weight_mechanisms on the checkpoint loaded by transformers, the sidecar records the
+    tasks, and a byte-identical checkpoint reads them from the score cache (no forward pass)."""
+    from mechgen import metrics
+    from mechgen.config import Run
+    from mechgen.fakehub import save_random_checkpoint, tiny_gpt_neox_config
+    from mechgen.scoring import score_checkpoint
+
+    run_dir = tmp_path / "tiny-a-seed1"
+    save_random_checkpoint(run_dir / "step0", tiny_gpt_neox_config(), seed=1)
+    (run_dir / "step1").mkdir()
+    for path in (run_dir / "step0").iterdir():
+        (run_dir / "step1" / path.name).write_bytes(path.read_bytes())
+    run = Run("mine", run_dir.name, "tiny-a", "a", 1, "local", str(run_dir))
+    token_ids = [[5, 17, 99, 3, 250, 7, 8], [11, 12, 5, 5], [200, 201, 3]]
+    record = successor.task_token_ids(WORDS.__getitem__, tasks=PLANTED_TASKS)
+    tasks = WeightTasks.from_eval_tokens({"token_ids": token_ids, "successor_tasks": record})
+    assert tasks.copy_token_ids[:2] == (5, 3)  # by count, then id
+
+    def score(step: int, **kwargs):
+        return score_checkpoint(
+            run, step, token_ids, tokens_per_step=10, score_cache_dir=tmp_path / "cache", **kwargs
+        )
+
+    table, sidecar = score(0, weight_tasks=tasks)
+    model = GPTNeoXForCausalLM.from_pretrained(str(run_dir / "step0"), attn_implementation="eager")
+    expected = score_weight_mechanisms(model, tasks)
+    pd.testing.assert_frame_equal(
+        table[["layer", "head", *WEIGHT_COLUMNS]].reset_index(drop=True), expected
+    )
+    assert sidecar["weight_mechanisms"] == tasks.record()
+    assert sidecar["weight_mechanisms"]["effective_embedding"] == "neox"
+    assert sidecar["weight_mechanisms"]["successor_dropped_items"] == {"second": ["z"]}
+
+    calls = []
+    real = metrics.score_heads
+    monkeypatch.setattr(metrics, "score_heads", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hit, hit_sidecar = score(1, weight_tasks=tasks)
+    assert hit_sidecar["score_cache"]["hit"] and not calls
+    pd.testing.assert_frame_equal(
+        hit[WEIGHT_COLUMNS].reset_index(drop=True), table[WEIGHT_COLUMNS].reset_index(drop=True)
+    )
+    # without weight tasks the key differs (no hit) and the columns are absent
+    plain, plain_sidecar = score(1)
+    assert not plain_sidecar["score_cache"]["hit"] and calls
+    assert not set(WEIGHT_COLUMNS) & set(plain.columns)
+    assert "weight_mechanisms" not in plain_sidecar

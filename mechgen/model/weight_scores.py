@@ -40,6 +40,7 @@ import torch
 
 from mechgen.mechanisms import copy_suppression, successor
 from mechgen.model import gpt_neox
+from mechgen.schema import WEIGHT_COLUMNS
 
 CONVENTIONS = ("neox", "tigges")
 DEFAULT_CONVENTION = "neox"
@@ -47,15 +48,6 @@ DEFAULT_CONVENTION = "neox"
 
 WEIGHT_SCORES_VERSION = 1
 """Bump when a weight-based score changes meaning: it is part of the score-cache key."""
-
-WEIGHT_COLUMNS = [
-    "successor",
-    "successor_permuted",
-    "successor_chance",
-    "copy_suppression",
-    "copying",
-]
-"""Per-head columns :func:`score_weight_mechanisms` returns (besides layer and head)."""
 
 
 @dataclass(frozen=True)
@@ -198,3 +190,16 @@ def score_weight_mechanisms(model: torch.nn.Module, tasks: WeightTasks) -> pd.Da
             np.asarray(scores[column], dtype=float), (n_layers, n_heads)
         ).reshape(-1)
     return frame
+
+
+def add_weight_columns(
+    result: pd.DataFrame, model: torch.nn.Module, tasks: WeightTasks
+) -> pd.DataFrame:
+    """``result`` (per-head rows with ``layer`` and ``head``) with :data:`WEIGHT_COLUMNS` added
+    from :func:`score_weight_mechanisms`; a copy, keeping ``result.attrs``."""
+    scores = score_weight_mechanisms(model, tasks).set_index(["layer", "head"])
+    index = pd.MultiIndex.from_frame(result[["layer", "head"]].astype("int64"))
+    out = result.copy()
+    for column in WEIGHT_COLUMNS:
+        out[column] = scores[column].reindex(index).to_numpy()
+    return out
