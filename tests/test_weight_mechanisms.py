@@ -157,6 +157,8 @@ def test_nulls_and_criteria_from_the_table() -> None:
     assert list(null) == [0.1, 0.1, 0.2]
     met = mech.meets_criterion(table["successor"], null, table["successor_permuted"])
     assert list(met) == [True, False, False]  # r2: 0.5 >= 0.4 but its permuted control 0.4
+    imported = mech.null(table.drop(columns="successor_chance"), NullContext())
+    assert list(imported.index) == ["r1", "r2"] and imported.isna().all()
     cs = get("copy_suppression")
     cs_null = cs.null(table, NullContext()).reindex(table["run"]).to_numpy()
     assert list(cs.meets_criterion(table["copy_suppression"], cs_null)) == [True, False, False]

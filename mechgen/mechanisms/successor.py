@@ -199,8 +199,11 @@ def successor_scores(
 
 def chance_null(table: pd.DataFrame, context: NullContext) -> pd.Series:
     """Per run: its ``successor_chance`` (mean over its kept tasks of 1 / task size; the same on
-    every row of a run). NaN for a run without a kept task, so nothing meets the criterion."""
+    every row of a run). NaN for a run without a kept task, or a table without the column (an
+    imported suite), so nothing meets the criterion there."""
     del context  # the chance level is a column: it depends on each run's tokenizer
+    if "successor_chance" not in table.columns:
+        return pd.Series(np.nan, index=sorted(table["run"].unique()), name="null")
     return table.groupby("run")["successor_chance"].first().rename("null")
 
 
