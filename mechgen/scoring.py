@@ -9,9 +9,10 @@ Score cache. Several Pythia branches hold byte-identical weights (e.g. ``step0``
 A checkpoint's per-head scores are a function of: the weight file's bytes (its sha256, known from
 the hub's metadata *before* downloading), the architecture (``config.json``, minus bookkeeping
 keys), the evaluation token ids (their sha256), ``clipped_window``, the dtype, the metric code
-(:data:`SCORE_CACHE_VERSION`) and the torch/transformers versions. The sha256 of all of these is
-the cache key; ``batch_size`` is left out because it does not change the value (padding is
-masked; only float rounding differs, ~1e-7). With a cache directory (the pipeline uses
+(:data:`SCORE_CACHE_VERSION`), the torch/transformers versions and, when they are scored, the
+weight-based mechanisms' task data (:meth:`mechgen.model.weight_scores.WeightTasks.record`). The
+sha256 of all of these is the cache key; ``batch_size`` is left out because it does not change
+the value (padding is masked; only float rounding differs, ~1e-7). With a cache directory (the pipeline uses
 ``results/<suite>/score_cache/``), each scored checkpoint leaves ``<key>.parquet`` there (per-head
 metric columns + layer/head, the n_layers/n_heads/n_params/n_sentences/n_tokens and the origin
 (run, revision) in the Parquet metadata). A later checkpoint with the same key costs no download
