@@ -327,3 +327,29 @@ def test_scoring_job_adds_the_weight_columns_and_caches_them(tmp_path: Path, mon
     assert not plain_sidecar["score_cache"]["hit"] and calls
     assert not set(WEIGHT_COLUMNS) & set(plain.columns)
     assert "weight_mechanisms" not in plain_sidecar
+
+
+def test_per_block_scores_equal_the_scores_of_the_full_logit_matrix() -> None:
+    """score_weight_mechanisms (head outputs once per layer, logits per block) equals the
+    mechanism scores of each block cut from ov_logits over all tokens, on a random model."""
+    from mechgen.fakehub import tiny_gpt_neox_config
+    from mechgen.model.weight_scores import ov_logits
+
+    torch.manual_seed(4)
+    model = GPTNeoXForCausalLM(tiny_gpt_neox_config()).eval()
+    record = successor.task_token_ids(WORDS.__getitem__, tasks=PLANTED_TASKS)
+    tasks = WeightTasks(successor=record, copy_token_ids=(40, 2, 7, 300, 11))
+    frame = score_weight_mechanisms(model, tasks)
+    ids = list(range(320))
+    full = ov_logits(model, ids, ids).double().numpy()
+
+    def block(token_ids):
+        return full[:, :, token_ids][:, :, :, token_ids]
+
+    expected = successor.successor_scores(
+        {name: block(task["token_ids"]) for name, task in record["tasks"].items()}, record
+    )
+    expected.update(copy_suppression.copy_scores(block(list(tasks.copy_token_ids))))
+    for column in WEIGHT_COLUMNS:
+        want = np.broadcast_to(expected[column], full.shape[:2]).reshape(-1)
+        np.testing.assert_allclose(frame[column].to_numpy(), want, err_msg=column)

@@ -131,6 +131,16 @@ def effective_embedding(
         return rows + mlp0(gpt_neox.mlp_layernorm(model, 0)(rows)).float()
 
 
+def _head_outputs(model: torch.nn.Module, layer: int, e: torch.Tensor) -> torch.Tensor:
+    """LN_f(W_O[l, h] W_V[l, h] LN_l(e)) of every head of ``layer``: ``[n_heads, n, d]``, the
+    vectors W_U reads (biases left out; module docstring)."""
+    x = gpt_neox.input_layernorm(model, layer)(e, with_bias=False)  # [n, d]
+    _, _, w_v = gpt_neox.qkv_weights(model, layer)  # [H, hd, d]
+    w_o = gpt_neox.output_weights(model, layer)  # [H, d, hd]
+    z = torch.einsum("hid,nd->hni", w_v, x)
+    return gpt_neox.final_layernorm(model)(torch.einsum("hdi,hni->hnd", w_o, z), with_bias=False)
+
+
 def ov_logits(
     model: torch.nn.Module,
     source_ids: Sequence[int],
@@ -141,50 +151,47 @@ def ov_logits(
     n_layers, _, _, _ = gpt_neox.shape(model)
     e = effective_embedding(model, source_ids, convention)
     w_u = gpt_neox.unembedding(model)[torch.as_tensor(list(candidate_ids), dtype=torch.long)]
-    final = gpt_neox.final_layernorm(model)
-    out = []
     with torch.no_grad():
-        for layer in range(n_layers):
-            x = gpt_neox.input_layernorm(model, layer)(e, with_bias=False)  # [n, d]
-            _, _, w_v = gpt_neox.qkv_weights(model, layer)  # [H, hd, d]
-            w_o = gpt_neox.output_weights(model, layer)  # [H, d, hd]
-            z = torch.einsum("hid,nd->hni", w_v, x)
-            o = torch.einsum("hdi,hni->hnd", w_o, z)
-            out.append(final(o, with_bias=False) @ w_u.T)
-    return torch.stack(out)
+        return torch.stack([_head_outputs(model, layer, e) @ w_u.T for layer in range(n_layers)])
 
 
 def score_weight_mechanisms(model: torch.nn.Module, tasks: WeightTasks) -> pd.DataFrame:
     """One row per head: layer, head and :data:`WEIGHT_COLUMNS` (float64).
 
-    One :func:`ov_logits` over the union of the successor items and the K frequent tokens (as
-    sources and as candidates), then each task's block: successor scores
+    The head outputs of the union of the successor items and the K frequent tokens are computed
+    once per layer; each task then takes its own block of :func:`ov_logits` (its items as
+    sources and candidates): successor scores
     (:func:`mechgen.mechanisms.successor.successor_scores`) and copy scores
     (:func:`mechgen.mechanisms.copy_suppression.copy_scores`; NaN with fewer than 2 tokens).
     """
     n_layers, n_heads, _, _ = gpt_neox.shape(model)
-    task_ids = {name: task["token_ids"] for name, task in tasks.successor["tasks"].items()}
-    union = sorted({*tasks.copy_token_ids, *(i for ids in task_ids.values() for i in ids)})
-    where = {token: index for index, token in enumerate(union)}
-    logits = (
-        ov_logits(model, union, union, tasks.convention).double().numpy()
-        if union
-        else np.zeros((n_layers, n_heads, 0, 0))
-    )
-
-    def block(ids: Sequence[int]) -> np.ndarray:
-        index = np.asarray([where[i] for i in ids], dtype=int)
-        return logits[:, :, index][:, :, :, index]
-
-    scores = successor.successor_scores(
-        {n: block(ids) for n, ids in task_ids.items()}, tasks.successor
-    )
+    blocks = {name: task["token_ids"] for name, task in tasks.successor["tasks"].items()}
+    copy_key = object()  # a key no task name can equal
     if len(tasks.copy_token_ids) >= 2:
-        scores.update(copy_suppression.copy_scores(block(tasks.copy_token_ids)))
+        blocks[copy_key] = list(tasks.copy_token_ids)
+    union = sorted({i for ids in blocks.values() for i in ids})
+    where = {token: index for index, token in enumerate(union)}
+    w_u = gpt_neox.unembedding(model)
+    logits: dict[Any, list[np.ndarray]] = {name: [] for name in blocks}
+    if union:
+        e = effective_embedding(model, union, tasks.convention)
+        with torch.no_grad():
+            for layer in range(n_layers):
+                outputs = _head_outputs(model, layer, e)  # [H, n_union, d]
+                for name, ids in blocks.items():
+                    rows = outputs[:, [where[i] for i in ids]]
+                    block = rows @ w_u[torch.as_tensor(ids, dtype=torch.long)].T
+                    logits[name].append(block.double().numpy())
+    stacked = {name: np.stack(layers) for name, layers in logits.items() if layers}
+    scores = successor.successor_scores(
+        {name: stacked[name] for name in tasks.successor["tasks"]}, tasks.successor
+    )
+    if copy_key in stacked:
+        scores.update(copy_suppression.copy_scores(stacked[copy_key]))
     else:
         scores.update(copy_suppression=np.nan, copying=np.nan)
-    layer, head = np.divmod(np.arange(n_layers * n_heads), n_heads)
-    frame = pd.DataFrame({"layer": layer, "head": head})
+    layer_index, head_index = np.divmod(np.arange(n_layers * n_heads), n_heads)
+    frame = pd.DataFrame({"layer": layer_index, "head": head_index})
     for column in WEIGHT_COLUMNS:
         frame[column] = np.broadcast_to(
             np.asarray(scores[column], dtype=float), (n_layers, n_heads)
