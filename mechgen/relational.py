@@ -56,6 +56,7 @@ import pandas as pd
 import torch
 
 from mechgen.metrics import gpt_neox_body as _gpt_neox_body
+from mechgen.model import gpt_neox
 
 __all__ = [
     "CausalDependence",
@@ -436,21 +437,17 @@ def head_weights(model: torch.nn.Module, fold_layernorm: bool = True) -> HeadWei
     stream, so only heads of *earlier* layers can compose with a head.
     """
     body = _gpt_neox_body(model, need_attention=False)
-    _, n_heads, head_dim, d_model = _shape(model)
     w_q, w_k, w_v, w_o = [], [], [], []
     with torch.no_grad():
-        for layer in body.layers:
-            qkv = layer.attention.query_key_value.weight.detach().float().cpu()
-            qkv = qkv.view(n_heads, 3, head_dim, d_model)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        for index, layer in enumerate(body.layers):
+            q, k, v = gpt_neox.qkv_weights(model, index)
             if fold_layernorm:
                 gain = layer.input_layernorm.weight.detach().float().cpu()
                 q, k, v = (_fold_gain_and_centre(m, gain) for m in (q, k, v))
-            w_q.append(q.clone())
-            w_k.append(k.clone())
-            w_v.append(v.clone())
-            dense = layer.attention.dense.weight.detach().float().cpu()
-            w_o.append(dense.view(d_model, n_heads, head_dim).permute(1, 0, 2).clone())
+            w_q.append(q)
+            w_k.append(k)
+            w_v.append(v)
+            w_o.append(gpt_neox.output_weights(model, index))
     return HeadWeights(
         w_q=torch.stack(w_q),
         w_k=torch.stack(w_k),

@@ -50,6 +50,17 @@ CIRCUIT_COLUMNS = [
 """Columns the scoring job appends after HEAD_COLUMNS when ``relational.enabled``
 (mechgen.circuit); absent (and NaN after aggregation) otherwise."""
 
+WEIGHT_COLUMNS = [
+    "successor",  # fraction of (token, successor) pairs whose successor tops the OV logits, mean over tasks
+    "successor_permuted",  # the same with each task's targets deranged (control)
+    "successor_chance",  # per run (same on every row): mean over kept tasks of 1 / task size
+    "copy_suppression",  # mean normalised rank of the own OV logit among K frequent tokens, 1 = lowest
+    "copying",  # 1 - copy_suppression: 1 = the own logit highest
+]
+"""Columns of the weight-based mechanisms (mechgen.model.weight_scores: successor heads, copy
+suppression and copying), which the scoring job appends when the run's eval_tokens record holds
+the successor task."""
+
 TRAJECTORY_COLUMNS = [
     "suite",
     "model",

@@ -9,9 +9,10 @@ Score cache. Several Pythia branches hold byte-identical weights (e.g. ``step0``
 A checkpoint's per-head scores are a function of: the weight file's bytes (its sha256, known from
 the hub's metadata *before* downloading), the architecture (``config.json``, minus bookkeeping
 keys), the evaluation token ids (their sha256), ``clipped_window``, the dtype, the metric code
-(:data:`SCORE_CACHE_VERSION`) and the torch/transformers versions. The sha256 of all of these is
-the cache key; ``batch_size`` is left out because it does not change the value (padding is
-masked; only float rounding differs, ~1e-7). With a cache directory (the pipeline uses
+(:data:`SCORE_CACHE_VERSION`), the torch/transformers versions and, when they are scored, the
+weight-based mechanisms' task data (:meth:`mechgen.model.weight_scores.WeightTasks.record`). The
+sha256 of all of these is the cache key; ``batch_size`` is left out because it does not change
+the value (padding is masked; only float rounding differs, ~1e-7). With a cache directory (the pipeline uses
 ``results/<suite>/score_cache/``), each scored checkpoint leaves ``<key>.parquet`` there (per-head
 metric columns + layer/head, the n_layers/n_heads/n_params/n_sentences/n_tokens and the origin
 (run, revision) in the Parquet metadata). A later checkpoint with the same key costs no download
@@ -42,7 +43,13 @@ import pandas as pd
 
 from mechgen.atomic import atomic_path
 from mechgen.config import Run
-from mechgen.schema import ATTENTION_METRICS, FLAG_COLUMNS, HEAD_COLUMNS, ID_COLUMNS
+from mechgen.schema import (
+    ATTENTION_METRICS,
+    FLAG_COLUMNS,
+    HEAD_COLUMNS,
+    ID_COLUMNS,
+    WEIGHT_COLUMNS,
+)
 
 SCORE_CACHE_VERSION = 1
 """Bump when mechgen.metrics changes what a metric means: every cached score is then ignored."""
@@ -54,6 +61,8 @@ VOLATILE_CONFIG_KEYS = frozenset(
 the saved dtype, the KV cache switch): left out of the cache key."""
 
 CACHE_COLUMNS = ["layer", "head", *ATTENTION_METRICS, *FLAG_COLUMNS]
+"""Columns every score-cache entry holds; an entry keyed with weight tasks also holds
+:data:`mechgen.schema.WEIGHT_COLUMNS` (:func:`cached_columns`)."""
 _CACHE_METADATA_KEY = b"mechgen.score_cache"
 
 
@@ -112,6 +121,11 @@ def identify(
 # --------------------------------------------------------------------------- score cache
 
 
+def cached_columns(scores: pd.DataFrame) -> list[str]:
+    """:data:`CACHE_COLUMNS` and the weight-based columns ``scores`` has (all or none)."""
+    return CACHE_COLUMNS + [c for c in WEIGHT_COLUMNS if c in scores.columns]
+
+
 def token_ids_sha256(token_ids: list[list[int]]) -> str:
     """sha256 (64 hex) of the evaluation token ids: of ``json.dumps(ids, separators=(",", ":"))``,
     so the same sentences in the same order with the same ids hash alike, whatever produced them."""
@@ -144,6 +158,7 @@ def score_cache_key(
     clipped_window: int,
     versions: Mapping[str, str] | None = None,
     circuit: Mapping[str, Any] | None = None,
+    weights: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(key, fields): the key is the sha256 of the canonical JSON of ``fields`` = everything
     that determines a checkpoint's per-head scores (see the module docstring). ``versions``
@@ -168,6 +183,10 @@ def score_cache_key(
         # (<key>.circuit.npz), so other settings are another entry. Absent when relational is
         # off, so those keys are unchanged.
         fields["circuit"] = dict(circuit)
+    if weights is not None:
+        # The weight-based mechanisms' task data and convention (WeightTasks.record()): their
+        # columns are cached with the scores. Absent when off, so those keys are unchanged.
+        fields["weights"] = dict(weights)
     key = hashlib.sha256(
         json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
@@ -202,7 +221,8 @@ class ScoreCache:
         try:
             table = pq.read_table(path)
             meta = json.loads(table.schema.metadata[_CACHE_METADATA_KEY])
-            scores = table.to_pandas()[CACHE_COLUMNS]
+            frame = table.to_pandas()
+            scores = frame[cached_columns(frame)]
         except Exception as err:  # noqa: BLE001 - a damaged entry is a miss, never a wrong score
             logging.getLogger(__name__).warning(
                 "score cache entry %s unreadable (%s): ignored", path, err
@@ -213,13 +233,13 @@ class ScoreCache:
         return scores, meta
 
     def put(self, key: str, scores: pd.DataFrame, meta: Mapping[str, Any]) -> Path:
-        """Store ``scores`` (its :data:`CACHE_COLUMNS`) and ``meta`` under ``key`` atomically."""
+        """Store ``scores`` (its :func:`cached_columns`) and ``meta`` under ``key`` atomically."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.directory.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pandas(
-            scores[CACHE_COLUMNS].reset_index(drop=True), preserve_index=False
+            scores[cached_columns(scores)].reset_index(drop=True), preserve_index=False
         )
         record = dict(meta, key=key)
         table = table.replace_schema_metadata(
@@ -256,6 +276,7 @@ def score_checkpoint(
     hub: Any = None,
     circuit_settings: Any = None,
     circuit_path: str | Path | None = None,
+    weight_tasks: Any = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score every head of ``run`` at ``step`` on ``token_ids`` (one list of ids per sentence).
 
@@ -270,6 +291,11 @@ def score_checkpoint(
     table gets ``induction``, ``induction_control`` and ``copying_accuracy`` columns, the
     sidecar a ``relational`` record, and the arrays are written to ``circuit_path`` (an empty
     file for a missing checkpoint). With the score cache they are cached next to the scores.
+
+    ``weight_tasks`` (a :class:`mechgen.model.weight_scores.WeightTasks`; None: off) adds the
+    weight-based mechanisms' columns (:data:`mechgen.schema.WEIGHT_COLUMNS`: successor heads,
+    copy suppression, copying), computed from the loaded weights alone, and a
+    ``weight_mechanisms`` record to the sidecar; they are cached with the scores.
     """
     import torch
 
@@ -304,6 +330,7 @@ def score_checkpoint(
         return empty_head_table(), sidecar
 
     circuit_record = circuit_settings.record() if circuit_settings is not None else None
+    weight_record = weight_tasks.record() if weight_tasks is not None else None
     circuit_result = None
     one_back_seconds = None
 
@@ -323,6 +350,7 @@ def score_checkpoint(
             clipped_window,
             versions,
             circuit_record,
+            weight_record,
         )[0]
 
     def circuit_cache_path(key: str) -> Path:
@@ -379,6 +407,12 @@ def score_checkpoint(
                         circuit_result = circuit.score_circuit(
                             model, result, accumulators, circuit_settings, token_ids
                         )
+                    # ---- weight-based mechanisms (successor heads, copy suppression, copying):
+                    # from the loaded weights alone, no pass over text.
+                    if weight_tasks is not None:
+                        from mechgen.model import weight_scores
+
+                        result = weight_scores.add_weight_columns(result, model, weight_tasks)
                     del model
             finally:
                 freed = sources.release(files) if delete_weights else 0
@@ -407,7 +441,7 @@ def score_checkpoint(
             scores, meta = hit
 
     table = identify(
-        scores[CACHE_COLUMNS],
+        scores[cached_columns(scores)],
         run,
         step,
         tokens_per_step,
@@ -424,6 +458,8 @@ def score_checkpoint(
         }
         if circuit_path is not None:
             circuit_result.save(circuit_path)
+    if weight_record is not None:
+        sidecar["weight_mechanisms"] = weight_record
     sidecar.update(
         status="ok",
         commit=ref.commit,

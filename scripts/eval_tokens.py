@@ -11,6 +11,7 @@ from _common import setup_logging  # noqa: E402
 
 from mechgen import atomic, evaltext, sources  # noqa: E402
 from mechgen.config import Run  # noqa: E402
+from mechgen.mechanisms import successor  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)
@@ -36,6 +37,17 @@ record = {
     "n_tokens": int(sum(len(t) for t in token_ids)),
     "n_truncated": int(n_truncated),
     "token_ids": token_ids,
+    # The successor heads' task ids for this tokenizer (single-token items; drops listed).
+    "successor_tasks": successor.task_token_ids(
+        lambda text: tokenizer.encode(text, add_special_tokens=False)
+    ),
 }
 atomic.write_text(sm.output[0], json.dumps(record))
 log.info("%s: %d sentences, %d tokens", run.run, record["n_sentences"], record["n_tokens"])
+tasks = record["successor_tasks"]
+log.info(
+    "%s: successor tasks kept %s (items per task); dropped tasks %s",
+    run.run,
+    {name: len(task["items"]) for name, task in tasks["tasks"].items()},
+    tasks["dropped_tasks"] or "none",
+)

@@ -15,6 +15,7 @@ setup_logging(snakemake)  # noqa: F821
 
 from mechgen.circuit import CircuitSettings  # noqa: E402
 from mechgen.config import Run, suite_steps  # noqa: E402
+from mechgen.model.weight_scores import WeightTasks  # noqa: E402
 from mechgen.progress import format_duration  # noqa: E402
 from mechgen.scoring import score_checkpoint, write_result  # noqa: E402
 from mechgen.sources import CorruptCheckpoint, HubUnavailable  # noqa: E402
@@ -24,7 +25,8 @@ log = logging.getLogger(f"mechgen.{sm.rule}")
 run = Run(**sm.params.run)
 step = int(sm.wildcards.step)
 with open(sm.input.tokens) as fh:
-    token_ids = json.load(fh)["token_ids"]
+    eval_tokens = json.load(fh)
+token_ids = eval_tokens["token_ids"]
 scoring = sm.config["scoring"]  # validated: every key present
 
 # Read from the config, not params: neither changes a score, so neither may trigger a rerun.
@@ -36,6 +38,10 @@ hub = sm.config["hub"]
 # mapping when relational.enabled is false.
 relational = dict(sm.params.get("relational") or {})
 circuit_settings = CircuitSettings.from_mapping(relational) if relational else None
+
+# Weight-based mechanisms (successor heads, copy suppression): their task ids come from the
+# run's tokenizer, written by rule eval_tokens next to the evaluation token ids.
+weight_tasks = WeightTasks.from_eval_tokens(eval_tokens)
 
 try:
     table, sidecar = score_checkpoint(
@@ -53,6 +59,7 @@ try:
         hub=hub,
         circuit_settings=circuit_settings,
         circuit_path=sm.output.get("circuit"),
+        weight_tasks=weight_tasks,
     )
 except CorruptCheckpoint as exc:
     # One clear line instead of a stack trace from deep inside safetensors/torch.

@@ -279,3 +279,9 @@ def test_eval_rules_feed_the_tokenizer_every_cell_verbatim(tmp_path):
     record = json.loads((work / target).read_text())
     assert record["n_sentences"] == 666
     assert record["token_ids"] == expected
+    # The successor heads' task ids, from the same tokenizer (here through `tokenizers` itself).
+    from mechgen.mechanisms import successor
+
+    tasks = record["successor_tasks"]
+    assert tasks == successor.task_token_ids(lambda t: raw.encode(t, add_special_tokens=False).ids)
+    assert tasks["tasks"]["days"]["token_ids"][0] == raw.encode(" Monday").ids[0]

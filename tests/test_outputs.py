@@ -102,7 +102,7 @@ def test_library_tables_are_documented(tmp_path: Path) -> None:
         assert_documented(f"stats/{name}.csv", tables[f"stats/{name}.csv"].columns)
     for path in ("trajectories.parquet", "trajectories.csv", "relational_trajectories.parquet"):
         assert_documented(path, traj.columns)
-    head_columns = schema.HEAD_COLUMNS + schema.CIRCUIT_COLUMNS
+    head_columns = schema.HEAD_COLUMNS + schema.CIRCUIT_COLUMNS + schema.WEIGHT_COLUMNS
     assert_documented("heads.parquet", head_columns)
     assert_documented("scores/toy-tiny-seed1/step300.parquet", head_columns)
     assert_documented("stats/mds.csv", convergence.MDS_COLUMNS)

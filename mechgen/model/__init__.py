@@ -1,0 +1,5 @@
+"""Model-side code: runs in the scoring job, under torch, on a loaded checkpoint.
+
+Model internals are read only through an architecture adapter (:mod:`mechgen.model.gpt_neox`
+for GPT-NeoX / Pythia); the table-side analyses never import this package.
+"""

@@ -1,0 +1,142 @@
+"""The GPT-NeoX architecture adapter: every weight a weight-based score reads, in one place.
+
+Checked against transformers' ``modeling_gpt_neox.py`` (tests/test_gpt_neox_adapter.py does
+it by brute force on the modules themselves):
+
+- token embedding ``gpt_neox.embed_in.weight`` ``[vocab, d]`` (W_E, one row per token id);
+  unembedding: the LM head's weight (``get_output_embeddings()``: ``embed_out`` in transformers
+  4, ``lm_head`` in 5) ``[vocab, d]`` (W_U; logits = W_U x), after
+  ``gpt_neox.final_layer_norm``. Pythia does not tie them.
+- fused QKV: ``attention.query_key_value`` is one ``Linear(d, 3d)`` whose output is viewed as
+  ``[..., n_heads, 3 * head_dim]`` and chunked into q, k, v, so its weight is
+  ``view(n_heads, 3, head_dim, d)`` (component 0 = q, 1 = k, 2 = v) and its bias
+  ``view(n_heads, 3, head_dim)``. The output projection ``attention.dense`` takes the heads
+  concatenated (input feature ``h * head_dim + i``), so head h's W_O is
+  ``dense.weight[:, h * head_dim:(h + 1) * head_dim]``.
+- parallel residual (``use_parallel_residual=True``, as in every Pythia): layer l computes
+  ``x + attn(input_layernorm(x)) + mlp(post_attention_layernorm(x))``: the MLP reads the layer's
+  *input* x, not the attention output. Without the parallel residual the MLP reads
+  ``post_attention_layernorm(x + attn(...))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mechgen.metrics import gpt_neox_body
+
+
+@dataclass(frozen=True)
+class LayerNormWeights:
+    """A LayerNorm's gain ``weight`` [d], ``bias`` [d] and ``eps``:
+    LN(x) = weight * (x - mean(x)) / sqrt(var(x) + eps) + bias (biased variance, over d)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """LN over the last dimension of ``x``; ``with_bias=False`` leaves out ``bias``."""
+        centred = x - x.mean(dim=-1, keepdim=True)
+        normed = centred / torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed * self.weight + (self.bias if with_bias else 0.0)
+
+
+def _ln(module: torch.nn.Module) -> LayerNormWeights:
+    return LayerNormWeights(
+        weight=module.weight.detach().float().cpu(),
+        bias=module.bias.detach().float().cpu(),
+        eps=float(module.eps),
+    )
+
+
+def shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(n_layers, n_heads, head_dim, d_model) of a GPT-NeoX model."""
+    config = model.config
+    n_heads = int(config.num_attention_heads)
+    d_model = int(config.hidden_size)
+    return int(config.num_hidden_layers), n_heads, d_model // n_heads, d_model
+
+
+def embedding(model: torch.nn.Module) -> torch.Tensor:
+    """W_E ``[vocab, d]`` float32 on the CPU (a view of the parameter's data; do not modify)."""
+    return gpt_neox_body(model, need_attention=False).embed_in.weight.detach().float().cpu()
+
+
+def unembedding(model: torch.nn.Module) -> torch.Tensor:
+    """W_U ``[vocab, d]`` float32 on the CPU: logits = x @ W_U.T (no bias in GPT-NeoX)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no LM head (load GPTNeoXForCausalLM)")
+    return head.weight.detach().float().cpu()
+
+
+def final_layernorm(model: torch.nn.Module) -> LayerNormWeights:
+    """``gpt_neox.final_layer_norm``, applied before W_U."""
+    return _ln(gpt_neox_body(model, need_attention=False).final_layer_norm)
+
+
+def input_layernorm(model: torch.nn.Module, layer: int) -> LayerNormWeights:
+    """Layer ``layer``'s ``input_layernorm``, which every head of that layer reads through."""
+    return _ln(gpt_neox_body(model, need_attention=False).layers[layer].input_layernorm)
+
+
+def mlp_layernorm(model: torch.nn.Module, layer: int) -> LayerNormWeights:
+    """Layer ``layer``'s ``post_attention_layernorm``, which its MLP reads through."""
+    return _ln(gpt_neox_body(model, need_attention=False).layers[layer].post_attention_layernorm)
+
+
+def mlp(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """Layer ``layer``'s MLP module (``dense_h_to_4h``, activation, ``dense_4h_to_h``); call it
+    under ``torch.no_grad()`` on float32 CPU inputs of width d."""
+    return gpt_neox_body(model, need_attention=False).layers[layer].mlp
+
+
+def parallel_residual(model: torch.nn.Module) -> bool:
+    """True when each layer's MLP reads the layer input (GPT-NeoX's parallel residual)."""
+    return bool(getattr(model.config, "use_parallel_residual", True))
+
+
+def qkv_weights(
+    model: torch.nn.Module, layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_Q, W_K, W_V) of every head of ``layer``, each ``[n_heads, head_dim, d]`` float32 CPU
+    (head h's query is ``W_Q[h] @ LN(x) + b_Q[h]``), split from the fused QKV weight."""
+    _, n_heads, head_dim, d_model = shape(model)
+    attention = gpt_neox_body(model, need_attention=False).layers[layer].attention
+    fused = attention.query_key_value.weight.detach().float().cpu()
+    fused = fused.view(n_heads, 3, head_dim, d_model)
+    return fused[:, 0].clone(), fused[:, 1].clone(), fused[:, 2].clone()
+
+
+def qkv_biases(
+    model: torch.nn.Module, layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b_Q, b_K, b_V) of every head of ``layer``, each ``[n_heads, head_dim]`` (zeros when the
+    fused QKV has no bias)."""
+    _, n_heads, head_dim, _ = shape(model)
+    linear = gpt_neox_body(model, need_attention=False).layers[layer].attention.query_key_value
+    if linear.bias is None:
+        zeros = torch.zeros(n_heads, head_dim)
+        return zeros, zeros.clone(), zeros.clone()
+    fused = linear.bias.detach().float().cpu().view(n_heads, 3, head_dim)
+    return fused[:, 0].clone(), fused[:, 1].clone(), fused[:, 2].clone()
+
+
+def output_weights(model: torch.nn.Module, layer: int) -> torch.Tensor:
+    """W_O of every head of ``layer``: ``[n_heads, d, head_dim]`` float32 CPU, so the layer's
+    attention output is ``sum_h W_O[h] @ z_h + b_O`` (``b_O`` = :func:`output_bias`)."""
+    _, n_heads, head_dim, d_model = shape(model)
+    dense = gpt_neox_body(model, need_attention=False).layers[layer].attention.dense
+    weight = dense.weight.detach().float().cpu()
+    return weight.view(d_model, n_heads, head_dim).permute(1, 0, 2).clone()
+
+
+def output_bias(model: torch.nn.Module, layer: int) -> torch.Tensor:
+    """b_O ``[d]`` of ``layer``'s output projection (zeros without a bias)."""
+    dense = gpt_neox_body(model, need_attention=False).layers[layer].attention.dense
+    if dense.bias is None:
+        return torch.zeros(dense.out_features)
+    return dense.bias.detach().float().cpu()
