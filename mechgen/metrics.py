@@ -74,7 +74,9 @@ def _batch_geometry(
     later_queries = (lengths_column - 1 - positions[None, None]).clamp(min=1).to(dtype)
     n_received = (lengths.to(dtype) - 2.0)[:, None]
     log_received_keys = torch.where(
-        n_received >= MIN_RECEIVED_KEYS, torch.log(n_received), torch.full_like(n_received, math.nan)
+        n_received >= MIN_RECEIVED_KEYS,
+        torch.log(n_received),
+        torch.full_like(n_received, math.nan),
     )
     return _BatchGeometry(
         causal_valid=causal_valid,
@@ -282,9 +284,9 @@ class _HeadMetricAccumulator:
             # Sentences with L < 4 have no received concentration (NaN): left out of its sum
             # and its count. NaN from non-finite attention stays (the head is flagged).
             long_enough = torch.isfinite(self.geometry.log_received_keys)
-            self.sums[RECEIVED_METRIC][layer_index] += torch.where(
-                long_enough, received, 0.0
-            ).sum(dim=0, dtype=torch.float64)
+            self.sums[RECEIVED_METRIC][layer_index] += torch.where(long_enough, received, 0.0).sum(
+                dim=0, dtype=torch.float64
+            )
             if layer_index == 0:
                 self.received_sentences += int(long_enough.sum())
             if layer_index == self.n_layers - 1:
@@ -432,8 +434,10 @@ def score_heads(
     }
     for name in ATTENTION_METRICS:
         count = accumulator.received_sentences if name == RECEIVED_METRIC else n_sentences
-        mean = accumulator.sums[name].cpu() / count if count else torch.full_like(
-            accumulator.sums[name].cpu(), math.nan
+        mean = (
+            accumulator.sums[name].cpu() / count
+            if count
+            else torch.full_like(accumulator.sums[name].cpu(), math.nan)
         )
         # Never average non-finite values silently: a flagged head gets NaN for every metric.
         columns[name] = mean.masked_fill(nonfinite, math.nan).flatten().numpy()

@@ -75,9 +75,9 @@ __all__ = [
     "mean_head_output_hooks",
     "mean_head_outputs",
     "real_queries_from_attention_mask",
-    "repeat_offset_attention",
     "relation_fraction_by_size",
     "relational_run_table",
+    "repeat_offset_attention",
     "score_induction",
 ]
 

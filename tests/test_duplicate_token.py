@@ -184,7 +184,11 @@ def test_duplicate_token_matches_output_attentions() -> None:
             [
                 [
                     np.mean(
-                        [a[n, h, p, p - HALF].item() for n in range(5) for p in range(HALF, 2 * HALF)]
+                        [
+                            a[n, h, p, p - HALF].item()
+                            for n in range(5)
+                            for p in range(HALF, 2 * HALF)
+                        ]
                     )
                     for h in range(2)
                 ]

@@ -46,9 +46,7 @@ def received_concentration_of_uniform(length: int) -> float:
     if length < MIN_TOKENS:
         raise ValueError(f"received concentration needs >= {MIN_TOKENS} tokens, got {length}")
     weights = 1.0 / (np.arange(length) + 1.0)  # row i puts 1/(i+1) on every key j <= i
-    received = np.array(
-        [weights[j + 1 :].mean() for j in range(1, length - 1)], dtype=np.float64
-    )
+    received = np.array([weights[j + 1 :].mean() for j in range(1, length - 1)], dtype=np.float64)
     share = received / received.sum()
     entropy = -float(np.sum(share * np.log(share)))
     return 1.0 - entropy / float(np.log(length - 2))
