@@ -14,7 +14,8 @@ Per checkpoint (model-level, torch)
   sequences and second-half query positions p = L..2L-1 of the attention A[p, p - L + 1]
   (the token after the first occurrence of token p); per model, the in-context copying
   accuracy = fraction of positions p = L..2L-2 whose top-1 next-token prediction equals token
-  p + 1 (= token p - L + 1). Batched forward passes (equal lengths, no padding); attention
+  p + 1 (= token p - L + 1); from the same hooks, the duplicate-token score = mean of
+  A[p, p - L] (the same token's earlier occurrence; :func:`repeat_offset_attention`). Batched forward passes (equal lengths, no padding); attention
   is reduced inside a hook on each layer so only one layer's attention is alive at a time,
   and the LM head runs only on the second half (or not at all with ``copying=False``).
 - :func:`composition_scores`: weight-space K-, Q- and V-composition between every head of an
