@@ -8,6 +8,10 @@ Every checkpoint (cheap)
 - ``induction_control`` per head: the induction score's positions on sequences whose second
   half does *not* repeat the first (:func:`positional_control`), which exposes heads that
   attend to the fixed offset L - 1 instead of matching content;
+- ``duplicate_token`` per head, from the induction passes: mean over sequences and p of
+  A[p, p - L], attention to the same token's earlier occurrence
+  (:mod:`mechgen.mechanisms.duplicate_token`), and ``duplicate_token_control``, its positions
+  on the positional control's sequences (same passes as ``induction_control``);
 - ``induction`` per head and the model's in-context ``copying_accuracy``
   (:func:`mechgen.relational.score_induction`) on N sequences of L random token ids repeated
   twice (:func:`mechgen.relational.make_repeated_sequences`; ids from
@@ -60,7 +64,8 @@ key                    shape                meaning
 =====================  ===================  =================================================
 ``induction``          [L, H]               induction score (probability)
 ``induction_control``  [L, H]               the same positions on non-repeating sequences
-                                            (:func:`positional_control`; probability)
+                                            (:func:`positional_controls`; probability)
+``duplicate_token``    [L, H]               mean A[p, p - L] on the [random]x2 sequences
 ``copying_accuracy``   []                   fraction of second-half positions copied (top-1)
 ``offset_profile``     [L, H, K+1]          mean attention to offsets 0..K on the eval text
 ``qk_spectrum``        [L, H, hd]           sigma(W_QK) / ||sigma||_2, descending
@@ -71,7 +76,8 @@ key                    shape                meaning
 ``record``             [] str               JSON: settings, the ids' sha256, timings, ablation
 =====================  ===================  =================================================
 
-Detail checkpoints add ``k_composition``, ``k_baseline_mean``, ``k_baseline_sd``
+``duplicate_token_control`` ([L, H]) holds the duplicate-token positions on the non-repeating
+sequences. Detail checkpoints add ``k_composition``, ``k_baseline_mean``, ``k_baseline_sd``
 ([L, H, L, H], indexed [target layer, target head, source layer, source head]),
 ``ablation_induction_before/_after_source/_after_control`` ([L, H]) with the scalars in the
 record, and ``cka_heads`` [m, 2] with ``cka_outputs`` [m, n_tokens, hd] (row 0 = the strongest
@@ -105,6 +111,8 @@ __all__ = [
     "add_circuit_columns",
     "eval_token_prefix",
     "load_circuit",
+    "positional_control",
+    "positional_controls",
     "random_cka_heads",
     "ride_along",
     "score_circuit",
@@ -248,7 +256,9 @@ def load_circuit(path: str | Path) -> CircuitResult:
 
 
 def add_circuit_columns(table: pd.DataFrame, result: CircuitResult | None) -> pd.DataFrame:
-    """The per-head table with ``induction`` (per head) and ``copying_accuracy`` (per checkpoint).
+    """The per-head table with ``induction``, ``induction_control``, ``duplicate_token`` and
+    ``duplicate_token_control`` (per head; the controls and duplicate-token where the result
+    has them) and ``copying_accuracy`` (per checkpoint).
 
     Rows are matched on (layer, head); with ``result`` None the table is returned unchanged.
     """
@@ -265,6 +275,9 @@ def add_circuit_columns(table: pd.DataFrame, result: CircuitResult | None) -> pd
     out["induction"] = induction[layers, heads].astype(float)
     if "induction_control" in result.arrays:
         out["induction_control"] = result.arrays["induction_control"][layers, heads].astype(float)
+    for column in ("duplicate_token", "duplicate_token_control"):
+        if column in result.arrays:
+            out[column] = result.arrays[column][layers, heads].astype(float)
     out["copying_accuracy"] = result.copying_accuracy
     return out
 
@@ -273,19 +286,28 @@ def add_circuit_columns(table: pd.DataFrame, result: CircuitResult | None) -> pd
 # The per-checkpoint scores
 
 
-def positional_control(
+def positional_controls(
     model: torch.nn.Module, sequences: Any, seed: int, batch_size: int
-) -> np.ndarray:
-    """Per head: the induction score's attention pattern on sequences that do *not* repeat.
+) -> dict[str, np.ndarray]:
+    """Per head: the induction and duplicate-token attention patterns on sequences that do
+    *not* repeat, from one set of forward passes.
 
     Each sequence is ``sequences``' first half followed by L other random ids (a second
-    :func:`mechgen.relational.make_repeated_sequences` draw with ``seed + 1``, same range);
-    score[l, h] = mean over sequences and p = L..2L-1 of A[p, p - L + 1], exactly the induction
-    score's positions. A content-based induction head scores near uniform (~1/(p + 1)) here;
-    a head that merely attends to the fixed offset L - 1 (a shortcut fixed-period training
-    data allows) scores as high as on the repeated sequences. [n_layers, n_heads], probability.
+    :func:`mechgen.relational.make_repeated_sequences` draw with ``seed + 1``, same range).
+    ``induction_control``[l, h] = mean over sequences and p = L..2L-1 of A[p, p - L + 1],
+    exactly the induction score's positions: a content-based induction head scores near
+    uniform (~1/(p + 1)) here; a head that merely attends to the fixed offset L - 1 (a shortcut
+    fixed-period training data allows) scores as high as on the repeated sequences.
+    ``duplicate_token_control``[l, h] = the same mean of A[p, p - L], the duplicate-token
+    score's positions: a head that attends to the fixed offset L (not to the same token)
+    scores as high here. Both [n_layers, n_heads], probability.
     """
-    from mechgen.relational import _forward_with_attention, _shape, make_repeated_sequences
+    from mechgen.relational import (
+        _forward_with_attention,
+        _shape,
+        make_repeated_sequences,
+        repeat_offset_attention,
+    )
 
     half = sequences.half_length
     other = make_repeated_sequences(
@@ -294,11 +316,11 @@ def positional_control(
     ids = torch.from_numpy(np.concatenate([sequences.first_half, other.first_half], axis=1))
     n_layers, n_heads, _, _ = _shape(model)
     sums = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    queries = torch.arange(half, 2 * half)
-    keys = queries - half + 1
+    duplicate_sums = torch.zeros(n_layers, n_heads, dtype=torch.float64)
 
     def on_attention(layer: int, attention: torch.Tensor) -> None:
-        sums[layer] += attention[:, :, queries, keys].sum(dim=(0, 2), dtype=torch.float64).cpu()
+        sums[layer] += repeat_offset_attention(attention, half, half - 1).cpu()
+        duplicate_sums[layer] += repeat_offset_attention(attention, half, half).cpu()
 
     was_training = model.training
     model.eval()
@@ -308,7 +330,18 @@ def positional_control(
                 _forward_with_attention(model, ids[start : start + batch_size], on_attention)
     finally:
         model.train(was_training)
-    return (sums / (ids.shape[0] * half)).numpy()
+    count = ids.shape[0] * half
+    return {
+        "induction_control": (sums / count).numpy(),
+        "duplicate_token_control": (duplicate_sums / count).numpy(),
+    }
+
+
+def positional_control(
+    model: torch.nn.Module, sequences: Any, seed: int, batch_size: int
+) -> np.ndarray:
+    """``induction_control`` of :func:`positional_controls` ([n_layers, n_heads], probability)."""
+    return positional_controls(model, sequences, seed, batch_size)["induction_control"]
 
 
 def _timed(timings: dict[str, float], name: str, started: float) -> float:
@@ -350,7 +383,7 @@ def score_circuit(
     sequence_record.pop("token_ids")  # the seed, range and sha256 identify them
     induction = score_induction(model, sequences, settings.batch_size, settings.copying)
     started = _timed(timings, "induction", started)
-    control = positional_control(model, sequences, settings.seed, settings.batch_size)
+    controls = positional_controls(model, sequences, settings.seed, settings.batch_size)
     started = _timed(timings, "induction_control", started)
 
     spectra = head_spectra(model)
@@ -368,7 +401,9 @@ def score_circuit(
 
     arrays: dict[str, np.ndarray] = {
         "induction": induction.induction.astype(np.float64),
-        "induction_control": control.astype(np.float64),
+        "induction_control": controls["induction_control"].astype(np.float64),
+        "duplicate_token": induction.duplicate_token.astype(np.float64),
+        "duplicate_token_control": controls["duplicate_token_control"].astype(np.float64),
         "copying_accuracy": np.array(induction.copying_accuracy, dtype=np.float64),
         "offset_profile": np.asarray(ride.offsets.profile, dtype=np.float64),
         "qk_spectrum": spectra.qk.astype(np.float64),

@@ -32,6 +32,13 @@ __all__ = ["score_heads", "sentence_attention_metrics"]
 MIN_SENTENCE_TOKENS = 2
 """Sentences shorter than this have no query position 1..L-1 (no 1-back) and are skipped."""
 
+MIN_RECEIVED_KEYS = 2
+"""``received_concentration`` needs at least this many keys 1..L-2 (L >= 4 tokens): the
+concentration of one key is undefined (ln 1 = 0). Shorter sentences are left out of that
+metric's mean over sentences only."""
+
+RECEIVED_METRIC = "received_concentration"
+
 
 @dataclass(frozen=True)
 class _BatchGeometry:
@@ -45,6 +52,12 @@ class _BatchGeometry:
     # [T*T, 2] float: column 0 is i - j, column 1 is min(i - j, W), flattened over (i, j).
     # Entries with j > i are irrelevant (those probabilities are masked to 0).
     distances: torch.Tensor
+    # Received attention (received_concentration): [B, 1, T] bool, key j in 1..L_b-2 (it has a
+    # later query and is not position 0); [B, 1, T] float, L_b - 1 - j, its number of later
+    # queries (clamped to >= 1 where unused); [B, 1] float, ln(L_b - 2), NaN where L_b < 4.
+    received_keys: torch.Tensor
+    later_queries: torch.Tensor
+    log_received_keys: torch.Tensor
 
 
 def _batch_geometry(
@@ -56,12 +69,24 @@ def _batch_geometry(
     key = positions[None, :]
     causal_valid = (key <= query)[None, None] & (query[None, None] < lengths[:, None, None, None])
     distance = (query - key).to(dtype)
+    lengths_column = lengths[:, None, None]
+    received_keys = (positions >= 1)[None, None] & (positions[None, None] <= lengths_column - 2)
+    later_queries = (lengths_column - 1 - positions[None, None]).clamp(min=1).to(dtype)
+    n_received = (lengths.to(dtype) - 2.0)[:, None]
+    log_received_keys = torch.where(
+        n_received >= MIN_RECEIVED_KEYS,
+        torch.log(n_received),
+        torch.full_like(n_received, math.nan),
+    )
     return _BatchGeometry(
         causal_valid=causal_valid,
         lengths=lengths.to(dtype)[:, None],
         distances=torch.stack([distance, distance.clamp(max=clipped_window)], dim=-1).reshape(
             padded_length * padded_length, 2
         ),
+        received_keys=received_keys,
+        later_queries=later_queries,
+        log_received_keys=log_received_keys,
     )
 
 
@@ -102,6 +127,7 @@ def _metrics_from_geometry(
     distance_sums = probs.reshape(batch, heads, padded_length * padded_length) @ geometry.distances
     mean_distance = distance_sums[..., 0] / lengths
     clipped_distance = distance_sums[..., 1] / lengths
+    received_concentration = _received_concentration(probs, geometry)
 
     return {
         "one_back": one_back,
@@ -113,8 +139,27 @@ def _metrics_from_geometry(
         "entropy": entropy,
         "mean_distance": mean_distance,
         "clipped_distance": clipped_distance,
+        "received_concentration": received_concentration,
         "nonfinite": nonfinite,
     }
+
+
+def _received_concentration(probs: torch.Tensor, geometry: _BatchGeometry) -> torch.Tensor:
+    """1 - H(p) / ln(L-2) of the received-attention distribution p over keys 1..L-2.
+
+    ``probs`` is already zero outside the causal block of real tokens, so a column sum minus
+    the diagonal is the attention key j receives from the later queries i = j+1..L-1.
+    """
+    from_later = probs.sum(dim=-2) - probs.diagonal(dim1=-2, dim2=-1)
+    received = (from_later / geometry.later_queries).masked_fill(~geometry.received_keys, 0.0)
+    total = received.sum(dim=-1, keepdim=True)
+    share = received / total
+    entropy = -torch.special.xlogy(share, share).sum(dim=-1)  # xlogy(0, 0) = 0
+    concentration = 1.0 - entropy / geometry.log_received_keys
+    # No received attention at all (total 0, shares 0/0): nothing is concentrated, score 0.
+    # Non-finite attention keeps its NaN (the head is flagged).
+    nothing_received = (total[..., 0] == 0) & torch.isfinite(geometry.log_received_keys)
+    return concentration.masked_fill(nothing_received, 0.0)
 
 
 def sentence_attention_metrics(
@@ -144,6 +189,17 @@ def sentence_attention_metrics(
     - ``mean_distance`` = (1/L) * sum_i sum_{j<=i} A[i, j] (i - j)  (tokens)
     - ``clipped_distance`` = (1/L) * sum_i sum_{j<=i} A[i, j] min(i - j, W)  (tokens,
       W = ``clipped_window``)
+    - ``received_concentration`` (dimensionless, in [0, 1]): how concentrated the attention
+      that keys *receive* from later queries is, position 0 left out. With
+      r_j = (1/(L-1-j)) * sum_{i=j+1}^{L-1} A[i, j], the mean attention key j receives from
+      the queries after it, for j = 1..L-2 (position 0, the usual attention sink, and the last
+      position, which no later query sees, are left out), and p_j = r_j / sum_k r_k:
+      1 - (-sum_j p_j ln p_j) / ln(L-2), one minus the normalised entropy of p. 0 when every
+      key receives equally, 1 when one key receives everything (a globally focused head);
+      0 when no key 1..L-2 receives anything. Uniform causal attention (A[i, j] = 1/(i+1))
+      scores above 0, since early keys are seen by more small-denominator rows
+      (:func:`mechgen.mechanisms.locality.uniform_received_concentration`). NaN for L < 4
+      (fewer than two keys); :func:`score_heads` averages it over the sentences with L >= 4.
     - ``nonfinite`` (bool): some entry of the causal block is NaN or +-inf; the other
       metrics of that (sentence, head) are then meaningless (:func:`score_heads` sets them to
       NaN for the head).
@@ -206,6 +262,7 @@ class _HeadMetricAccumulator:
             for name in ATTENTION_METRICS
         }
         self.nonfinite = torch.zeros(n_layers, n_heads, dtype=torch.bool, device=device)
+        self.received_sentences = 0  # sentences with L >= 4, the received_concentration mean's
         self.geometry: _BatchGeometry | None = None
 
     def hook_for_layer(self, layer_index: int):
@@ -221,8 +278,17 @@ class _HeadMetricAccumulator:
             assert self.geometry is not None, "geometry must be set before the forward pass"
             per_sentence = _metrics_from_geometry(attention, self.geometry)
             self.nonfinite[layer_index] |= per_sentence.pop("nonfinite").any(dim=0)
+            received = per_sentence.pop(RECEIVED_METRIC)
             for name, values in per_sentence.items():
                 self.sums[name][layer_index] += values.sum(dim=0, dtype=torch.float64)
+            # Sentences with L < 4 have no received concentration (NaN): left out of its sum
+            # and its count. NaN from non-finite attention stays (the head is flagged).
+            long_enough = torch.isfinite(self.geometry.log_received_keys)
+            self.sums[RECEIVED_METRIC][layer_index] += torch.where(long_enough, received, 0.0).sum(
+                dim=0, dtype=torch.float64
+            )
+            if layer_index == 0:
+                self.received_sentences += int(long_enough.sum())
             if layer_index == self.n_layers - 1:
                 raise _AllLayersScored
 
@@ -292,14 +358,16 @@ def score_heads(
     sentences with equal weight: metric(head) = (1/N) * sum_s metric(s, head).
 
     Sentences of one token have no query position 1..L-1 and are skipped entirely (for every
-    metric, so all metrics average over the same sentences); ``df.attrs`` counts them. The
+    metric, so all metrics average over the same sentences, except ``received_concentration``,
+    which averages over the sentences of >= 4 tokens); ``df.attrs`` counts them. The
     model is put in eval mode (no dropout) for the call and its mode restored afterwards.
 
     Returns one row per (layer, head), both 0-indexed, with the columns of
     ``mechgen.schema.ATTENTION_METRICS`` (float64) and ``nonfinite`` (bool: the head's
     attention had a NaN/inf on some sentence; its metrics are then NaN). ``df.attrs`` holds
     ``n_sentences`` and ``n_tokens`` (sentences and tokens scored),
-    ``n_sentences_too_short`` (skipped one-token sentences), ``batch_size`` and
+    ``n_sentences_too_short`` (skipped one-token sentences), ``n_sentences_received`` (the
+    sentences of >= 4 tokens that ``received_concentration`` averages over), ``batch_size`` and
     ``clipped_window``.
     """
     body = gpt_neox_body(model)
@@ -365,7 +433,12 @@ def score_heads(
         "head": head_index.flatten().numpy(),
     }
     for name in ATTENTION_METRICS:
-        mean = accumulator.sums[name].cpu() / n_sentences
+        count = accumulator.received_sentences if name == RECEIVED_METRIC else n_sentences
+        mean = (
+            accumulator.sums[name].cpu() / count
+            if count
+            else torch.full_like(accumulator.sums[name].cpu(), math.nan)
+        )
         # Never average non-finite values silently: a flagged head gets NaN for every metric.
         columns[name] = mean.masked_fill(nonfinite, math.nan).flatten().numpy()
     (flag_column,) = FLAG_COLUMNS
@@ -375,6 +448,7 @@ def score_heads(
         n_sentences=n_sentences,
         n_tokens=sum(len(tokens) for tokens in scored),
         n_sentences_too_short=len(token_lists) - n_sentences,
+        n_sentences_received=accumulator.received_sentences,
         batch_size=batch_size,
         clipped_window=clipped_window,
     )

@@ -14,7 +14,8 @@ Per checkpoint (model-level, torch)
   sequences and second-half query positions p = L..2L-1 of the attention A[p, p - L + 1]
   (the token after the first occurrence of token p); per model, the in-context copying
   accuracy = fraction of positions p = L..2L-2 whose top-1 next-token prediction equals token
-  p + 1 (= token p - L + 1). Batched forward passes (equal lengths, no padding); attention
+  p + 1 (= token p - L + 1); from the same hooks, the duplicate-token score = mean of
+  A[p, p - L] (the same token's earlier occurrence; :func:`repeat_offset_attention`). Batched forward passes (equal lengths, no padding); attention
   is reduced inside a hook on each layer so only one layer's attention is alive at a time,
   and the LM head runs only on the second half (or not at all with ``copying=False``).
 - :func:`composition_scores`: weight-space K-, Q- and V-composition between every head of an
@@ -78,6 +79,7 @@ __all__ = [
     "real_queries_from_attention_mask",
     "relation_fraction_by_size",
     "relational_run_table",
+    "repeat_offset_attention",
     "score_induction",
 ]
 
@@ -269,17 +271,34 @@ class InductionResult:
     (probability; uniform attention would give about 1/(p + 1)).
     ``copying_accuracy`` = fraction of the N (L - 1) positions p = L..2L-2 whose argmax logit
     is token p + 1; NaN when the model has no LM head.
+    ``duplicate_token[layer, head]`` = (1/(N L)) sum_n sum_{p=L}^{2L-1} A_n[p, p - L], the
+    attention to the same token's earlier occurrence, from the same forward passes
+    (probability; None only for results built without it).
     """
 
     induction: np.ndarray
     copying_accuracy: float
     n_sequences: int
     half_length: int
+    duplicate_token: np.ndarray | None = None
 
 
-def _induction_positions(half: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    queries = torch.arange(half, 2 * half, device=device)
-    return queries, queries - half + 1
+def repeat_offset_attention(attention: torch.Tensor, half: int, offset: int) -> torch.Tensor:
+    """sum_b sum_{p=L}^{2L-1} A_b[h, p, p - offset] per head: ``[H]`` float64.
+
+    ``attention``: ``[B, H, 2L, 2L]`` probabilities of sequences of length 2L (L = ``half``).
+    ``offset`` L - 1 reads the induction key (the token after the earlier occurrence of token
+    p), ``offset`` L the duplicate-token key (the earlier occurrence itself). Divide by B x L
+    for the mean over sequences and positions.
+    """
+    if attention.ndim != 4 or attention.shape[-1] != 2 * half or attention.shape[-2] != 2 * half:
+        raise ValueError(
+            f"attention must be [B, H, 2L, 2L] with L = {half}; got {tuple(attention.shape)}"
+        )
+    if not 1 <= offset <= half:
+        raise ValueError(f"offset must be in 1..L = 1..{half}; got {offset}")
+    queries = torch.arange(half, 2 * half, device=attention.device)
+    return attention[:, :, queries, queries - offset].sum(dim=(0, 2), dtype=torch.float64)
 
 
 def _forward_with_attention(
@@ -344,7 +363,9 @@ def score_induction(
     ``sequences``: a :class:`RepeatedSequences` or an int tensor ``[N, 2L]`` whose halves are
     equal. Per head, score = (1/(N L)) sum_n sum_{p=L}^{2L-1} A_n[p, p - L + 1] where A_n is
     the head's attention on sequence n (for p = L the key is position 1, the token after the
-    first occurrence of token L = token 0). Copying accuracy = (1/(N (L-1))) * #{(n, p):
+    first occurrence of token L = token 0). The same passes give the duplicate-token score
+    (1/(N L)) sum_n sum_{p=L}^{2L-1} A_n[p, p - L] (the earlier occurrence of token p itself;
+    :func:`repeat_offset_attention`). Copying accuracy = (1/(N (L-1))) * #{(n, p):
     p in L..2L-2, argmax_v logits_n[p, v] = token_n[p + 1]}; the LM head runs only on those
     positions (in chunks). ``batch_size`` = sequences per forward pass (None: all at once;
     sequences have equal length so no padding is involved and batching does not change the
@@ -361,11 +382,12 @@ def score_induction(
     batch_size = n_sequences if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    queries, keys = _induction_positions(half, device)
     sums = torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device)
+    duplicate_sums = torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device)
 
     def on_attention(layer: int, attention: torch.Tensor) -> None:
-        sums[layer] += attention[:, :, queries, keys].sum(dim=(0, 2), dtype=torch.float64)
+        sums[layer] += repeat_offset_attention(attention, half, half - 1)
+        duplicate_sums[layer] += repeat_offset_attention(attention, half, half)
 
     hits = 0
     has_lm_head = copying and body is not model
@@ -382,6 +404,7 @@ def score_induction(
         copying_accuracy=float(accuracy),
         n_sequences=n_sequences,
         half_length=half,
+        duplicate_token=(duplicate_sums / (n_sequences * half)).cpu().numpy(),
     )
 
 

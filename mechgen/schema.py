@@ -32,9 +32,10 @@ ATTENTION_METRICS = [
     "entropy",  # mean over query positions of -sum_j A[i,j] log A[i,j], nats
     "mean_distance",  # mean over query positions of sum_j A[i,j] (i - j), tokens
     "clipped_distance",  # the same with (i - j) clipped at the window W, tokens
+    "received_concentration",  # 1 - normalised entropy of the attention keys 1..L-2 receive
 ]
 """Per-head attention metrics; each is computed per sentence, then the unweighted mean over
-sentences."""
+sentences (``received_concentration``: over the sentences of >= 4 tokens)."""
 
 FLAG_COLUMNS = [
     "nonfinite",  # True when this head's attention had NaN/inf on any sentence
@@ -45,6 +46,8 @@ HEAD_COLUMNS = ID_COLUMNS + ATTENTION_METRICS + FLAG_COLUMNS
 CIRCUIT_COLUMNS = [
     "induction",  # mean over [random]x2 sequences and second-half positions p of A[p, p-L+1]
     "induction_control",  # the same positions on sequences whose halves differ (positional control)
+    "duplicate_token",  # mean over [random]x2 sequences and second-half positions p of A[p, p-L]
+    "duplicate_token_control",  # the same positions on sequences whose halves differ
     "copying_accuracy",  # per checkpoint (same on every head row): top-1 copying on [random]x2
 ]
 """Columns the scoring job appends after HEAD_COLUMNS when ``relational.enabled``

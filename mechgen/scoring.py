@@ -9,10 +9,12 @@ Score cache. Several Pythia branches hold byte-identical weights (e.g. ``step0``
 A checkpoint's per-head scores are a function of: the weight file's bytes (its sha256, known from
 the hub's metadata *before* downloading), the architecture (``config.json``, minus bookkeeping
 keys), the evaluation token ids (their sha256), ``clipped_window``, the dtype, the metric code
-(:data:`SCORE_CACHE_VERSION`), the torch/transformers versions and, when they are scored, the
-weight-based mechanisms' task data (:meth:`mechgen.model.weight_scores.WeightTasks.record`). The
-sha256 of all of these is the cache key; ``batch_size`` is left out because it does not change
-the value (padding is masked; only float rounding differs, ~1e-7). With a cache directory (the pipeline uses
+(:data:`SCORE_CACHE_VERSION`), the catalog versions of the mechanisms the entry holds
+(:data:`CACHED_MECHANISMS`; bumping one's ``version`` makes every entry holding its scores a
+miss), the torch/transformers versions and, when they are scored, the weight-based mechanisms'
+task data (:meth:`mechgen.model.weight_scores.WeightTasks.record`). The sha256 of all of these
+is the cache key; ``batch_size`` is left out because it does not change the value (padding is
+masked; only float rounding differs, ~1e-7). With a cache directory (the pipeline uses
 ``results/<suite>/score_cache/``), each scored checkpoint leaves ``<key>.parquet`` there (per-head
 metric columns + layer/head, the n_layers/n_heads/n_params/n_sentences/n_tokens and the origin
 (run, revision) in the Parquet metadata). A later checkpoint with the same key costs no download
@@ -43,6 +45,7 @@ import pandas as pd
 
 from mechgen.atomic import atomic_path
 from mechgen.config import Run
+from mechgen.mechanisms import get as get_mechanism
 from mechgen.schema import (
     ATTENTION_METRICS,
     FLAG_COLUMNS,
@@ -59,6 +62,17 @@ VOLATILE_CONFIG_KEYS = frozenset(
 )
 """``config.json`` keys that do not change a checkpoint's attention in float32 (bookkeeping,
 the saved dtype, the KV cache switch): left out of the cache key."""
+
+CACHED_MECHANISMS: dict[str, tuple[str, ...]] = {
+    # The evaluation-sentence pass (mechgen.metrics.score_heads): always scored.
+    "scores": ("previous_token", "locality"),
+    # The [random]x2 passes and their positional control (mechgen.circuit): relational on.
+    "circuit": ("induction", "duplicate_token"),
+    # From the weights alone (mechgen.model.weight_scores): when their task data is given.
+    "weights": ("successor", "copy_suppression"),
+}
+"""Catalog mechanisms (:mod:`mechgen.mechanisms`) whose scores each part of a cache entry holds;
+their versions are part of the key (:func:`score_cache_key`)."""
 
 CACHE_COLUMNS = ["layer", "head", *ATTENTION_METRICS, *FLAG_COLUMNS]
 """Columns every score-cache entry holds; an entry keyed with weight tasks also holds
@@ -151,6 +165,14 @@ def model_config_sha256(config_path: str | Path) -> str:
     ).hexdigest()
 
 
+def mechanism_versions(circuit: bool, weights: bool = False) -> dict[str, int]:
+    """{name: catalog version} of the mechanisms a cache entry holds: those of
+    :data:`CACHED_MECHANISMS` ``"scores"``, plus ``"circuit"`` when the relational scores are on
+    and ``"weights"`` when the weight-based ones are."""
+    parts = ("scores",) + (("circuit",) if circuit else ()) + (("weights",) if weights else ())
+    return {name: get_mechanism(name).version for part in parts for name in CACHED_MECHANISMS[part]}
+
+
 def score_cache_key(
     weights_sha256: str,
     config_sha256: str,
@@ -159,10 +181,13 @@ def score_cache_key(
     versions: Mapping[str, str] | None = None,
     circuit: Mapping[str, Any] | None = None,
     weights: Mapping[str, Any] | None = None,
+    mechanisms: Mapping[str, int] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(key, fields): the key is the sha256 of the canonical JSON of ``fields`` = everything
     that determines a checkpoint's per-head scores (see the module docstring). ``versions``
-    defaults to the installed torch and transformers."""
+    defaults to the installed torch and transformers; ``mechanisms`` ({name: version}) to
+    :func:`mechanism_versions` of the catalog (with the circuit and weights parts when
+    ``circuit`` and ``weights`` are given)."""
     if versions is None:
         import torch
         import transformers
@@ -177,6 +202,14 @@ def score_cache_key(
         "dtype": "float32",
         "torch": versions["torch"],
         "transformers": versions["transformers"],
+        "mechanisms": {
+            str(name): int(version)
+            for name, version in (
+                mechanism_versions(circuit is not None, weights is not None)
+                if mechanisms is None
+                else mechanisms
+            ).items()
+        },
     }
     if circuit is not None:
         # The relational settings (mechgen.circuit): their arrays are cached with the scores
@@ -319,6 +352,7 @@ def score_checkpoint(
         "tokens_seen": step * tokens_per_step,
         "scoring": {"batch_size": batch_size, "clipped_window": clipped_window},
         "versions": versions,
+        "mechanisms": mechanism_versions(circuit_settings is not None),
     }
 
     def missing(exc: Exception) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -204,6 +204,11 @@ def test_save_load_roundtrip_and_columns(tmp_path, scored) -> None:
     table = circuit.add_circuit_columns(shuffled, loaded)
     for row in table.itertuples():
         assert row.induction == result.induction[row.layer, row.head]
+        assert row.duplicate_token == result.arrays["duplicate_token"][row.layer, row.head]
+        assert (
+            row.duplicate_token_control
+            == result.arrays["duplicate_token_control"][row.layer, row.head]
+        )
     assert (table["copying_accuracy"] == result.copying_accuracy).all()
 
 

@@ -259,6 +259,30 @@ def test_cache_key_fields():
         assert score_cache_key(*changed)[0] != fields_a[0]
 
 
+def test_cache_key_holds_the_scored_mechanisms_versions(monkeypatch):
+    """Bumping the catalog version of a mechanism an entry holds changes its key; the circuit
+    mechanisms count only when the circuit scores are in the entry."""
+    import dataclasses
+
+    from mechgen import mechanisms, scoring
+
+    args = ("a" * 64, "c" * 64, "t" * 64, 8, {"torch": "1", "transformers": "2"})
+    key, fields = score_cache_key(*args)
+    assert fields["mechanisms"] == {"previous_token": 1, "locality": 1}
+    circuit_key, circuit_fields = score_cache_key(*args, circuit={"n_sequences": 5})
+    assert circuit_fields["mechanisms"] == {
+        "previous_token": 1, "locality": 1, "induction": 1, "duplicate_token": 1,
+    }  # fmt: skip
+    bumped = {
+        name: dataclasses.replace(m, version=m.version + 1) if name == "duplicate_token" else m
+        for name, m in mechanisms.catalog().items()
+    }
+    monkeypatch.setattr(scoring, "get_mechanism", bumped.__getitem__)
+    assert score_cache_key(*args)[0] == key  # not in the sentence-pass entry
+    assert score_cache_key(*args, circuit={"n_sequences": 5})[0] != circuit_key
+    assert score_cache_key(*args, mechanisms={"previous_token": 1, "locality": 1})[0] == key
+
+
 def test_config_hash_ignores_bookkeeping_keys(checkpoints, tmp_path):
     config = json.loads((checkpoints["run_dir"] / "step0" / "config.json").read_text())
     (tmp_path / "a.json").write_text(json.dumps(config))

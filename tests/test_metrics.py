@@ -119,6 +119,53 @@ def test_first_token_and_self_patterns() -> None:
     assert diagonal["mean_distance"] == 0.0
 
 
+def test_received_concentration_hand_worked() -> None:
+    # Every query from position 2 on attends only to key 1: key 1 receives everything.
+    length = 6
+    focused = torch.zeros(length, length, dtype=torch.float64)
+    focused[0, 0] = focused[1, 1] = 1.0
+    focused[2:, 1] = 1.0
+    assert single(focused)["received_concentration"] == pytest.approx(1.0)
+    # Previous-token head, L = 4: keys 1, 2 receive means 1/2 (from rows 2, 3) and 1 (row 3),
+    # p = (1/3, 2/3): 1 - H(p)/ln 2 = 1 - (ln 3 - (2/3) ln 2)/ln 2.
+    expected = 1 - (math.log(3) - 2 / 3 * math.log(2)) / math.log(2)
+    assert single(previous_token_pattern(4))["received_concentration"] == pytest.approx(expected)
+    # First-token and diagonal heads: nothing reaches keys 1..L-2 from later queries: 0.
+    assert single(first_token_pattern(length))["received_concentration"] == 0.0
+    assert single(torch.eye(length, dtype=torch.float64))["received_concentration"] == 0.0
+    # Rows spread evenly over keys 1..i-1: key j receives the mean of 1/(i-1) over i > j.
+    even = torch.zeros(length, length, dtype=torch.float64)
+    even[0, 0] = even[1, 1] = 1.0
+    for i in range(2, length):
+        even[i, 1:i] = 1.0 / (i - 1)
+    assert single(even)["received_concentration"] == pytest.approx(
+        received_concentration_loops(even.tolist(), length)
+    )
+    # Fewer than two keys 1..L-2: undefined.
+    assert math.isnan(single(uniform_causal_pattern(3))["received_concentration"])
+
+
+def test_received_concentration_null_is_uniform_attention() -> None:
+    """The locality null (numpy) equals the scorer on uniform causal attention, per sentence
+    and as the mean over sentences of >= 4 tokens; uniform attention is far from focused."""
+    from mechgen.mechanisms.locality import (
+        received_concentration_of_uniform,
+        uniform_received_concentration,
+    )
+
+    values = []
+    for length in (4, 5, 9, 25, 60):
+        scored = single(uniform_causal_pattern(length))["received_concentration"]
+        assert received_concentration_of_uniform(length) == pytest.approx(scored, rel=1e-12)
+        values.append(scored)
+    assert uniform_received_concentration([2, 3, 4, 5, 9, 25, 60]) == pytest.approx(
+        np.mean(values), rel=1e-12
+    )
+    assert 0 < received_concentration_of_uniform(25) < 0.02
+    with pytest.raises(ValueError, match=">= 4 tokens"):
+        uniform_received_concentration([2, 3])
+
+
 def test_length_two_sentence() -> None:
     metrics = single(torch.tensor([[1.0, 0.0], [0.25, 0.75]], dtype=torch.float64))
     assert metrics["one_back"] == pytest.approx(0.25)
@@ -153,7 +200,9 @@ def test_padding_and_heads_are_independent() -> None:
         for head, pattern in enumerate(heads):
             alone = single(pattern, clipped_window=2)
             for name, value in alone.items():
-                assert metrics[name][row, head].item() == pytest.approx(value), (name, row, head)
+                assert metrics[name][row, head].item() == pytest.approx(value, nan_ok=True), (
+                    name, row, head
+                )
     assert not metrics["nonfinite"].any()
 
 
@@ -228,6 +277,20 @@ def sentences(seed: int = 1) -> list[list[int]]:
     return [generator.integers(0, VOCAB_SIZE, size=length).tolist() for length in SENTENCE_LENGTHS]
 
 
+def received_concentration_loops(a: list[list[float]], length: int) -> float:
+    """received_concentration by plain loops: r_j = mean_{i>j} a[i][j] for j = 1..L-2, then
+    1 - H(r / sum r) / ln(L-2); NaN for L < 4."""
+    if length < 4:
+        return math.nan
+    received = [
+        math.fsum(a[i][j] for i in range(j + 1, length)) / (length - 1 - j)
+        for j in range(1, length - 1)
+    ]
+    total = math.fsum(received)
+    entropy = -math.fsum(r / total * math.log(r / total) for r in received if r > 0)
+    return 1.0 - entropy / math.log(length - 2)
+
+
 def brute_force_scores(
     model: GPTNeoXForCausalLM, token_lists: list[list[int]], window: int
 ) -> pd.DataFrame:
@@ -262,12 +325,14 @@ def brute_force_scores(
                         a[i][j] * min(i - j, window) for i in rows for j in range(length)
                     )
                     / length,
+                    "received_concentration": received_concentration_loops(a, length),
                 }
                 store = per_head.setdefault((layer, head), {name: [] for name in values})
                 for name, value in values.items():
                     store[name].append(value)
     rows_out = [
-        {"layer": layer, "head": head, **{name: float(np.mean(v)) for name, v in store.items()}}
+        # nanmean: received_concentration averages over the sentences of >= 4 tokens only.
+        {"layer": layer, "head": head, **{name: float(np.nanmean(v)) for name, v in store.items()}}
         for (layer, head), store in sorted(per_head.items())
     ]
     return pd.DataFrame(rows_out)
@@ -390,6 +455,7 @@ def brute_force_long(model: GPTNeoXForCausalLM, tokens: list[int], window: int) 
                 "entropy": -math.fsum(positive * np.log(positive)) / length,
                 "mean_distance": math.fsum(causal * distance) / length,
                 "clipped_distance": math.fsum(causal * np.minimum(distance, window)) / length,
+                "received_concentration": received_concentration_loops(a.tolist(), length),
             }
     return out
 

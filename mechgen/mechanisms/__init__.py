@@ -11,9 +11,20 @@ import importlib
 import pkgutil
 from functools import cache
 
-from mechgen.mechanisms.base import Link, Mechanism, NullContext
+import numpy as np
+import pandas as pd
 
-__all__ = ["Link", "Mechanism", "NullContext", "catalog", "get", "names"]
+from mechgen.mechanisms.base import Link, Mechanism, NullContext, strongest_rows
+
+__all__ = [
+    "Link",
+    "Mechanism",
+    "NullContext",
+    "catalog",
+    "get",
+    "meets_criterion_in_table",
+    "names",
+]
 
 ORDER = ("previous_token", "induction")
 """Mechanisms listed first, in this order (the reference study's and its partner); the rest of
@@ -51,3 +62,32 @@ def get(name: str) -> Mechanism:
     if name not in mechanisms:
         raise KeyError(f"unknown mechanism {name!r}; allowed: {', '.join(mechanisms)}")
     return mechanisms[name]
+
+
+def meets_criterion_in_table(
+    mechanism: Mechanism | str, table: pd.DataFrame, null: pd.Series
+) -> pd.Series:
+    """Per row of a per-head table: does the head meet ``mechanism``'s criterion?
+
+    ``null``: the null level per run (what ``mechanism.null`` returns, indexed by run).
+    :meth:`Mechanism.meets_criterion` on the score, the run's null and the control column,
+    and, with ``exclude_strongest_of``, not the (run, step)'s strongest head of that other
+    mechanism (:func:`mechgen.mechanisms.base.strongest_rows` on its score column). A boolean
+    Series on ``table``'s index.
+    """
+    if isinstance(mechanism, str):
+        mechanism = get(mechanism)
+    runs_without_null = sorted(set(table["run"]) - set(null.index))
+    if runs_without_null:
+        raise ValueError(f"{mechanism.name}: no null for run(s) {', '.join(runs_without_null)}")
+    meets = mechanism.meets_criterion(
+        table[mechanism.score_column].to_numpy(dtype=float),
+        table["run"].map(null).to_numpy(dtype=float),
+        table[mechanism.control_column].to_numpy(dtype=float)
+        if mechanism.control_column is not None
+        else None,
+    )
+    if mechanism.exclude_strongest_of is not None:
+        excluded = get(mechanism.exclude_strongest_of).score_column
+        meets &= ~strongest_rows(table, excluded).to_numpy()
+    return pd.Series(np.asarray(meets, dtype=bool), index=table.index, name=mechanism.name)

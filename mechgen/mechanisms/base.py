@@ -15,7 +15,11 @@ same for every mechanism (:meth:`Mechanism.normalised`).
 
 Criterion (the functional axis). A head meets the mechanism's criterion when its score is at
 least ``criterion_multiple`` x the null and, when the mechanism has a control score, the control
-is below ``control_max_fraction`` x the score (:meth:`Mechanism.meets_criterion`).
+is below ``control_max_fraction`` x the score (:meth:`Mechanism.meets_criterion`). A mechanism
+may also exclude, per (run, step), the strongest head of another mechanism
+(``exclude_strongest_of``: duplicate-token excludes the step's strongest induction head, whose
+attention spills one position back onto the duplicate-token key); the per-head table's
+criterion with that exclusion is :func:`mechgen.mechanisms.meets_criterion_in_table`.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ class Mechanism:
     - ``score_column``: the column holding the score; ``units``: its unit, in words;
     - ``null``: the null level per run (:data:`NullFunction`), ``ceiling``: a perfect score;
     - ``criterion_multiple``, ``control_column``, ``control_max_fraction``: the criterion;
+    - ``exclude_strongest_of``: a mechanism name; a head that is that mechanism's strongest
+      head at the same (run, step) never meets this criterion (:func:`strongest_rows`);
     - ``links``: the relations it declares (it is the ``source`` or the ``target``);
     - ``absolute_thresholds``: onsets may use the raw-score thresholds of the reference study
       (only the previous-token mechanism, for the Trott reproduction).
@@ -92,6 +98,7 @@ class Mechanism:
     control_max_fraction: float | None = None
     links: tuple[Link, ...] = ()
     absolute_thresholds: bool = False
+    exclude_strongest_of: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -100,6 +107,13 @@ class Mechanism:
             raise ValueError(f"{self.name}: version must be >= 1, got {self.version}")
         if self.unit not in ("head", "layer"):
             raise ValueError(f"{self.name}: unit must be 'head' or 'layer', got {self.unit!r}")
+        if self.exclude_strongest_of is not None and (
+            not self.exclude_strongest_of.isidentifier() or self.exclude_strongest_of == self.name
+        ):
+            raise ValueError(
+                f"{self.name}: exclude_strongest_of must name another mechanism, got "
+                f"{self.exclude_strongest_of!r}"
+            )
         if (self.control_column is None) != (self.control_max_fraction is None):
             raise ValueError(
                 f"{self.name}: control_column and control_max_fraction go together"
@@ -127,3 +141,26 @@ class Mechanism:
             control = np.asarray(control, dtype=float)
             meets &= np.isfinite(control) & (control < self.control_max_fraction * score)
         return meets
+
+
+def strongest_rows(table: pd.DataFrame, column: str) -> pd.Series:
+    """Per row of a per-head table: True on the head with the largest ``column`` of its
+    (run, step).
+
+    Non-finite scores and flagged heads (``nonfinite``) are left out; ties go to the lowest
+    layer, then head (as :func:`mechgen.developmental.trajectories` picks its argmax). A
+    (run, step) with no finite score has no strongest head.
+    """
+    missing = [c for c in ("run", "step", "layer", "head", column) if c not in table.columns]
+    if missing:
+        raise ValueError(f"per-head table is missing column(s): {', '.join(missing)}")
+    values = pd.to_numeric(table[column], errors="coerce").astype(float)
+    usable = np.isfinite(values.to_numpy())
+    if "nonfinite" in table.columns:
+        usable &= ~table["nonfinite"].fillna(False).astype(bool).to_numpy()
+    ordered = table.loc[usable, ["run", "step", "layer", "head"]].assign(value=values[usable])
+    ordered = ordered.sort_values(["run", "step", "layer", "head"], kind="stable")
+    strongest = pd.Series(False, index=table.index)
+    if not ordered.empty:
+        strongest.loc[ordered.groupby(["run", "step"], sort=False)["value"].idxmax()] = True
+    return strongest
