@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import subprocess
 import sys
@@ -391,7 +392,13 @@ def test_corrupt_checkpoint_message_says_it_once(tmp_path):
         log=[str(tmp_path / "score.log")],
         rule="score",
     )
-    (tmp_path / "tokens.json").write_text('{"token_ids": [[1, 2, 3]]}')
+    from mechgen.mechanisms import successor
+
+    # A token file as rule eval_tokens writes it (a tokenizer that splits every item: no task).
+    tasks = successor.task_token_ids(lambda text: [ord(c) for c in text])
+    (tmp_path / "tokens.json").write_text(
+        json.dumps({"token_ids": [[1, 2, 3]], "successor_tasks": tasks})
+    )
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "scripts" / "score_checkpoint.py"), init_globals={"snakemake": sm})
     line = str(exit_info.value.code)
