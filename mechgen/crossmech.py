@@ -545,7 +545,7 @@ def profile(
     - functional: ``fraction_qualifying`` of runs with a head meeting the criterion at their
       final step (Wilson CI);
     - positional: ``layer_modal_share`` (share of seeds whose final strongest head sits in the
-      size's modal layer; for ``all``, NaN since sizes differ in depth), and the relative-depth
+      size's modal layer; for ``all``, its mean over sizes weighted by runs), and the relative-depth
       agreement against uniform layers (:func:`depth_agreement`);
     - developmental: ``onset_cv`` = SD / mean of the normalised onsets of the formed runs;
       ``within_r`` / ``between_r``: mean trajectory r within and between sizes;
@@ -569,18 +569,23 @@ def profile(
         seeds = result.tables["per_seed"]
         conv = result.tables["convergence"].set_index("model")
         groups = list(seeds.groupby(["model", "size"], sort=False))
+        size_modal: list[float] = []
+        size_runs: list[int] = []
         for (model, size), group in groups + [((ALL_SIZES, ALL_SIZES), seeds)]:
             n, k = len(group), int(group["qualifying_final"].sum())
             low, high = wilson(k, n, confidence)
             depth = depth_agreement(group["final_layer"], group["n_layers"], rng, n_permutations)
             formed = group.loc[group["formed"].astype(bool), "onset_step"]
             if size == ALL_SIZES:
-                modal = np.nan
+                # Sizes differ in depth, so the layer is compared within sizes only.
+                modal = float(np.average(size_modal, weights=size_runs)) if size_runs else np.nan
                 within = _weighted(conv, "within")
                 between = _weighted(conv, "between")
             else:
                 counts = group["final_layer"].value_counts()
                 modal = float(counts.max() / n)
+                size_modal.append(modal)
+                size_runs.append(n)
                 within = conv["within_r_mean"].get(model, np.nan)
                 between = conv["between_r_mean"].get(model, np.nan)
             n_link, layer_order, onset_order = _link_holds(per_seed, name, links,
