@@ -331,14 +331,23 @@ def _within_size_ranks(matrix: pd.DataFrame) -> pd.DataFrame:
     return matrix.groupby(level="size", sort=False).rank(method="average")
 
 
-def _mean_pair_spearman(ranks: np.ndarray) -> float:
-    """Mean over mechanism pairs of the Pearson r of within-size ranks (a Spearman rho)."""
-    values = []
-    for a, b in itertools.combinations(range(ranks.shape[1]), 2):
-        x, y = ranks[:, a], ranks[:, b]
-        if np.std(x) > 0 and np.std(y) > 0:
-            values.append(np.corrcoef(x, y)[0, 1])
-    return float(np.mean(values)) if values else float("nan")
+def _mean_pair_spearman(ranks: np.ndarray) -> np.ndarray:
+    """Mean over mechanism pairs of the Pearson r of within-size ranks (a Spearman rho), for
+    ``ranks`` of shape (..., runs, mechanisms); pairs with a constant column are left out."""
+    ranks = np.asarray(ranks, dtype=float)
+    centred = ranks - ranks.mean(axis=-2, keepdims=True)
+    norms = np.sqrt((centred**2).sum(axis=-2))
+    total = np.zeros(ranks.shape[:-2])
+    count = np.zeros(ranks.shape[:-2])
+    for a, b in itertools.combinations(range(ranks.shape[-1]), 2):
+        denominator = norms[..., a] * norms[..., b]
+        ok = denominator > 0
+        r = np.where(ok, (centred[..., a] * centred[..., b]).sum(axis=-1)
+                     / np.where(ok, denominator, 1.0), 0.0)
+        total += r
+        count += ok
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def seed_speed(matrix: pd.DataFrame, rng: np.random.Generator,
@@ -354,20 +363,20 @@ def seed_speed(matrix: pd.DataFrame, rng: np.random.Generator,
     if complete.shape[1] < 2 or len(complete) < 3:
         return float("nan"), float("nan"), len(complete)
     ranks = _within_size_ranks(complete)
-    observed = _mean_pair_spearman(ranks.to_numpy())
+    values = ranks.to_numpy(dtype=float)
+    observed = float(_mean_pair_spearman(values))
     if not np.isfinite(observed):
         return observed, float("nan"), len(complete)
-    groups = [np.flatnonzero(ranks.index.get_level_values("size") == s)
-              for s in ranks.index.get_level_values("size").unique()]
-    values = ranks.to_numpy()
-    exceed = 0
-    for _ in range(n_permutations):
-        shuffled = values.copy()
-        for rows in groups:
-            for col in range(values.shape[1]):
-                shuffled[rows, col] = values[rng.permutation(rows), col]
-        null = _mean_pair_spearman(shuffled)
-        exceed += bool(np.isfinite(null) and null >= observed - 1e-12)
+    sizes = ranks.index.get_level_values("size")
+    shuffled = np.broadcast_to(values, (n_permutations, *values.shape)).copy()
+    for size in sizes.unique():
+        rows = np.flatnonzero(sizes == size)
+        for col in range(values.shape[1]):
+            # One independent permutation of the size's rows per draw (argsort of uniforms).
+            order = np.argsort(rng.random((n_permutations, rows.size)), axis=1)
+            shuffled[:, rows, col] = values[rows[order], col]
+    null = _mean_pair_spearman(shuffled)
+    exceed = int(np.sum(np.isfinite(null) & (null >= observed - 1e-12)))
     return observed, (1 + exceed) / (1 + n_permutations), len(complete)
 
 

@@ -1060,32 +1060,37 @@ def plot_profile(profile: pd.DataFrame, path: str | Path, width: float | None = 
 
     ``profile``: ``stats/profile.csv``; its ``size == "all"`` rows are drawn. Each cell shows the
     value (2 significant digits; "–" when missing) on the colour of
-    :func:`profile_colour_values` (viridis, 0..1); a mechanism not scored is a grey row.
+    :func:`profile_colour_values` (viridis, 0..1); a mechanism not scored is a grey row
+    reading "not scored".
     """
     rows = profile[profile["size"] == "all"].reset_index(drop=True)
     colours = profile_colour_values(rows)
     raw = rows[list(PROFILE_LABELS)].to_numpy(dtype=float)
+    scored = rows["scored"].astype(bool).to_numpy()
     side = width if width is not None else 4.5
     fig, ax = plt.subplots(
-        figsize=(side, 1.2 + 0.28 * max(len(rows), 1)), layout="constrained"
+        figsize=(side, 1.6 + 0.22 * max(len(rows), 1)), layout="constrained"
     )
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(colours), cmap=cmap, vmin=0.0, vmax=1.0,
                       aspect="auto", interpolation="nearest")
     for i in range(raw.shape[0]):
+        if not scored[i]:
+            ax.text((raw.shape[1] - 1) / 2, i, "not scored", ha="center", va="center",
+                    fontsize=MIN_FONT_PT, gid=f"row:{rows['mechanism'].iloc[i]}")
+            continue
         for j in range(raw.shape[1]):
             value = raw[i, j]
             dark = np.isfinite(colours[i, j]) and colours[i, j] < 0.6
             ax.text(j, i, f"{value:.2g}" if np.isfinite(value) else "–", ha="center",
                     va="center", fontsize=MIN_FONT_PT, color="white" if dark else "black",
                     gid=f"cell:{rows['mechanism'].iloc[i]}:{list(PROFILE_LABELS)[j]}")
+    ax.xaxis.tick_top()
     ax.set_xticks(range(len(PROFILE_LABELS)), list(PROFILE_LABELS.values()), rotation=90,
                   fontsize=TICK_PT)
-    labels = [m if scored else f"{m} (not scored)"
-              for m, scored in zip(rows["mechanism"], rows["scored"].astype(bool))]
-    ax.set_yticks(range(len(rows)), labels, fontsize=TICK_PT)
+    ax.set_yticks(range(len(rows)), rows["mechanism"].tolist(), fontsize=TICK_PT)
     ax.tick_params(length=0)
-    colourbar = fig.colorbar(image, ax=ax, shrink=0.9, aspect=15)
+    colourbar = fig.colorbar(image, ax=ax, location="bottom", shrink=0.8, aspect=30)
     colourbar.ax.tick_params(labelsize=TICK_PT)
-    colourbar.set_label("generalises\n(0 no .. 1 yes)", fontsize=LABEL_PT)
+    colourbar.set_label("generalises: 0 (no) .. 1 (yes)", fontsize=LABEL_PT)
     return _save(fig, path)
