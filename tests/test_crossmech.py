@@ -315,3 +315,29 @@ def test_profile_heatmap_draws_the_all_rows_readably(planted, tmp_path: Path) ->
     assert colours[4, columns.index("configurational_z")] == pytest.approx(1.0)  # z 3
     assert colours[3, columns.index("configurational_z")] == pytest.approx(0.5)  # z 1.5
     assert np.isnan(colours[5]).all()
+
+
+def test_previous_token_keeps_the_studys_absolute_onset() -> None:
+    # On the published tables' subset (no induction column, no sentence lengths: the step-0
+    # median null), the absolute-threshold onset is stats/per_seed.csv's onset, unchanged.
+    from mechgen.developmental import per_seed_summary
+    from mechgen.tables import read_trott2025
+
+    heads = read_trott2025(REPO / "tests" / "data" / "trott2025")
+    heads = heads[heads["model"].isin(["pythia-14m", "pythia-70m"])]
+    results, cross = crossmech.analyze_mechanisms(
+        heads, list(mechanisms.catalog().values()), NullContext(), tokens_per_step=2_097_152,
+        n_permutations=9,
+    )
+    study = per_seed_summary(heads, "one_back", tokens_per_step=2_097_152).set_index("run")
+    ours = results["previous_token"].tables["per_seed"].set_index("run")
+    assert ours["onset_absolute_step"].to_dict() == pytest.approx(study["onset_step"].to_dict())
+    assert ours["final_layer"].to_dict() == study["final_layer"].to_dict()
+    assert results["induction"].note == "column 'induction' not in heads.parquet"
+
+
+def test_profile_caption_renders() -> None:
+    from test_figures import render_caption
+
+    html = render_caption(REPO / "workflow" / "report" / "profile.rst", {"suite": "toy"}, {})
+    assert "toy" in html and "not scored" in html and len(html) > 300
