@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats as scipy_stats
 from statsmodels.stats.proportion import proportion_confint
 
 from mechgen import convergence, positional
@@ -60,47 +59,145 @@ RUN_COLUMNS = ["suite", "model", "size", "seed", "run", "n_params", "n_layers", 
 ALL_SIZES = "all"
 """The ``size`` (and ``model``) of a profile row over every size."""
 
-MECHANISM_TABLES = ("functional_run_step", "functional_size", "per_seed", "positional_size",
-                    "convergence")
+MECHANISM_TABLES = (
+    "functional_run_step",
+    "functional_size",
+    "per_seed",
+    "positional_size",
+    "convergence",
+)
 """The tables of ``stats/<mechanism>/``, by file stem."""
 
 TABLE_COLUMNS: dict[str, list[str]] = {
     "functional_run_step": RUN_COLUMNS
-    + ["step", "tokens_seen", "null", "n_heads_scored", "n_qualifying", "has_qualifying",
-       "max_score", "max_normalised"],
-    "functional_size": ["suite", "model", "size", "n_params", "n_runs", "n_runs_qualifying",
-                        "fraction_qualifying", "ci_low", "ci_high", "confidence"],
+    + [
+        "step",
+        "tokens_seen",
+        "null",
+        "n_heads_scored",
+        "n_qualifying",
+        "has_qualifying",
+        "max_score",
+        "max_normalised",
+    ],
+    "functional_size": [
+        "suite",
+        "model",
+        "size",
+        "n_params",
+        "n_runs",
+        "n_runs_qualifying",
+        "fraction_qualifying",
+        "ci_low",
+        "ci_high",
+        "confidence",
+    ],
     "per_seed": RUN_COLUMNS
-    + ["null", "n_checkpoints", "peak", "peak_step", "slope", "onset_step", "onset_tokens",
-       "onset_n_thresholds", "onset_absolute_step", "final_step", "final_score",
-       "final_normalised", "final_layer", "final_head", "final_relative_depth",
-       "qualifying_final", "formed"],
-    "positional_size": ["suite", "model", "size", "n_params", "n_layers", "n_seeds",
-                        "modal_layer", "modal_share", "mean_abs_layer_diff",
-                        "null_mean_abs_layer_diff", "p_value", "mean_relative_depth"],
-    "convergence": ["model", "within_r_mean", "within_r_sd", "within_n_pairs", "between_r_mean",
-                    "between_r_sd", "between_n_pairs"],
+    + [
+        "null",
+        "n_checkpoints",
+        "peak",
+        "peak_step",
+        "slope",
+        "onset_step",
+        "onset_tokens",
+        "onset_n_thresholds",
+        "onset_absolute_step",
+        "final_step",
+        "final_score",
+        "final_normalised",
+        "final_layer",
+        "final_head",
+        "final_relative_depth",
+        "qualifying_final",
+        "formed",
+    ],
+    "positional_size": [
+        "suite",
+        "model",
+        "size",
+        "n_params",
+        "n_layers",
+        "n_seeds",
+        "modal_layer",
+        "modal_share",
+        "mean_abs_layer_diff",
+        "null_mean_abs_layer_diff",
+        "p_value",
+        "mean_relative_depth",
+    ],
+    "convergence": [
+        "model",
+        "within_r_mean",
+        "within_r_sd",
+        "within_n_pairs",
+        "between_r_mean",
+        "between_r_sd",
+        "between_n_pairs",
+    ],
 }
 """Columns of each ``stats/<mechanism>/<name>.csv``."""
 
-ORDER_COLUMNS = ["analysis", "model", "size", "n_params", "run", "seed", "mechanism_a",
-                 "mechanism_b", "estimate", "ci_low", "ci_high", "p_value", "n", "count",
-                 "detail"]
+ORDER_COLUMNS = [
+    "analysis",
+    "model",
+    "size",
+    "n_params",
+    "run",
+    "seed",
+    "mechanism_a",
+    "mechanism_b",
+    "estimate",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "n",
+    "count",
+    "detail",
+]
 """Columns of ``stats/mechanism_order.csv`` (one statistic per row; ``analysis`` says which)."""
 
 LAG_COLUMNS = ["mechanism_a", "mechanism_b"] + REGRESSION_COLUMNS
 """Columns of ``stats/mechanism_lags.csv``: the regressions table with the pair."""
 
-PROFILE_AXES = ["fraction_qualifying", "layer_modal_share", "onset_cv", "within_r",
-                "between_r", "link_layer_order", "link_onset_order", "configurational_z"]
+PROFILE_AXES = [
+    "fraction_qualifying",
+    "layer_modal_share",
+    "onset_cv",
+    "within_r",
+    "between_r",
+    "link_layer_order",
+    "link_onset_order",
+    "configurational_z",
+]
 """The profile's one summary per axis (the heatmap's columns)."""
 
-PROFILE_COLUMNS = ["mechanism", "model", "size", "n_params", "scored", "note", "n_runs",
-                   "n_runs_qualifying", "fraction_qualifying", "fraction_ci_low",
-                   "fraction_ci_high", "layer_modal_share", "depth_mean_abs_diff",
-                   "depth_null_mean_abs_diff", "depth_p_value", "n_formed", "onset_cv",
-                   "within_r", "between_r", "n_link_runs", "link_layer_order",
-                   "link_onset_order", "link_ablation", "configurational_z"]
+PROFILE_COLUMNS = [
+    "mechanism",
+    "model",
+    "size",
+    "n_params",
+    "scored",
+    "note",
+    "n_runs",
+    "n_runs_qualifying",
+    "fraction_qualifying",
+    "fraction_ci_low",
+    "fraction_ci_high",
+    "layer_modal_share",
+    "depth_mean_abs_diff",
+    "depth_null_mean_abs_diff",
+    "depth_p_value",
+    "n_formed",
+    "onset_cv",
+    "within_r",
+    "between_r",
+    "n_link_runs",
+    "link_layer_order",
+    "link_onset_order",
+    "link_ablation",
+    "configurational_z",
+]
 """Columns of ``stats/profile.csv``."""
 
 
@@ -122,8 +219,10 @@ def scored_heads(heads: pd.DataFrame, mechanism: Mechanism, context: NullContext
     says why the mechanism cannot be scored (a layer-level unit, an absent or all-NaN column, a
     null that needs settings the suite lacks)."""
     if mechanism.unit != "head":
-        return Scored(mechanism, note=f"unit {mechanism.unit!r}: read from layers.parquet, "
-                                      "not by this analysis")
+        return Scored(
+            mechanism,
+            note=f"unit {mechanism.unit!r}: read from layers.parquet, not by this analysis",
+        )
     column = mechanism.score_column
     if column not in heads.columns:
         return Scored(mechanism, note=f"column {column!r} not in heads.parquet")
@@ -144,8 +243,11 @@ def scored_heads(heads: pd.DataFrame, mechanism: Mechanism, context: NullContext
     if "suite" not in out:
         out["suite"] = ""
     out["score"] = table[column].to_numpy(dtype=float)
-    out["control"] = (table[mechanism.control_column].to_numpy(dtype=float)
-                      if mechanism.control_column else np.nan)
+    out["control"] = (
+        table[mechanism.control_column].to_numpy(dtype=float)
+        if mechanism.control_column
+        else np.nan
+    )
     out["null"] = out["run"].map(null).astype(float)
     out["normalised"] = mechanism.normalised(out["score"], out["null"])
     out["qualifies"] = mechanism.meets_criterion(
@@ -167,8 +269,12 @@ def functional_tables(scored: pd.DataFrame, confidence: float) -> dict[str, pd.D
     at the run's final step (Wilson CI at ``confidence``)."""
     per_step = (
         scored.groupby(RUN_COLUMNS + ["step", "tokens_seen", "null"], sort=False)
-        .agg(n_heads_scored=("score", "size"), n_qualifying=("qualifies", "sum"),
-             max_score=("score", "max"), max_normalised=("normalised", "max"))
+        .agg(
+            n_heads_scored=("score", "size"),
+            n_qualifying=("qualifies", "sum"),
+            max_score=("score", "max"),
+            max_normalised=("normalised", "max"),
+        )
         .reset_index()
     )
     per_step["n_qualifying"] = per_step["n_qualifying"].astype(int)
@@ -179,13 +285,25 @@ def functional_tables(scored: pd.DataFrame, confidence: float) -> dict[str, pd.D
     for (model, size), group in final.groupby(["model", "size"], sort=False):
         n, k = len(group), int(group["has_qualifying"].sum())
         low, high = wilson(k, n, confidence)
-        rows.append({"suite": group["suite"].iloc[0], "model": model, "size": size,
-                     "n_params": int(group["n_params"].iloc[0]), "n_runs": n,
-                     "n_runs_qualifying": k, "fraction_qualifying": k / n, "ci_low": low,
-                     "ci_high": high, "confidence": confidence})
+        rows.append(
+            {
+                "suite": group["suite"].iloc[0],
+                "model": model,
+                "size": size,
+                "n_params": int(group["n_params"].iloc[0]),
+                "n_runs": n,
+                "n_runs_qualifying": k,
+                "fraction_qualifying": k / n,
+                "ci_low": low,
+                "ci_high": high,
+                "confidence": confidence,
+            }
+        )
     per_size = pd.DataFrame(rows, columns=TABLE_COLUMNS["functional_size"])
     return {
-        "functional_run_step": per_step[TABLE_COLUMNS["functional_run_step"]].reset_index(drop=True),
+        "functional_run_step": per_step[TABLE_COLUMNS["functional_run_step"]].reset_index(
+            drop=True
+        ),
         "functional_size": per_size.sort_values("n_params", kind="stable").reset_index(drop=True),
     }
 
@@ -228,18 +346,28 @@ def per_seed_table(
     return table[TABLE_COLUMNS["per_seed"]], norm
 
 
-def positional_table(per_seed: pd.DataFrame, rng: np.random.Generator,
-                     n_permutations: int) -> pd.DataFrame:
+def positional_table(
+    per_seed: pd.DataFrame, rng: np.random.Generator, n_permutations: int
+) -> pd.DataFrame:
     """Per size: agreement of the final strongest head's layer across seeds
     (:func:`mechgen.positional.layer_agreement`) and the mean relative depth."""
     rows = []
     for (model, size), group in per_seed.groupby(["model", "size"], sort=False):
         n_layers = int(group["n_layers"].iloc[0])
-        agreement = positional.layer_agreement(group["final_layer"].astype(int), n_layers, rng,
-                                               n_permutations)
-        rows.append({"suite": group["suite"].iloc[0], "model": model, "size": size,
-                     "n_params": int(group["n_params"].iloc[0]), "n_layers": n_layers,
-                     **agreement, "mean_relative_depth": float(group["final_relative_depth"].mean())})
+        agreement = positional.layer_agreement(
+            group["final_layer"].astype(int), n_layers, rng, n_permutations
+        )
+        rows.append(
+            {
+                "suite": group["suite"].iloc[0],
+                "model": model,
+                "size": size,
+                "n_params": int(group["n_params"].iloc[0]),
+                "n_layers": n_layers,
+                **agreement,
+                "mean_relative_depth": float(group["final_relative_depth"].mean()),
+            }
+        )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS["positional_size"])
 
 
@@ -255,8 +383,9 @@ def convergence_table(norm_traj: pd.DataFrame) -> pd.DataFrame:
     return convergence.size_correlations(pairs)[TABLE_COLUMNS["convergence"]]
 
 
-def depth_agreement(layers: Sequence[int], n_layers: Sequence[int], rng: np.random.Generator,
-                    n_permutations: int) -> tuple[float, float, float]:
+def depth_agreement(
+    layers: Sequence[int], n_layers: Sequence[int], rng: np.random.Generator, n_permutations: int
+) -> tuple[float, float, float]:
     """Mean over run pairs of |relative depth difference| (depth = (layer + 1) / n_layers),
     its mean under the null that each run's layer is uniform on 0..n_layers-1 (runs may have
     different depths), and the one-sided Monte-Carlo p = (1 + #null <= observed) / (1 + n).
@@ -342,16 +471,20 @@ def _mean_pair_spearman(ranks: np.ndarray) -> np.ndarray:
     for a, b in itertools.combinations(range(ranks.shape[-1]), 2):
         denominator = norms[..., a] * norms[..., b]
         ok = denominator > 0
-        r = np.where(ok, (centred[..., a] * centred[..., b]).sum(axis=-1)
-                     / np.where(ok, denominator, 1.0), 0.0)
+        r = np.where(
+            ok,
+            (centred[..., a] * centred[..., b]).sum(axis=-1) / np.where(ok, denominator, 1.0),
+            0.0,
+        )
         total += r
         count += ok
     with np.errstate(invalid="ignore"):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def seed_speed(matrix: pd.DataFrame, rng: np.random.Generator,
-               n_permutations: int) -> tuple[float, float, int]:
+def seed_speed(
+    matrix: pd.DataFrame, rng: np.random.Generator, n_permutations: int
+) -> tuple[float, float, int]:
     """Is a seed that is early for one mechanism early for the others?
 
     Over the runs where every mechanism formed: each mechanism's onsets ranked within size, then
@@ -386,10 +519,13 @@ def strongest_qualifying(scored: pd.DataFrame) -> pd.DataFrame:
     last = scored[scored["step"] == scored.groupby("run")["step"].transform("max")]
     rows = {}
     for run, group in last.groupby("run"):
-        q = group[group["qualifies"]].sort_values(["score", "layer", "head"],
-                                                  ascending=[False, True, True])
-        rows[run] = {"heads": frozenset(zip(q["layer"].astype(int), q["head"].astype(int))),
-                     "best": (int(q["layer"].iloc[0]), int(q["head"].iloc[0])) if len(q) else None}
+        q = group[group["qualifies"]].sort_values(
+            ["score", "layer", "head"], ascending=[False, True, True]
+        )
+        rows[run] = {
+            "heads": frozenset(zip(q["layer"].astype(int), q["head"].astype(int))),
+            "best": (int(q["layer"].iloc[0]), int(q["head"].iloc[0])) if len(q) else None,
+        }
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -397,11 +533,20 @@ def head_sharing(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """Per run where both mechanisms have a head meeting their criterion at the final step:
     ``same_best`` (their strongest qualifying heads are one head) and ``jaccard`` = |A and B|
     / |A or B| of their qualifying head sets."""
-    runs = [r for r in a.index.intersection(b.index)
-            if a.loc[r, "best"] is not None and b.loc[r, "best"] is not None]
-    rows = [{"run": r, "same_best": a.loc[r, "best"] == b.loc[r, "best"],
-             "jaccard": len(a.loc[r, "heads"] & b.loc[r, "heads"])
-             / len(a.loc[r, "heads"] | b.loc[r, "heads"])} for r in runs]
+    runs = [
+        r
+        for r in a.index.intersection(b.index)
+        if a.loc[r, "best"] is not None and b.loc[r, "best"] is not None
+    ]
+    rows = [
+        {
+            "run": r,
+            "same_best": a.loc[r, "best"] == b.loc[r, "best"],
+            "jaccard": len(a.loc[r, "heads"] & b.loc[r, "heads"])
+            / len(a.loc[r, "heads"] | b.loc[r, "heads"]),
+        }
+        for r in runs
+    ]
     return pd.DataFrame(rows, columns=["run", "same_best", "jaccard"])
 
 
@@ -445,49 +590,96 @@ def order_table(
         ids = {"model": model, "size": size, "n_params": n_params, "run": run, "seed": seed}
         for name in names:
             formed = np.isfinite(onsets[name])
-            rows.append(_row("onset", **ids, mechanism_a=name, estimate=onsets[name],
-                             detail="formed" if formed else "never formed"))
+            rows.append(
+                _row(
+                    "onset",
+                    **ids,
+                    mechanism_a=name,
+                    estimate=onsets[name],
+                    detail="formed" if formed else "never formed",
+                )
+            )
         orderings[run] = ordering(onsets.to_dict())
-        rows.append(_row("ordering", **ids, detail=orderings[run],
-                         count=int(onsets.isna().sum())))
+        rows.append(_row("ordering", **ids, detail=orderings[run], count=int(onsets.isna().sum())))
     by_size = list(matrix.groupby(level=["model", "size"], sort=False))
     scopes = by_size + ([((ALL_SIZES, ALL_SIZES), matrix)] if len(by_size) > 1 else [])
     for (model, size), sub in scopes:
         runs = sub.index.get_level_values("run")
         n_params = sub.index.get_level_values("n_params")[0] if size != ALL_SIZES else np.nan
         ids = {"model": model, "size": size, "n_params": n_params}
-        rows.append(_row("distinct_orderings", **ids, n=len(runs),
-                         count=len({orderings[r] for r in runs})))
+        rows.append(
+            _row("distinct_orderings", **ids, n=len(runs), count=len({orderings[r] for r in runs}))
+        )
         if size != ALL_SIZES:
             complete = sub.dropna()
             ranks = complete.rank(axis=1, method="average").to_numpy()
-            rows.append(_row("kendall_w", **ids, estimate=kendalls_w(ranks), n=len(complete),
-                             count=len(sub) - len(complete)))
+            rows.append(
+                _row(
+                    "kendall_w",
+                    **ids,
+                    estimate=kendalls_w(ranks),
+                    n=len(complete),
+                    count=len(sub) - len(complete),
+                )
+            )
         for a, b in itertools.permutations(names, 2):
             x, y = sub[a].to_numpy(), sub[b].to_numpy()
             both = np.isfinite(x) & np.isfinite(y)
             before = int(np.sum(x[both] < y[both]))
             ties = int(np.sum(x[both] == y[both]))
             low, high = wilson(before, int(both.sum()), confidence)
-            detail = (f"ties={ties}; only_a={int(np.sum(np.isfinite(x) & ~np.isfinite(y)))}; "
-                      f"only_b={int(np.sum(~np.isfinite(x) & np.isfinite(y)))}; "
-                      f"neither={int(np.sum(~np.isfinite(x) & ~np.isfinite(y)))}")
-            rows.append(_row("before", **ids, mechanism_a=a, mechanism_b=b,
-                             estimate=before / both.sum() if both.any() else np.nan,
-                             ci_low=low, ci_high=high, n=int(both.sum()), count=before,
-                             detail=detail))
+            detail = (
+                f"ties={ties}; only_a={int(np.sum(np.isfinite(x) & ~np.isfinite(y)))}; "
+                f"only_b={int(np.sum(~np.isfinite(x) & np.isfinite(y)))}; "
+                f"neither={int(np.sum(~np.isfinite(x) & ~np.isfinite(y)))}"
+            )
+            rows.append(
+                _row(
+                    "before",
+                    **ids,
+                    mechanism_a=a,
+                    mechanism_b=b,
+                    estimate=before / both.sum() if both.any() else np.nan,
+                    ci_low=low,
+                    ci_high=high,
+                    n=int(both.sum()),
+                    count=before,
+                    detail=detail,
+                )
+            )
         for a, b in itertools.combinations(names, 2):
-            shared = head_sharing(qualifying[a].reindex(runs).dropna(how="all"),
-                                  qualifying[b].reindex(runs).dropna(how="all"))
+            shared = head_sharing(
+                qualifying[a].reindex(runs).dropna(how="all"),
+                qualifying[b].reindex(runs).dropna(how="all"),
+            )
             k = int(shared["same_best"].sum())
             low, high = wilson(k, len(shared), confidence)
-            rows.append(_row("head_sharing", **ids, mechanism_a=a, mechanism_b=b,
-                             estimate=k / len(shared) if len(shared) else np.nan, ci_low=low,
-                             ci_high=high, n=len(shared), count=k,
-                             detail=f"mean_jaccard={shared['jaccard'].mean():.3g}"))
+            rows.append(
+                _row(
+                    "head_sharing",
+                    **ids,
+                    mechanism_a=a,
+                    mechanism_b=b,
+                    estimate=k / len(shared) if len(shared) else np.nan,
+                    ci_low=low,
+                    ci_high=high,
+                    n=len(shared),
+                    count=k,
+                    detail=f"mean_jaccard={shared['jaccard'].mean():.3g}",
+                )
+            )
     rho, p, n = seed_speed(matrix, rng, n_permutations)
-    rows.append(_row("seed_speed", model=ALL_SIZES, size=ALL_SIZES, estimate=rho, p_value=p, n=n,
-                     detail="mean Spearman rho of within-size onset ranks over mechanism pairs"))
+    rows.append(
+        _row(
+            "seed_speed",
+            model=ALL_SIZES,
+            size=ALL_SIZES,
+            estimate=rho,
+            p_value=p,
+            n=n,
+            detail="mean Spearman rho of within-size onset ranks over mechanism pairs",
+        )
+    )
     table = pd.DataFrame(rows, columns=ORDER_COLUMNS)
     for col in ("seed", "n", "count", "n_params"):
         table[col] = pd.to_numeric(table[col]).astype("Int64")
@@ -505,11 +697,15 @@ def lag_table(per_seed: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         data = matrix[[a, b]].dropna().reset_index()
         data["lag"] = data[b] - data[a]
         data["log10_n_params"] = np.log10(data["n_params"].astype(float))
-        fit = fit_mixed(data, "lag ~ log10_n_params", ["seed"], reml=True,
-                        analysis=f"lag_{a}_{b}",
-                        display_formula=f"lag({b} - {a}) ~ log10(n_params) + (1|seed)",
-                        term_names={"Intercept": "(Intercept)",
-                                    "log10_n_params": "log10(n_params)"})
+        fit = fit_mixed(
+            data,
+            "lag ~ log10_n_params",
+            ["seed"],
+            reml=True,
+            analysis=f"lag_{a}_{b}",
+            display_formula=f"lag({b} - {a}) ~ log10(n_params) + (1|seed)",
+            term_names={"Intercept": "(Intercept)", "log10_n_params": "log10(n_params)"},
+        )
         tables.append(fit.table().assign(mechanism_a=a, mechanism_b=b))
     if not tables:
         return pd.DataFrame(columns=LAG_COLUMNS)
@@ -519,8 +715,12 @@ def lag_table(per_seed: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 # ---- the generalizability profile ----------------------------------------------------------
 
 
-def _link_holds(per_seed: Mapping[str, pd.DataFrame], name: str,
-                links: Sequence[tuple[str, str]], runs: pd.Index) -> tuple[int, float, float]:
+def _link_holds(
+    per_seed: Mapping[str, pd.DataFrame],
+    name: str,
+    links: Sequence[tuple[str, str]],
+    runs: pd.Index,
+) -> tuple[int, float, float]:
     """Over the runs ``runs`` and the declared links joining ``name`` to another scored
     mechanism: (number of run x link pairs with both formed, fraction where the source's
     strongest final head sits in an earlier layer than the target's, fraction where the
@@ -566,14 +766,22 @@ def profile(
       (``stats/configurational.csv``, which compares the strongest previous-token heads; same-size
       pairs for a size row, all pairs for ``all``); NaN for the other mechanisms.
     """
-    links = sorted({(link.source, link.target) for r in results.values()
-                    for link in r.mechanism.links})
+    links = sorted(
+        {(link.source, link.target) for r in results.values() for link in r.mechanism.links}
+    )
     per_seed = {n: r.tables["per_seed"] for n, r in results.items() if not r.note}
     rows = []
     for name, result in results.items():
         if result.note:
-            rows.append({"mechanism": name, "model": ALL_SIZES, "size": ALL_SIZES,
-                         "scored": False, "note": f"not scored: {result.note}"})
+            rows.append(
+                {
+                    "mechanism": name,
+                    "model": ALL_SIZES,
+                    "size": ALL_SIZES,
+                    "scored": False,
+                    "note": f"not scored: {result.note}",
+                }
+            )
             continue
         seeds = result.tables["per_seed"]
         conv = result.tables["convergence"].set_index("model")
@@ -597,23 +805,39 @@ def profile(
                 size_runs.append(n)
                 within = conv["within_r_mean"].get(model, np.nan)
                 between = conv["between_r_mean"].get(model, np.nan)
-            n_link, layer_order, onset_order = _link_holds(per_seed, name, links,
-                                                           pd.Index(group["run"]))
-            rows.append({
-                "mechanism": name, "model": model, "size": size,
-                "n_params": int(group["n_params"].iloc[0]) if size != ALL_SIZES else np.nan,
-                "scored": True, "note": "", "n_runs": n, "n_runs_qualifying": k,
-                "fraction_qualifying": k / n, "fraction_ci_low": low, "fraction_ci_high": high,
-                "layer_modal_share": modal, "depth_mean_abs_diff": depth[0],
-                "depth_null_mean_abs_diff": depth[1], "depth_p_value": depth[2],
-                "n_formed": len(formed),
-                "onset_cv": float(formed.std() / formed.mean())
-                if len(formed) >= 2 and formed.mean() > 0 else np.nan,
-                "within_r": within, "between_r": between, "n_link_runs": n_link,
-                "link_layer_order": layer_order, "link_onset_order": onset_order,
-                "link_ablation": _relational_fraction(relational, name, model, size),
-                "configurational_z": _configurational_z(configurational, name, model, size),
-            })
+            n_link, layer_order, onset_order = _link_holds(
+                per_seed, name, links, pd.Index(group["run"])
+            )
+            rows.append(
+                {
+                    "mechanism": name,
+                    "model": model,
+                    "size": size,
+                    "n_params": int(group["n_params"].iloc[0]) if size != ALL_SIZES else np.nan,
+                    "scored": True,
+                    "note": "",
+                    "n_runs": n,
+                    "n_runs_qualifying": k,
+                    "fraction_qualifying": k / n,
+                    "fraction_ci_low": low,
+                    "fraction_ci_high": high,
+                    "layer_modal_share": modal,
+                    "depth_mean_abs_diff": depth[0],
+                    "depth_null_mean_abs_diff": depth[1],
+                    "depth_p_value": depth[2],
+                    "n_formed": len(formed),
+                    "onset_cv": float(formed.std() / formed.mean())
+                    if len(formed) >= 2 and formed.mean() > 0
+                    else np.nan,
+                    "within_r": within,
+                    "between_r": between,
+                    "n_link_runs": n_link,
+                    "link_layer_order": layer_order,
+                    "link_onset_order": onset_order,
+                    "link_ablation": _relational_fraction(relational, name, model, size),
+                    "configurational_z": _configurational_z(configurational, name, model, size),
+                }
+            )
     table = pd.DataFrame(rows, columns=PROFILE_COLUMNS)
     for col in ("n_params", "n_runs", "n_runs_qualifying", "n_formed", "n_link_runs"):
         table[col] = pd.to_numeric(table[col]).astype("Int64")
@@ -630,18 +854,23 @@ def _weighted(conv: pd.DataFrame, kind: str) -> float:
     return float(np.average(means[ok], weights=weights[ok])) if ok.any() else float("nan")
 
 
-def _relational_fraction(relational: pd.DataFrame | None, name: str, model: str,
-                         size: str) -> float:
-    if relational is None or name not in ("previous_token", "induction") or \
-            "drop_exceeds_control" not in relational:
+def _relational_fraction(
+    relational: pd.DataFrame | None, name: str, model: str, size: str
+) -> float:
+    if (
+        relational is None
+        or name not in ("previous_token", "induction")
+        or "drop_exceeds_control" not in relational
+    ):
         return float("nan")
     rows = relational if size == ALL_SIZES else relational[relational["model"] == model]
     values = rows["drop_exceeds_control"].dropna().astype(bool)
     return float(values.mean()) if len(values) else float("nan")
 
 
-def _configurational_z(configurational: pd.DataFrame | None, name: str, model: str,
-                       size: str) -> float:
+def _configurational_z(
+    configurational: pd.DataFrame | None, name: str, model: str, size: str
+) -> float:
     if configurational is None or name != "previous_token" or "profile_z" not in configurational:
         return float("nan")
     rows = configurational
@@ -682,21 +911,27 @@ def analyze_mechanisms(
         else:
             scored = result.heads
             result.tables.update(functional_tables(scored, confidence))
-            per_seed, norm = per_seed_table(scored, mechanism, thresholds, tokens_per_step,
-                                            absolute_thresholds=thresholds)
+            per_seed, norm = per_seed_table(
+                scored, mechanism, thresholds, tokens_per_step, absolute_thresholds=thresholds
+            )
             result.tables["per_seed"] = per_seed
             result.tables["positional_size"] = positional_table(per_seed, rng, n_permutations)
             result.tables["convergence"] = convergence_table(norm)
-            log.info("mechanism %s: %d runs, formed in %d", mechanism.name, len(per_seed),
-                     int(per_seed["formed"].sum()))
+            log.info(
+                "mechanism %s: %d runs, formed in %d",
+                mechanism.name,
+                len(per_seed),
+                int(per_seed["formed"].sum()),
+            )
         results[mechanism.name] = result
     scored_names = [n for n, r in results.items() if not r.note]
     per_seed_tables = {n: results[n].tables["per_seed"] for n in scored_names}
     qualifying = {n: strongest_qualifying(results[n].heads) for n in scored_names}
     cross = {
         "profile": profile(results, confidence, rng, n_permutations, relational, configurational),
-        "mechanism_order": order_table(per_seed_tables, qualifying, confidence, rng,
-                                       n_permutations),
+        "mechanism_order": order_table(
+            per_seed_tables, qualifying, confidence, rng, n_permutations
+        ),
         "mechanism_lags": lag_table(per_seed_tables),
     }
     return results, cross

@@ -1068,26 +1068,45 @@ def plot_profile(profile: pd.DataFrame, path: str | Path, width: float | None = 
     raw = rows[list(PROFILE_LABELS)].to_numpy(dtype=float)
     scored = rows["scored"].astype(bool).to_numpy()
     side = width if width is not None else 4.5
-    fig, ax = plt.subplots(
-        figsize=(side, 1.6 + 0.22 * max(len(rows), 1)), layout="constrained"
-    )
+    fig, ax = plt.subplots(figsize=(side, 1.6 + 0.22 * max(len(rows), 1)), layout="constrained")
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = ax.imshow(np.ma.masked_invalid(colours), cmap=cmap, vmin=0.0, vmax=1.0,
-                      aspect="auto", interpolation="nearest")
+    image = ax.imshow(
+        np.ma.masked_invalid(colours),
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        aspect="auto",
+        interpolation="nearest",
+    )
     for i in range(raw.shape[0]):
         if not scored[i]:
-            ax.text((raw.shape[1] - 1) / 2, i, "not scored", ha="center", va="center",
-                    fontsize=MIN_FONT_PT, gid=f"row:{rows['mechanism'].iloc[i]}")
+            ax.text(
+                (raw.shape[1] - 1) / 2,
+                i,
+                "not scored",
+                ha="center",
+                va="center",
+                fontsize=MIN_FONT_PT,
+                gid=f"row:{rows['mechanism'].iloc[i]}",
+            )
             continue
         for j in range(raw.shape[1]):
             value = raw[i, j]
             dark = np.isfinite(colours[i, j]) and colours[i, j] < 0.6
-            ax.text(j, i, f"{value:.2g}" if np.isfinite(value) else "–", ha="center",
-                    va="center", fontsize=MIN_FONT_PT, color="white" if dark else "black",
-                    gid=f"cell:{rows['mechanism'].iloc[i]}:{list(PROFILE_LABELS)[j]}")
+            ax.text(
+                j,
+                i,
+                f"{value:.2g}" if np.isfinite(value) else "–",
+                ha="center",
+                va="center",
+                fontsize=MIN_FONT_PT,
+                color="white" if dark else "black",
+                gid=f"cell:{rows['mechanism'].iloc[i]}:{list(PROFILE_LABELS)[j]}",
+            )
     ax.xaxis.tick_top()
-    ax.set_xticks(range(len(PROFILE_LABELS)), list(PROFILE_LABELS.values()), rotation=90,
-                  fontsize=TICK_PT)
+    ax.set_xticks(
+        range(len(PROFILE_LABELS)), list(PROFILE_LABELS.values()), rotation=90, fontsize=TICK_PT
+    )
     ax.set_yticks(range(len(rows)), rows["mechanism"].tolist(), fontsize=TICK_PT)
     ax.tick_params(length=0)
     colourbar = fig.colorbar(image, ax=ax, location="bottom", shrink=0.8, aspect=30)

@@ -22,8 +22,11 @@ def main(sm: Any) -> None:
     log = setup_logging(sm)
     profile = read_csv(sm.input.profile)
     figures.plot_profile(profile, sm.output.profile)
-    log.info("profile heatmap: %d mechanisms -> %s", int((profile["size"] == "all").sum()),
-             sm.output.profile)
+    log.info(
+        "profile heatmap: %d mechanisms -> %s",
+        int((profile["size"] == "all").sum()),
+        sm.output.profile,
+    )
 
 
 if "snakemake" in globals():

@@ -35,7 +35,8 @@ from mechgen.outputs import read_csv, write_csv
 
 def optional_table(sm: Any, name: str) -> pd.DataFrame | None:
     """The input table ``name`` if the rule has it, else None."""
-    return read_csv(sm.input[name]) if name in sm.input.keys() else None
+    # A Namedlist is a list of paths: `in` would test the paths, not the names.
+    return read_csv(sm.input[name]) if name in sm.input.keys() else None  # noqa: SIM118
 
 
 def main(sm: Any) -> None:

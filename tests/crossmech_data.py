@@ -36,12 +36,24 @@ def planted_heads(seeds=(1, 2, 3), sizes=SIZES, never=()) -> pd.DataFrame:
                             one_back += 0.8 * prev
                         if (layer, head) == (n_layers - 1, 1):
                             induction += 0.7 * ind
-                        rows.append({
-                            "suite": "syn", "model": f"syn-{size}", "size": size,
-                            "seed": seed, "run": run, "step": step, "tokens_seen": step * 8,
-                            "layer": layer, "head": head, "n_layers": n_layers,
-                            "n_heads": n_heads, "n_params": n_params, "one_back": one_back,
-                            "induction": induction, "induction_control": induction_null,
-                            "nonfinite": False,
-                        })
+                        rows.append(
+                            {
+                                "suite": "syn",
+                                "model": f"syn-{size}",
+                                "size": size,
+                                "seed": seed,
+                                "run": run,
+                                "step": step,
+                                "tokens_seen": step * 8,
+                                "layer": layer,
+                                "head": head,
+                                "n_layers": n_layers,
+                                "n_heads": n_heads,
+                                "n_params": n_params,
+                                "one_back": one_back,
+                                "induction": induction,
+                                "induction_control": induction_null,
+                                "nonfinite": False,
+                            }
+                        )
     return pd.DataFrame(rows)

@@ -37,7 +37,10 @@ def context_for(heads: pd.DataFrame, lengths=EVAL_LENGTHS) -> NullContext:
 def planted():
     heads = planted_heads(never=(NEVER,))
     results, cross = crossmech.analyze_mechanisms(
-        heads, list(mechanisms.catalog().values()), context_for(heads), tokens_per_step=8,
+        heads,
+        list(mechanisms.catalog().values()),
+        context_for(heads),
+        tokens_per_step=8,
         n_permutations=199,
     )
     return heads, results, cross
@@ -65,8 +68,19 @@ def test_kendalls_w_hand_worked() -> None:
 def _per_seed(rows: list[tuple[str, str, int, float, bool]]) -> pd.DataFrame:
     """A per_seed table: (run, model, seed, onset_step, formed); one size per model."""
     return pd.DataFrame(
-        [{"run": r, "model": m, "size": m, "seed": s, "n_params": 1000 if m == "a" else 10_000,
-          "onset_step": o, "formed": f, "final_layer": 0} for r, m, s, o, f in rows]
+        [
+            {
+                "run": r,
+                "model": m,
+                "size": m,
+                "seed": s,
+                "n_params": 1000 if m == "a" else 10_000,
+                "onset_step": o,
+                "formed": f,
+                "final_layer": 0,
+            }
+            for r, m, s, o, f in rows
+        ]
     )
 
 
@@ -81,14 +95,22 @@ def _qualifying(runs: dict[str, set[tuple[int, int]] | None]) -> pd.DataFrame:
 def test_before_probability_wilson_and_distinct_orderings() -> None:
     # Size "a", 5 seeds: x before y in runs 1, 2, 3; y before x in run 4; y never forms in run 5.
     runs = ["r1", "r2", "r3", "r4", "r5"]
-    x = _per_seed([(r, "a", i + 1, o, True) for i, (r, o) in
-                   enumerate(zip(runs, [10, 20, 30, 50, 10]))])
-    y = _per_seed([(r, "a", i + 1, o, f) for i, (r, o, f) in
-                   enumerate(zip(runs, [40, 30, 90, 20, np.nan], [True] * 4 + [False]))])
+    x = _per_seed(
+        [(r, "a", i + 1, o, True) for i, (r, o) in enumerate(zip(runs, [10, 20, 30, 50, 10]))]
+    )
+    y = _per_seed(
+        [
+            (r, "a", i + 1, o, f)
+            for i, (r, o, f) in enumerate(zip(runs, [40, 30, 90, 20, np.nan], [True] * 4 + [False]))
+        ]
+    )
     heads = {r: {(0, 0)} for r in runs}
     table = crossmech.order_table(
-        {"x": x, "y": y}, {"x": _qualifying(heads), "y": _qualifying(heads)}, 0.95,
-        np.random.default_rng(0), 9,
+        {"x": x, "y": y},
+        {"x": _qualifying(heads), "y": _qualifying(heads)},
+        0.95,
+        np.random.default_rng(0),
+        9,
     )
     before = table[(table["analysis"] == "before") & (table["mechanism_a"] == "x")].iloc[0]
     assert (before["count"], before["n"]) == (3, 4)  # the never-formed run is not "late"
@@ -128,8 +150,9 @@ def test_seed_speed_permutation_null_is_stratified_by_size() -> None:
     assert rho == pytest.approx(1.0) and n == 6
     assert p == pytest.approx(1 / 36, abs=0.004)
     # A single size of 3: P = 1/6.
-    _, p_one, _ = crossmech.seed_speed(matrix.xs("a", level="model", drop_level=False),
-                                       np.random.default_rng(1), 20_000)
+    _, p_one, _ = crossmech.seed_speed(
+        matrix.xs("a", level="model", drop_level=False), np.random.default_rng(1), 20_000
+    )
     assert p_one == pytest.approx(1 / 6, abs=0.01)
 
 
@@ -162,26 +185,41 @@ def test_normalised_onset_is_the_same_for_any_null() -> None:
         null = float(np.mean(1 / np.arange(2, lengths[0] + 1)))
         score = null + z * (1 - null)
         for step, value in zip(steps, score):
-            tables.append({"suite": "s", "model": "r", "size": "r", "seed": int(run[-1]),
-                           "run": run, "step": int(step), "tokens_seen": int(step), "layer": 0,
-                           "head": 0, "n_layers": 1, "n_heads": 1, "n_params": 10,
-                           "one_back": value})
+            tables.append(
+                {
+                    "suite": "s",
+                    "model": "r",
+                    "size": "r",
+                    "seed": int(run[-1]),
+                    "run": run,
+                    "step": int(step),
+                    "tokens_seen": int(step),
+                    "layer": 0,
+                    "head": 0,
+                    "n_layers": 1,
+                    "n_heads": 1,
+                    "n_params": 10,
+                    "one_back": value,
+                }
+            )
     heads = pd.DataFrame(tables)
     context = NullContext(eval_lengths={"r-seed1": [11], "r-seed2": [3]})
     scored = crossmech.scored_heads(heads, mechanism, context).heads
-    per_seed, _ = crossmech.per_seed_table(scored, mechanism, DEFAULT_THRESHOLDS, 1,
-                                           absolute_thresholds=DEFAULT_THRESHOLDS)
+    per_seed, _ = crossmech.per_seed_table(
+        scored, mechanism, DEFAULT_THRESHOLDS, 1, absolute_thresholds=DEFAULT_THRESHOLDS
+    )
     expected, _ = threshold_onset(steps, z)
     assert per_seed["onset_step"].tolist() == pytest.approx([expected, expected])
     # The study's absolute onset is on the raw score, so it differs between the two nulls.
-    absolute = [threshold_onset(steps, g["one_back"].to_numpy())[0]
-                for _, g in heads.groupby("run")]
+    absolute = [
+        threshold_onset(steps, g["one_back"].to_numpy())[0] for _, g in heads.groupby("run")
+    ]
     assert per_seed["onset_absolute_step"].tolist() == pytest.approx(absolute)
     assert absolute[0] != pytest.approx(absolute[1])
 
 
 def test_profile_of_a_planted_order(planted) -> None:
-    heads, results, cross = planted
+    _, results, cross = planted
     profile = cross["profile"].set_index(["mechanism", "size"])
     # Every run forms previous_token; the big size's seed 3 never forms induction.
     assert profile.loc[("previous_token", "all"), "fraction_qualifying"] == 1.0
@@ -196,10 +234,15 @@ def test_profile_of_a_planted_order(planted) -> None:
     assert profile.loc[("induction", "big"), "layer_modal_share"] == pytest.approx(2 / 3)
     # onset_cv from the per-seed table, independently.
     onsets = results["induction"].tables["per_seed"].query("formed")["onset_step"]
-    assert profile.loc[("induction", "all"), "onset_cv"] == pytest.approx(onsets.std() / onsets.mean())
+    assert profile.loc[("induction", "all"), "onset_cv"] == pytest.approx(
+        onsets.std() / onsets.mean()
+    )
     order = cross["mechanism_order"]
-    before = order[(order["analysis"] == "before") & (order["size"] == "all")
-                   & (order["mechanism_a"] == "previous_token")].iloc[0]
+    before = order[
+        (order["analysis"] == "before")
+        & (order["size"] == "all")
+        & (order["mechanism_a"] == "previous_token")
+    ].iloc[0]
     assert (before["estimate"], before["n"]) == (1.0, 5)
     lags = cross["mechanism_lags"]
     assert set(lags["analysis"]) == {"lag_previous_token_induction"}
@@ -209,11 +252,21 @@ def test_profile_of_a_planted_order(planted) -> None:
 
 def test_a_mechanism_without_its_column_is_not_scored(planted) -> None:
     heads, _, _ = planted
-    absent = Mechanism(name="successor", version=1, unit="head", score_column="successor",
-                       description="", units="fraction", null=mechanisms.get("induction").null)
+    absent = Mechanism(
+        name="successor",
+        version=1,
+        unit="head",
+        score_column="successor",
+        description="",
+        units="fraction",
+        null=mechanisms.get("induction").null,
+    )
     results, cross = crossmech.analyze_mechanisms(
-        heads, [mechanisms.get("previous_token"), absent], context_for(heads),
-        tokens_per_step=8, n_permutations=9,
+        heads,
+        [mechanisms.get("previous_token"), absent],
+        context_for(heads),
+        tokens_per_step=8,
+        n_permutations=9,
     )
     assert "not in heads.parquet" in results["successor"].note
     assert results["successor"].tables["per_seed"].empty
@@ -240,21 +293,36 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
         path.write_text(json.dumps({"token_ids": [list(range(n)) for n in EVAL_LENGTHS]}))
         tokens.append(str(path))
     names = mechanisms.names()
-    outputs = {f"{m}__{t}": str(tmp_path / "stats" / m / f"{t}.csv")
-               for m in names for t in crossmech.MECHANISM_TABLES}
-    outputs.update({n: str(tmp_path / "stats" / f"{n}.csv")
-                    for n in ("profile", "mechanism_order", "mechanism_lags")})
-    load_script("mechanisms").main(SimpleNamespace(
-        input=Namedlist(fromdict={"heads": str(heads_path), "tokens": tokens}),
-        output=Namedlist(fromdict=outputs),
-        params=Namedlist(fromdict={
-            "mechanisms": names, "settings": {"half_length": HALF_LENGTH},
-            "thresholds": {"start": 0.01, "stop": 0.3, "step": 0.01}, "tokens_per_step": 8,
-            "confidence": 0.95, "seed": 0, "n_permutations": 99,
-        }),
-        log=[str(tmp_path / "mechanisms.log")],
-        rule="mechanisms",
-    ))
+    outputs = {
+        f"{m}__{t}": str(tmp_path / "stats" / m / f"{t}.csv")
+        for m in names
+        for t in crossmech.MECHANISM_TABLES
+    }
+    outputs.update(
+        {
+            n: str(tmp_path / "stats" / f"{n}.csv")
+            for n in ("profile", "mechanism_order", "mechanism_lags")
+        }
+    )
+    load_script("mechanisms").main(
+        SimpleNamespace(
+            input=Namedlist(fromdict={"heads": str(heads_path), "tokens": tokens}),
+            output=Namedlist(fromdict=outputs),
+            params=Namedlist(
+                fromdict={
+                    "mechanisms": names,
+                    "settings": {"half_length": HALF_LENGTH},
+                    "thresholds": {"start": 0.01, "stop": 0.3, "step": 0.01},
+                    "tokens_per_step": 8,
+                    "confidence": 0.95,
+                    "seed": 0,
+                    "n_permutations": 99,
+                }
+            ),
+            log=[str(tmp_path / "mechanisms.log")],
+            rule="mechanisms",
+        )
+    )
     # The onset written for a run equals the threshold onset of its normalised max-over-heads
     # trajectory, computed here from heads.parquet and the token lengths alone.
     per_seed = pd.read_csv(outputs["previous_token__per_seed"]).set_index("run")
@@ -269,12 +337,14 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
     profile = pd.read_csv(outputs["profile"])
     assert set(profile["mechanism"]) == set(names)
     figure = tmp_path / "figures" / "profile.png"
-    load_script("mechanism_figures").main(SimpleNamespace(
-        input=Namedlist(fromdict={"profile": outputs["profile"]}),
-        output=Namedlist(fromdict={"profile": str(figure)}),
-        log=[str(tmp_path / "mechanism_figures.log")],
-        rule="mechanism_figures",
-    ))
+    load_script("mechanism_figures").main(
+        SimpleNamespace(
+            input=Namedlist(fromdict={"profile": outputs["profile"]}),
+            output=Namedlist(fromdict={"profile": str(figure)}),
+            log=[str(tmp_path / "mechanism_figures.log")],
+            rule="mechanism_figures",
+        )
+    )
     from PIL import Image
 
     with Image.open(figure) as image:
@@ -293,8 +363,19 @@ def test_profile_heatmap_draws_the_all_rows_readably(planted, tmp_path: Path) ->
     for i, name in enumerate(["duplicate_token", "successor", "copy_suppression"]):
         row = profile[(profile["mechanism"] == "induction") & (profile["size"] == "all")].copy()
         extra.append(row.assign(mechanism=name, onset_cv=0.5 * i, configurational_z=1.5 * i))
-    extra.append(pd.DataFrame([{"mechanism": "attention_locality", "model": "all", "size": "all",
-                                "scored": False, "note": "not scored: column absent"}]))
+    extra.append(
+        pd.DataFrame(
+            [
+                {
+                    "mechanism": "attention_locality",
+                    "model": "all",
+                    "size": "all",
+                    "scored": False,
+                    "note": "not scored: column absent",
+                }
+            ]
+        )
+    )
     table = pd.concat([profile, *extra], ignore_index=True)
     fig = figures.plot_profile(table, tmp_path / "profile.png", figures.COLUMN_WIDTH)
     check_png(tmp_path / "profile.png")
@@ -325,8 +406,11 @@ def test_previous_token_keeps_the_studys_absolute_onset() -> None:
 
     heads = read_trott2025(REPO / "tests" / "data" / "trott2025")
     heads = heads[heads["model"].isin(["pythia-14m", "pythia-70m"])]
-    results, cross = crossmech.analyze_mechanisms(
-        heads, list(mechanisms.catalog().values()), NullContext(), tokens_per_step=2_097_152,
+    results, _ = crossmech.analyze_mechanisms(
+        heads,
+        list(mechanisms.catalog().values()),
+        NullContext(),
+        tokens_per_step=2_097_152,
         n_permutations=9,
     )
     study = per_seed_summary(heads, "one_back", tokens_per_step=2_097_152).set_index("run")
