@@ -169,8 +169,10 @@ def test_every_pipeline_output_is_documented(toy_test_run: Path) -> None:
                 for m in re.finditer(r"(?<![\w.])(\d+\.\d+)(?:e[-+]\d+)?(?![\w.])", text)
             ]
             assert max(digits, default=0) <= 6, relative
-    for name in declared("STATS") + declared("RELATIONAL_STATS"):
+    for name in declared("STATS") + declared("RELATIONAL_STATS") + declared("CROSS_STATS"):
         assert f"stats/{name}.csv" in seen, f"the pipeline did not write stats/{name}.csv"
+    for name in declared("MECHANISM_TABLES"):
+        assert f"stats/<mechanism>/{name}.csv" in seen, name
 
 
 def test_mechanism_tables_are_documented() -> None:
