@@ -12,6 +12,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/mechanisms.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/relational.smk"
@@ -25,5 +26,6 @@ rule all:
     input:
         final_targets(),
         relational_targets(),  # workflow/rules/relational.smk
+        mechanism_targets(),  # workflow/rules/mechanisms.smk
         f"{RES}/summary.rst",  # workflow/rules/report.smk: the report opens with it
     default_target: True

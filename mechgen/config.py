@@ -107,6 +107,7 @@ def _config_schema() -> dict[str, Any]:
     schema = load_yaml(SCHEMA_PATH)
     # Lists the code defines, injected so that no copy of them is kept by hand in the schema.
     # mechgen.circuit loads torch (about 2 s); its settings dataclass is the definition.
+    from mechgen.mechanisms import names as mechanism_names
     from mechgen.schema import ATTENTION_METRICS
     from mechgen.settings import (
         REPEAT_SOURCES,
@@ -123,6 +124,9 @@ def _config_schema() -> dict[str, Any]:
     toy["training"]["properties"]["repeat_source"]["enum"] = list(REPEAT_SOURCES)
     props["analysis"]["properties"]["metric"]["enum"] = list(ATTENTION_METRICS)
     schema["$defs"]["suite"]["properties"]["source"]["enum"] = list(SUITE_SOURCES)
+    mechanisms = schema["$defs"]["suite"]["properties"]["mechanisms"]
+    mechanisms["items"] = {"enum": mechanism_names()}
+    mechanisms["default"] = mechanism_names()
     props["hub"]["properties"] = _dataclass_properties(HubSettings)
     constraints = schema["$defs"]["relational_scoring"]
     # `detail` is decided per scoring job from `detail_steps`, not a config key.
@@ -137,7 +141,7 @@ def _config_schema() -> dict[str, Any]:
 
 def config_schema() -> dict[str, Any]:
     """The JSON schema of config.yaml (workflow/schemas/config.schema.yaml) with the lists the
-    code defines injected: the metric and source enums, the keys of ``hub`` and of the
+    code defines injected: the metric, source and mechanism enums, the keys of ``hub`` and of the
     relational scoring settings (with their defaults). A fresh copy on each call."""
     return copy.deepcopy(_config_schema())
 

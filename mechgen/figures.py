@@ -31,6 +31,7 @@ figure                         function
 ``onset_lag``                  :func:`plot_onset_lags`
 ``ablation``                   :func:`plot_ablation`
 ``configurational``            :func:`plot_configurational`
+``profile``                    :func:`plot_profile`
 =============================  ==========================================================
 """
 
@@ -1023,4 +1024,92 @@ def plot_configurational(
         "z = (observed - null mean) / null SD\ndot: one-sided permutation p < 0.05",
         fontsize=LABEL_PT,
     )
+    return _save(fig, path)
+
+
+PROFILE_LABELS = {
+    "fraction_qualifying": "qualifying",
+    "layer_modal_share": "modal layer",
+    "onset_cv": "onset CV",
+    "within_r": "r within",
+    "between_r": "r between",
+    "link_layer_order": "layer order",
+    "link_onset_order": "onset order",
+    "configurational_z": "config. z",
+}
+"""Column labels of the profile heatmap, by column of ``stats/profile.csv``."""
+PROFILE_Z_FULL = 3.0
+"""A configurational z at which the profile's colour saturates (z / 3, clipped to 0..1)."""
+
+
+def profile_colour_values(table: pd.DataFrame) -> np.ndarray:
+    """The colour value (0..1, higher = the mechanism generalises more) of every profile cell:
+    fractions, shares and r as they are (clipped to 0..1), onset CV as 1 - min(CV, 1), the
+    configurational z as z / :data:`PROFILE_Z_FULL` (clipped); NaN stays NaN."""
+    values = table[list(PROFILE_LABELS)].to_numpy(dtype=float).copy()
+    columns = list(PROFILE_LABELS)
+    cv = columns.index("onset_cv")
+    values[:, cv] = 1.0 - np.minimum(values[:, cv], 1.0)
+    z = columns.index("configurational_z")
+    values[:, z] = values[:, z] / PROFILE_Z_FULL
+    return np.clip(values, 0.0, 1.0)
+
+
+def plot_profile(profile: pd.DataFrame, path: str | Path, width: float | None = None) -> Figure:
+    """The generalizability profile: mechanism (rows) x axis (columns), over all sizes.
+
+    ``profile``: ``stats/profile.csv``; its ``size == "all"`` rows are drawn. Each cell shows the
+    value (2 significant digits; "–" when missing) on the colour of
+    :func:`profile_colour_values` (viridis, 0..1); a mechanism not scored is a grey row
+    reading "not scored".
+    """
+    rows = profile[profile["size"] == "all"].reset_index(drop=True)
+    colours = profile_colour_values(rows)
+    raw = rows[list(PROFILE_LABELS)].to_numpy(dtype=float)
+    scored = rows["scored"].astype(bool).to_numpy()
+    side = width if width is not None else 4.5
+    fig, ax = plt.subplots(figsize=(side, 1.6 + 0.22 * max(len(rows), 1)), layout="constrained")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = ax.imshow(
+        np.ma.masked_invalid(colours),
+        cmap=cmap,
+        vmin=0.0,
+        vmax=1.0,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    for i in range(raw.shape[0]):
+        if not scored[i]:
+            ax.text(
+                (raw.shape[1] - 1) / 2,
+                i,
+                "not scored",
+                ha="center",
+                va="center",
+                fontsize=MIN_FONT_PT,
+                gid=f"row:{rows['mechanism'].iloc[i]}",
+            )
+            continue
+        for j in range(raw.shape[1]):
+            value = raw[i, j]
+            dark = np.isfinite(colours[i, j]) and colours[i, j] < 0.6
+            ax.text(
+                j,
+                i,
+                f"{value:.2g}" if np.isfinite(value) else "–",
+                ha="center",
+                va="center",
+                fontsize=MIN_FONT_PT,
+                color="white" if dark else "black",
+                gid=f"cell:{rows['mechanism'].iloc[i]}:{list(PROFILE_LABELS)[j]}",
+            )
+    ax.xaxis.tick_top()
+    ax.set_xticks(
+        range(len(PROFILE_LABELS)), list(PROFILE_LABELS.values()), rotation=90, fontsize=TICK_PT
+    )
+    ax.set_yticks(range(len(rows)), rows["mechanism"].tolist(), fontsize=TICK_PT)
+    ax.tick_params(length=0)
+    colourbar = fig.colorbar(image, ax=ax, location="bottom", shrink=0.8, aspect=30)
+    colourbar.ax.tick_params(labelsize=TICK_PT)
+    colourbar.set_label("generalises: 0 (no) .. 1 (yes)", fontsize=LABEL_PT)
     return _save(fig, path)

@@ -32,6 +32,11 @@ def config() -> dict:
 def test_default_config_is_valid_and_selects_toy(config):
     validated = validate_config(config)
     assert validated["suite"] == "toy"
+    # A suite that lists no mechanisms runs the whole catalog.
+    from mechgen.mechanisms import names
+
+    assert "mechanisms" not in config["suites"]["toy"]
+    assert validated["suites"]["toy"]["mechanisms"] == names()
     runs = suite_runs(validated)
     # 2 sizes x 3 seeds, sizes outer.
     assert [r.run for r in runs][:3] == ["toy-tiny-seed1", "toy-tiny-seed2", "toy-tiny-seed3"]
@@ -216,6 +221,11 @@ def test_the_validated_config_is_a_fixed_point(config):
             ["euclidean", "correlation"],
         ),
         (lambda c: c["suites"]["pythia"].update(source="s3"), "suites.pythia.source", ["hf", "local", "table", "toy"]),
+        (
+            lambda c: c["suites"]["toy"].update(mechanisms=["previous_token", "inductoin"]),
+            "suites.toy.mechanisms.1",
+            ["previous_token", "induction"],
+        ),
         (lambda c: c["relational"].update(token_lo=60000), "relational", ["token_lo < token_hi"]),
         (lambda c: c.pop("naturalstories"), "naturalstories.url", []),
         (lambda c: c["toy"]["training"].pop("steps"), "toy.training", ["steps"]),
@@ -243,6 +253,10 @@ def test_schema_enums_are_the_codes_lists():
     props = schema["properties"]
     assert props["analysis"]["properties"]["metric"]["enum"] == ATTENTION_METRICS
     assert schema["$defs"]["suite"]["properties"]["source"]["enum"] == list(SUITE_SOURCES)
+    from mechgen.mechanisms import names
+
+    mechanisms = schema["$defs"]["suite"]["properties"]["mechanisms"]
+    assert mechanisms["items"]["enum"] == names() and mechanisms["default"] == names()
     fields = [f.name for f in dataclasses.fields(CircuitSettings) if f.name != "detail"]
     assert list(relational_scoring_keys()) == fields
     assert set(props["relational"]["properties"]) == {*fields, "enabled", "detail_steps", "analysis"}

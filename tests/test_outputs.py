@@ -53,6 +53,7 @@ def section_for(relative: str, sections: dict[str, set[str]]) -> str:
         regex = re.escape(pattern).replace(re.escape("<run>"), r"[^/]+")
         regex = regex.replace(re.escape("<N>"), r"\d+")
         regex = regex.replace(re.escape("<key>"), r"[0-9a-f]+")
+        regex = regex.replace(re.escape("<mechanism>"), r"\w+")
         if re.fullmatch(regex, relative):
             return pattern
     raise AssertionError(f"{relative}: no section in docs/outputs.md")
@@ -74,8 +75,10 @@ def declared(list_name: str) -> list[str]:
 
 def test_every_declared_stats_table_has_a_section() -> None:
     sections = documented_columns()
-    for name in declared("STATS") + declared("RELATIONAL_STATS"):
+    for name in declared("STATS") + declared("RELATIONAL_STATS") + declared("CROSS_STATS"):
         assert f"stats/{name}.csv" in sections, name
+    for name in declared("MECHANISM_TABLES"):
+        assert f"stats/<mechanism>/{name}.csv" in sections, name
     # A section per file, each with at least one column.
     assert all(sections.values())
 
@@ -166,5 +169,29 @@ def test_every_pipeline_output_is_documented(toy_test_run: Path) -> None:
                 for m in re.finditer(r"(?<![\w.])(\d+\.\d+)(?:e[-+]\d+)?(?![\w.])", text)
             ]
             assert max(digits, default=0) <= 6, relative
-    for name in declared("STATS") + declared("RELATIONAL_STATS"):
+    for name in declared("STATS") + declared("RELATIONAL_STATS") + declared("CROSS_STATS"):
         assert f"stats/{name}.csv" in seen, f"the pipeline did not write stats/{name}.csv"
+    for name in declared("MECHANISM_TABLES"):
+        assert f"stats/<mechanism>/{name}.csv" in seen, name
+
+
+def test_mechanism_tables_are_documented() -> None:
+    from crossmech_data import EVAL_LENGTHS, HALF_LENGTH, planted_heads
+
+    from mechgen import crossmech, mechanisms
+    from mechgen.mechanisms import NullContext
+
+    heads = planted_heads(never=("syn-big-seed3",))
+    context = NullContext(
+        eval_lengths={r: EVAL_LENGTHS for r in heads["run"].unique()},
+        settings={"half_length": HALF_LENGTH},
+    )
+    results, cross = crossmech.analyze_mechanisms(
+        heads, list(mechanisms.catalog().values()), context, tokens_per_step=8, n_permutations=9
+    )
+    assert list(crossmech.MECHANISM_TABLES) == declared("MECHANISM_TABLES")
+    for name, result in results.items():
+        for table, frame in result.tables.items():
+            assert_documented(f"stats/{name}/{table}.csv", frame.columns)
+    for name, frame in cross.items():
+        assert_documented(f"stats/{name}.csv", frame.columns)

@@ -197,3 +197,40 @@ def relational_targets():
     return [f"{RES}/stats/{name}.csv" for name in RELATIONAL_STATS] + [
         f"{RES}/figures/{name}.png" for name in RELATIONAL_FIGURES
     ]
+
+
+# ---- the mechanism catalog on the table side (rules in mechanisms.smk)
+
+MECHANISMS = list(SPEC["mechanisms"])  # validated: the schema's default is the whole catalog
+MECHANISM_TABLES = [
+    "functional_run_step",
+    "functional_size",
+    "per_seed",
+    "positional_size",
+    "convergence",
+]
+CROSS_STATS = [
+    "profile",
+    "mechanism_order",
+    "mechanism_lags",
+]
+
+
+def mechanism_inputs(wildcards):
+    inputs = {"heads": f"{RES}/heads.parquet", "tokens": eval_token_files(wildcards)}
+    if RELATIONAL_ENABLED:
+        inputs["relational"] = f"{RES}/stats/relational.csv"
+        inputs["configurational"] = f"{RES}/stats/configurational.csv"
+    return inputs
+
+
+def mechanism_null_settings():
+    """The suite's resolved relational scoring settings, on which some nulls depend (the
+    induction null on half_length); none for a table suite."""
+    return {} if SOURCE == "table" else relational_settings(config)
+
+
+def mechanism_targets():
+    return [
+        f"{RES}/stats/{name}/{table}.csv" for name in MECHANISMS for table in MECHANISM_TABLES
+    ] + [f"{RES}/stats/{name}.csv" for name in CROSS_STATS] + [f"{RES}/figures/profile.png"]

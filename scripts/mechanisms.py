@@ -1,0 +1,77 @@
+"""Snakemake script of rule `mechanisms`: every catalog mechanism of the suite through the axes,
+and the cross-mechanism tables.
+
+Inputs: ``heads`` (heads.parquet: a mechanism's score is its ``score_column``), ``tokens`` (the
+eval token files ``eval/tokens/<run>.json``, for the nulls that depend on the sentence lengths;
+none for a table suite), and, when the relational axis runs, ``relational`` and
+``configurational`` (stats/relational.csv, stats/configurational.csv) for the profile.
+Params: ``mechanisms`` (the suite's ``mechanisms:``), ``settings`` (its resolved relational
+scoring settings, for the nulls; empty for a table suite), ``thresholds`` {start, stop, step}
+(``analysis.onset_thresholds``, read in normalised units per decade), ``tokens_per_step``,
+``confidence`` and ``seed`` (``analysis.bootstrap``), ``n_permutations``
+(``analysis.positional.n_permutations``).
+Outputs: ``<mechanism>__<table>`` -> stats/<mechanism>/<table>.csv
+(:data:`mechgen.crossmech.MECHANISM_TABLES`), and ``profile``, ``mechanism_order``,
+``mechanism_lags`` (:func:`mechgen.crossmech.analyze_mechanisms`). A mechanism whose column is
+absent gets header-only tables, a ``not scored`` profile row and a warning in the log.
+"""
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd
+from _common import setup_logging
+
+from mechgen import crossmech, mechanisms
+from mechgen.developmental import onset_thresholds
+from mechgen.functional import read_token_lengths
+from mechgen.mechanisms import NullContext
+from mechgen.outputs import read_csv, write_csv
+
+
+def optional_table(sm: Any, name: str) -> pd.DataFrame | None:
+    """The input table ``name`` if the rule has it, else None."""
+    # A Namedlist is a list of paths: `in` would test the paths, not the names.
+    return read_csv(sm.input[name]) if name in sm.input.keys() else None  # noqa: SIM118
+
+
+def main(sm: Any) -> None:
+    """Run the analyses and write every output of the rule (``sm`` is Snakemake's object)."""
+    log = setup_logging(sm)
+    heads = pd.read_parquet(sm.input.heads)
+    context = NullContext(
+        eval_lengths={Path(p).stem: read_token_lengths(p) for p in sm.input.tokens},
+        settings=dict(sm.params.settings),
+    )
+    chosen = [mechanisms.get(name) for name in sm.params.mechanisms]
+    log.info("%d head rows; mechanisms %s", len(heads), ", ".join(m.name for m in chosen))
+    results, cross = crossmech.analyze_mechanisms(
+        heads,
+        chosen,
+        context,
+        thresholds=onset_thresholds(**sm.params.thresholds),
+        tokens_per_step=int(sm.params.tokens_per_step),
+        confidence=float(sm.params.confidence),
+        n_permutations=int(sm.params.n_permutations),
+        seed=int(sm.params.seed),
+        relational=optional_table(sm, "relational"),
+        configurational=optional_table(sm, "configurational"),
+    )
+    tables = dict(cross)
+    for name, result in results.items():
+        for table, frame in result.tables.items():
+            tables[f"{name}__{table}"] = frame
+    unknown = sorted(set(sm.output.keys()) - set(tables))
+    if unknown:
+        raise ValueError(f"rule outputs no analysis computes: {', '.join(unknown)}")
+    for name, path in sm.output.items():
+        write_csv(tables[name], path)
+        log.info("%s: %d rows -> %s", name, len(tables[name]), path)
+
+
+if "snakemake" in globals():
+    main(snakemake)  # noqa: F821

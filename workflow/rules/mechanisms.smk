@@ -1,0 +1,57 @@
+# The mechanism catalog on the table side: every mechanism of the suite's `mechanisms:` through
+# the axes (stats/<mechanism>/), the cross-mechanism tables and the generalizability profile.
+# Included before the other analyses so that the profile opens the report.
+# MECHANISMS, MECHANISM_TABLES, CROSS_STATS and mechanism_targets() are defined in common.smk.
+
+
+rule mechanisms:
+    localrule: True
+    conda:
+        "../envs/mechgen.yaml"
+    input:
+        unpack(mechanism_inputs),
+    output:
+        **{
+            f"{name}__{table}": f"{RES}/stats/{name}/{table}.csv"
+            for name in MECHANISMS
+            for table in MECHANISM_TABLES
+        },
+        **{
+            name: report(
+                f"{RES}/stats/{name}.csv",
+                caption="../report/table.rst",
+                category="Tables",
+                labels={"table": f"{name}.csv"},
+            )
+            for name in CROSS_STATS
+        },
+    params:
+        mechanisms=MECHANISMS,
+        settings=mechanism_null_settings(),
+        thresholds=ANALYSIS["onset_thresholds"],
+        tokens_per_step=TOKENS_PER_STEP,
+        confidence=ANALYSIS["bootstrap"]["confidence"],
+        seed=ANALYSIS["bootstrap"]["seed"],
+        n_permutations=ANALYSIS["positional"]["n_permutations"],
+    log:
+        f"{RES}/logs/mechanisms.log",
+    script:
+        "../../scripts/mechanisms.py"
+
+
+rule mechanism_figures:
+    localrule: True
+    conda:
+        "../envs/mechgen.yaml"
+    input:
+        profile=f"{RES}/stats/profile.csv",
+    output:
+        profile=report(
+            f"{RES}/figures/profile.png",
+            caption="../report/profile.rst",
+            category="Across mechanisms",  # sorts first in the report's menu
+        ),
+    log:
+        f"{RES}/logs/mechanism_figures.log",
+    script:
+        "../../scripts/mechanism_figures.py"
