@@ -299,7 +299,9 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
     assert digests == _checkpoint_digests(reference)
     leftovers = [p for p in (killed / "results").rglob("*") if atomic.is_temporary(p)]
     assert leftovers == []
-    assert (killed / "results" / "toy-orphans" / "report.html").is_file()
+    # The resume asked for heads.parquet only: no summary, so no report, and it says why.
+    assert not (killed / "results" / "toy-orphans" / "report.html").exists()
+    assert "report: not built, results/toy-orphans/summary.rst is missing" in output
 
 
 def test_stop_refuses_while_slurm_jobs_of_this_checkout_remain(
