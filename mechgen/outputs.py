@@ -11,6 +11,8 @@ Parquet, which keeps every float bit.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -44,3 +46,18 @@ def read_csv(path: str | Path) -> pd.DataFrame:
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+
+
+def write_declared_csvs(
+    outputs: Mapping[str, str], tables: Mapping[str, pd.DataFrame], log: logging.Logger
+) -> None:
+    """Write ``tables[name]`` to ``outputs[name]`` for every output a rule declares.
+
+    Raises ``ValueError`` naming the outputs no table was computed for, before writing any.
+    """
+    unknown = sorted(set(outputs) - set(tables))
+    if unknown:
+        raise ValueError(f"rule outputs no analysis computes: {', '.join(unknown)}")
+    for name, path in outputs.items():
+        write_csv(tables[name], path)
+        log.info("%s: %d rows -> %s", name, len(tables[name]), path)

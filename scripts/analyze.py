@@ -28,7 +28,7 @@ from _common import setup_logging
 
 from mechgen import functional, positional, stats
 from mechgen.developmental import onset_thresholds
-from mechgen.outputs import write_csv
+from mechgen.outputs import write_declared_csvs
 
 
 def uniform_baseline(
@@ -93,12 +93,7 @@ def main(sm: Any) -> None:
         log.warning(
             "a single seed: the mixed models with a seed intercept are skipped (see regressions.csv)"
         )
-    unknown = sorted(set(sm.output.keys()) - set(results))
-    if unknown:
-        raise ValueError(f"rule outputs no analysis computes: {', '.join(unknown)}")
-    for name, path in sm.output.items():
-        write_csv(results[name], path)
-        log.info("%s: %d rows -> %s", name, len(results[name]), path)
+    write_declared_csvs(dict(sm.output.items()), results, log)
 
 
 if "snakemake" in globals():

@@ -30,7 +30,7 @@ from mechgen import crossmech, mechanisms
 from mechgen.developmental import onset_thresholds
 from mechgen.functional import read_token_lengths
 from mechgen.mechanisms import NullContext
-from mechgen.outputs import read_csv, write_csv
+from mechgen.outputs import read_csv, write_declared_csvs
 
 
 def optional_table(sm: Any, name: str) -> pd.DataFrame | None:
@@ -65,12 +65,7 @@ def main(sm: Any) -> None:
     for name, result in results.items():
         for table, frame in result.tables.items():
             tables[f"{name}__{table}"] = frame
-    unknown = sorted(set(sm.output.keys()) - set(tables))
-    if unknown:
-        raise ValueError(f"rule outputs no analysis computes: {', '.join(unknown)}")
-    for name, path in sm.output.items():
-        write_csv(tables[name], path)
-        log.info("%s: %d rows -> %s", name, len(tables[name]), path)
+    write_declared_csvs(dict(sm.output.items()), tables, log)
 
 
 if "snakemake" in globals():
