@@ -125,7 +125,8 @@ def test_report_embeds_every_figure(toy_test_run, tmp_path):
     assert f"<title>mechgen report, suite {SUITE}</title>" in html
     assert html.count("<title>") == 1 and "Snakemake Report</title>" not in html
     figures = sorted((work / "results" / SUITE / "figures").glob("*.png"))
-    assert len(figures) == 10  # 6 of the analyses, 4 of the relational axes
+    # 6 of the analyses, 4 of the relational axes, the mechanism profile
+    assert len(figures) == 11
     for fig in figures:
         # Snakemake embeds each registered result base64-encoded: the exact bytes must be there.
         encoded = base64.b64encode(fig.read_bytes()).decode()
