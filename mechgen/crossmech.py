@@ -16,7 +16,7 @@ Per mechanism (``stats/<mechanism>/``):
 - *functional*: per run x step, the heads meeting the criterion
   (:meth:`Mechanism.meets_criterion`: score >= multiple x null and, with a control, control <
   fraction x score); per size, the fraction of runs with such a head at their final step, with
-  the Wilson interval (statsmodels ``proportion_confint``);
+  the Wilson interval (:func:`mechgen.stats.wilson_interval`);
 - *positional*: per run the strongest head at the final step, its relative depth
   ``(layer + 1) / n_layers``; per size the modal-layer share and the mean |layer difference|
   against uniform layers (:func:`mechgen.positional.layer_agreement`);
@@ -46,12 +46,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.proportion import proportion_confint
 
 from mechgen import convergence, positional
 from mechgen.developmental import DEFAULT_THRESHOLDS, per_seed_from_trajectories, trajectories
 from mechgen.mechanisms import Mechanism, NullContext
-from mechgen.stats import REGRESSION_COLUMNS, fit_mixed
+from mechgen.stats import REGRESSION_COLUMNS, fit_mixed, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +256,8 @@ def scored_heads(heads: pd.DataFrame, mechanism: Mechanism, context: NullContext
 
 
 def wilson(count: int, n: int, confidence: float) -> tuple[float, float]:
-    """Wilson score interval of ``count / n`` (statsmodels ``proportion_confint``); NaN if n = 0."""
-    if n == 0:
-        return float("nan"), float("nan")
-    low, high = proportion_confint(count, n, alpha=1 - confidence, method="wilson")
-    return float(low), float(high)
+    """Wilson score interval of ``count / n`` (:func:`mechgen.stats.wilson_interval`)."""
+    return wilson_interval(count, n, confidence)
 
 
 def functional_tables(scored: pd.DataFrame, confidence: float) -> dict[str, pd.DataFrame]:

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from statsmodels.stats.proportion import proportion_confint
 
+from mechgen.stats import wilson_interval
 from mechgen.tables import drop_nonfinite_heads, validate_heads
 
 DEFAULT_FUNCTIONAL_MULTIPLE = 2.0
@@ -210,7 +210,7 @@ def functional_fraction_by_size(per_run: pd.DataFrame, confidence: float = 0.95)
     """Per model size: the fraction of runs with a head meeting the criterion at the final step.
 
     ``fraction_functional = n_runs_functional / n_runs`` with the Wilson score interval at
-    ``confidence`` (statsmodels ``proportion_confint(method="wilson")``). ``per_run`` is the
+    ``confidence`` (:func:`mechgen.stats.wilson_interval`). ``per_run`` is the
     output of :func:`first_functional`; each run counts at its own final step, and ``step`` is
     that step when all runs of the size share it (else the smallest, so the row is honest about
     the earliest checkpoint that went in).
@@ -221,7 +221,7 @@ def functional_fraction_by_size(per_run: pd.DataFrame, confidence: float = 0.95)
     for _, size_runs in per_run.groupby(["model", "size"], sort=False):
         n_runs = len(size_runs)
         n_with = int(size_runs["has_functional_final"].sum())
-        ci_low, ci_high = proportion_confint(n_with, n_runs, alpha=1 - confidence, method="wilson")
+        ci_low, ci_high = wilson_interval(n_with, n_runs, confidence)
         first = size_runs.iloc[0]
         rows.append(
             {

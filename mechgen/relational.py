@@ -1205,11 +1205,11 @@ def relation_fraction_by_size(
     """Per model size: the fraction of runs where the boolean column ``relation`` holds.
 
     ``fraction = n_holds / n_runs`` over runs with a non-missing value, with the Wilson score
-    interval at ``confidence`` (statsmodels ``proportion_confint(method="wilson")``).
+    interval at ``confidence`` (:func:`mechgen.stats.wilson_interval`).
     Columns: model, size, n_params, n_runs, n_holds, fraction, ci_low, ci_high, confidence,
     relation.
     """
-    from statsmodels.stats.proportion import proportion_confint
+    from mechgen.stats import wilson_interval  # table-side: statsmodels only when tabulating
 
     if relation not in run_table.columns:
         raise ValueError(
@@ -1224,7 +1224,7 @@ def relation_fraction_by_size(
             continue
         n_runs = len(values)
         n_holds = int(values.astype(bool).sum())
-        ci_low, ci_high = proportion_confint(n_holds, n_runs, alpha=1 - confidence, method="wilson")
+        ci_low, ci_high = wilson_interval(n_holds, n_runs, confidence)
         rows.append(
             {
                 "model": model,

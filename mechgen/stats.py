@@ -60,6 +60,7 @@ import pandas as pd
 import statsmodels.formula.api as smf
 from scipy import stats as scipy_stats
 from statsmodels.regression.mixed_linear_model import MixedLMParams
+from statsmodels.stats.proportion import proportion_confint
 
 from mechgen import convergence
 from mechgen.developmental import (
@@ -747,3 +748,17 @@ def analyze(
         else corr,
         "convergence_overall": overall,
     }
+
+
+def wilson_interval(count: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the proportion ``count / n`` at ``confidence``; (NaN, NaN) if
+    n = 0.
+
+    statsmodels' ``proportion_confint(method="wilson")``, except that the bound at count = 0
+    (count = n) is exactly 0 (1), as the formula gives: statsmodels' float rounding leaves
+    5.6e-17 for 0 of 3, which prints as a spurious non-zero bound.
+    """
+    if n == 0:
+        return math.nan, math.nan
+    low, high = proportion_confint(count, n, alpha=1 - confidence, method="wilson")
+    return (0.0 if count == 0 else float(low)), (1.0 if count == n else float(high))

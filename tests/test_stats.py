@@ -455,3 +455,23 @@ def test_analyze_two_checkpoints_skips_convergence_with_warning() -> None:
     per_model = results["per_model"]
     assert per_model[["within_r_mean", "between_r_mean", "mds_separation"]].isna().all().all()
     assert per_model["peak_mean"].notna().all()
+
+
+def test_wilson_interval_known_answers_and_exact_bounds() -> None:
+    """Wilson score interval by its formula, (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) /
+    (1 + z^2/n), and exact 0 and 1 at 0 of n and n of n (statsmodels gives 5.6e-17 for 0/3)."""
+    from scipy.stats import norm
+
+    from mechgen.stats import wilson_interval
+
+    z = norm.ppf(0.975)
+    for count, n in ((1, 3), (2, 5), (7, 10)):
+        p = count / n
+        centre = p + z * z / (2 * n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        low, high = wilson_interval(count, n, 0.95)
+        assert low == pytest.approx((centre - half) / (1 + z * z / n), rel=1e-12)
+        assert high == pytest.approx((centre + half) / (1 + z * z / n), rel=1e-12)
+    assert wilson_interval(0, 3, 0.95)[0] == 0.0
+    assert wilson_interval(3, 3, 0.95) == (pytest.approx(0.438503, abs=1e-6), 1.0)
+    assert all(math.isnan(v) for v in wilson_interval(0, 0, 0.95))
