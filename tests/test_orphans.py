@@ -35,8 +35,17 @@ wait
 
 
 def _guard(cwd: Path, *args: str, **kwargs: object) -> subprocess.Popen:
+    """The run guard in a subprocess. A stub ``squeue`` that lists no job comes first on PATH,
+    so the result does not depend on whether this machine has a SLURM (or a stopped one, whose
+    ``squeue`` fails); the SLURM refusal is tested on its own with a stub that lists jobs."""
     code = "import sys; from mechgen.runguard import main; raise SystemExit(main(sys.argv[1:]))"
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    stub = cwd / ".stub-bin"
+    stub.mkdir(exist_ok=True)
+    (stub / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (stub / "squeue").chmod(0o755)
+    env = dict(
+        os.environ, PYTHONPATH=str(REPO_ROOT), PATH=f"{stub}{os.pathsep}{os.environ['PATH']}"
+    )
     return subprocess.Popen([PYTHON, "-c", code, *args], cwd=cwd, env=env, **kwargs)
 
 
