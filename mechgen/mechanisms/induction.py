@@ -17,6 +17,7 @@ import pandas as pd
 from mechgen.functional import uniform_induction_baseline
 from mechgen.mechanisms.base import Mechanism, NullContext
 
+
 def uniform_induction_null(table: pd.DataFrame, context: NullContext) -> pd.Series:
     """Per run: the induction score of uniform causal attention at the scored positions
     (``context.settings["half_length"]`` is L, the validated ``relational.half_length``)."""
