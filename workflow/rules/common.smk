@@ -234,3 +234,17 @@ def mechanism_targets():
     return [
         f"{RES}/stats/{name}/{table}.csv" for name in MECHANISMS for table in MECHANISM_TABLES
     ] + [f"{RES}/stats/{name}.csv" for name in CROSS_STATS] + [f"{RES}/figures/profile.png"]
+
+
+# ---- the report's opening summary (rule in report.smk)
+
+
+def summary_inputs(wildcards):
+    inputs = {
+        "per_model": f"{RES}/stats/per_model.csv",
+        "functional": f"{RES}/stats/functional_size.csv",
+        "positional": f"{RES}/stats/positional_size_step.csv",
+    }
+    if RELATIONAL_ENABLED:
+        inputs["relational_sizes"] = f"{RES}/stats/relational_sizes.csv"
+    return inputs

@@ -2,17 +2,6 @@
 # workflow/report/workflow.rst includes summary.rst; summary.csv is attached to the report.
 
 
-def summary_inputs(wildcards):
-    inputs = {
-        "per_model": f"{RES}/stats/per_model.csv",
-        "functional": f"{RES}/stats/functional_size.csv",
-        "positional": f"{RES}/stats/positional_size_step.csv",
-    }
-    if RELATIONAL_ENABLED:
-        inputs["relational_sizes"] = f"{RES}/stats/relational_sizes.csv"
-    return inputs
-
-
 rule summary:
     # Reads small tables: run on the submitting host, not as a cluster job.
     localrule: True
