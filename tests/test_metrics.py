@@ -247,7 +247,7 @@ def test_bad_lengths_are_rejected() -> None:
 # The batched scorer against a brute-force loop over the full causal LM's output_attentions
 
 
-def tiny_model(dtype: torch.dtype, seed: int = 0) -> GPTNeoXForCausalLM:
+def tiny_model(dtype: torch.dtype, seed: int = 0, max_positions: int = 64) -> GPTNeoXForCausalLM:
     config = GPTNeoXConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=N_HEADS * HEAD_SIZE,
@@ -255,7 +255,7 @@ def tiny_model(dtype: torch.dtype, seed: int = 0) -> GPTNeoXForCausalLM:
         num_attention_heads=N_HEADS,
         intermediate_size=64,
         rotary_pct=0.5,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         # Dropout only acts in training mode; it is here so that a scorer that forgot to
         # switch to eval mode would fail the comparison with the brute-force loop.
         attention_dropout=0.3,
@@ -464,21 +464,7 @@ def test_every_metric_is_exact_to_1e6_at_max_tokens() -> None:
     """Sentences of 512 (= scoring.max_tokens) and 249 tokens, float32 weights and attention as
     in the pipeline: every metric within 1e-6 of an exact float64 sum. (With the distances
     summed in float32 mean_distance was off by ~1e-2 tokens at 512 tokens.)"""
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=N_HEADS * HEAD_SIZE,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=N_HEADS,
-        intermediate_size=64,
-        rotary_pct=0.5,
-        max_position_embeddings=512,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(3)
-    model = GPTNeoXForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.gpt_neox.layers:
-            layer.attention.query_key_value.weight.mul_(12.0)
+    model = tiny_model(torch.float32, seed=3, max_positions=512)
     generator = np.random.default_rng(4)
     lengths = [512, 249]
     token_lists = [generator.integers(0, VOCAB_SIZE, size=n).tolist() for n in lengths]
