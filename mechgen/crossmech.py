@@ -255,11 +255,6 @@ def scored_heads(heads: pd.DataFrame, mechanism: Mechanism, context: NullContext
     return Scored(mechanism, heads=out.reset_index(drop=True))
 
 
-def wilson(count: int, n: int, confidence: float) -> tuple[float, float]:
-    """Wilson score interval of ``count / n`` (:func:`mechgen.stats.wilson_interval`)."""
-    return wilson_interval(count, n, confidence)
-
-
 def functional_tables(scored: pd.DataFrame, confidence: float) -> dict[str, pd.DataFrame]:
     """Per run x step the heads meeting the criterion; per size the fraction of runs with one
     at the run's final step (Wilson CI at ``confidence``)."""
@@ -280,7 +275,7 @@ def functional_tables(scored: pd.DataFrame, confidence: float) -> dict[str, pd.D
     rows = []
     for (model, size), group in final.groupby(["model", "size"], sort=False):
         n, k = len(group), int(group["has_qualifying"].sum())
-        low, high = wilson(k, n, confidence)
+        low, high = wilson_interval(k, n, confidence)
         rows.append(
             {
                 "suite": group["suite"].iloc[0],
@@ -623,7 +618,7 @@ def order_table(
             both = np.isfinite(x) & np.isfinite(y)
             before = int(np.sum(x[both] < y[both]))
             ties = int(np.sum(x[both] == y[both]))
-            low, high = wilson(before, int(both.sum()), confidence)
+            low, high = wilson_interval(before, int(both.sum()), confidence)
             detail = (
                 f"ties={ties}; only_a={int(np.sum(np.isfinite(x) & ~np.isfinite(y)))}; "
                 f"only_b={int(np.sum(~np.isfinite(x) & np.isfinite(y)))}; "
@@ -649,7 +644,7 @@ def order_table(
                 qualifying[b].reindex(runs).dropna(how="all"),
             )
             k = int(shared["same_best"].sum())
-            low, high = wilson(k, len(shared), confidence)
+            low, high = wilson_interval(k, len(shared), confidence)
             rows.append(
                 _row(
                     "head_sharing",
@@ -786,7 +781,7 @@ def profile(
         size_runs: list[int] = []
         for (model, size), group in groups + [((ALL_SIZES, ALL_SIZES), seeds)]:
             n, k = len(group), int(group["qualifying_final"].sum())
-            low, high = wilson(k, n, confidence)
+            low, high = wilson_interval(k, n, confidence)
             depth = depth_agreement(group["final_layer"], group["n_layers"], rng, n_permutations)
             formed = group.loc[group["formed"].astype(bool), "onset_step"]
             if size == ALL_SIZES:
