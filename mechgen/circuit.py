@@ -101,6 +101,7 @@ import pandas as pd
 import torch
 
 from mechgen.atomic import atomic_path
+from mechgen.model import adapter as architectures
 from mechgen.settings import CircuitSettings
 
 __all__ = [
@@ -373,9 +374,9 @@ def score_circuit(
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    config = model.config
-    n_layers, n_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
-    hi = min(int(settings.token_hi), int(config.vocab_size))
+    adapter = architectures.for_model(model)
+    n_layers, n_heads, _, _ = adapter.shape(model)
+    hi = min(int(settings.token_hi), adapter.vocab_size(model))
     sequences = make_repeated_sequences(
         settings.token_lo, hi, settings.n_sequences, settings.half_length, settings.seed
     )

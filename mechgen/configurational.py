@@ -44,14 +44,15 @@ from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
 from mechgen.atomic import atomic_path
+from mechgen.model import adapter as architectures
+from mechgen.model.base import attention_hooks
 from mechgen.relational import (
     HeadId,
     HeadWeights,
     _check_head,
     _eval_mode,
-    _gpt_neox_body,
+    _model_body,
     _r_factor,
-    _shape,
     finite_svdvals,
     head_weights,
     real_queries_from_attention_mask,
@@ -275,30 +276,15 @@ def offset_profile_hooks(
     it can ride along another scorer's forward passes (e.g. ``mechgen.metrics.score_heads``)
     at the cost of the reduction only. Needs eager attention.
     """
-    body = _gpt_neox_body(model, need_attention=True)
-    n_layers, n_heads, _, _ = _shape(model)
+    adapter = architectures.for_model(model)
+    n_layers, n_heads, _, _ = adapter.shape(model)
     accumulator = OffsetProfileAccumulator(n_layers, n_heads, max_offset)
 
-    def hook_for(layer_index: int) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: object, kwargs: dict, output: object) -> None:
-            attention = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if attention is None:
-                raise RuntimeError(
-                    f"layer {layer_index} returned no attention probabilities; use eager attention"
-                )
-            accumulator.add(layer_index, attention, kwargs.get("attention_mask"))
+    def on_attention(layer_index: int, attention: torch.Tensor, kwargs: dict) -> None:
+        accumulator.add(layer_index, attention, kwargs.get("attention_mask"))
 
-        return hook
-
-    handles = [
-        layer.attention.register_forward_hook(hook_for(index), with_kwargs=True)
-        for index, layer in enumerate(body.layers)
-    ]
-    try:
+    with attention_hooks(adapter, model, on_attention):
         yield accumulator
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def offset_profiles(
@@ -314,7 +300,7 @@ def offset_profiles(
     See :func:`offset_profile` for the definition. Cheaper inside the 1-back scoring pass:
     wrap ``score_heads`` in :func:`offset_profile_hooks` instead.
     """
-    body = _gpt_neox_body(model, need_attention=True)
+    body = _model_body(model, need_attention=True)
     device = next(model.parameters()).device
     input_ids = torch.as_tensor(input_ids).to(device)
     mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(device)
@@ -507,8 +493,9 @@ def head_outputs(
     """
     if space not in ("residual", "z"):
         raise ValueError(f"space must be 'residual' or 'z'; got {space!r}")
-    body = _gpt_neox_body(model, need_attention=False)
-    _, _, head_dim, _ = _shape(model)
+    adapter = architectures.for_model(model)
+    body = adapter.body(model, need_attention=False)
+    _, _, head_dim, _ = adapter.shape(model)
     heads = [_check_head(model, head, "head") for head in heads]
     if not heads:
         raise ValueError("heads is empty")
@@ -527,20 +514,22 @@ def head_outputs(
         by_layer.setdefault(layer, []).append(index)
 
     def pre_hook_for(layer: int, indices: list[int]) -> Callable[..., None]:
-        dense = body.layers[layer].attention.dense
+        w_o = adapter.output_weights(model, layer)  # [n_heads, d, head_dim]
 
         def pre_hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             z = args[0][current[0]]  # [n_real, n_heads * head_dim]
             for index in indices:
                 z_head = z[:, index * head_dim : (index + 1) * head_dim]
                 if space == "residual":
-                    z_head = z_head @ dense.weight[:, index * head_dim : (index + 1) * head_dim].T
+                    z_head = z_head @ w_o[index].to(z_head).T
                 collected[(layer, index)].append(z_head.float().cpu())
 
         return pre_hook
 
     handles = [
-        body.layers[layer].attention.dense.register_forward_pre_hook(pre_hook_for(layer, indices))
+        adapter.output_projection(model, layer).register_forward_pre_hook(
+            pre_hook_for(layer, indices)
+        )
         for layer, indices in by_layer.items()
     ]
     try:

@@ -1,4 +1,4 @@
-"""Per-head attention metrics of a GPT-NeoX model on tokenised sentences.
+"""Per-head attention metrics of a GPT-NeoX or GPT-2 model on tokenised sentences.
 
 Every metric is computed per (sentence, head) from that head's attention probabilities A
 (A[i, j] = attention of query position i to key position j, causal, each row sums to 1) and
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from mechgen.model import adapter as architectures
 from mechgen.schema import ATTENTION_METRICS, FLAG_COLUMNS
 
 __all__ = ["score_heads", "sentence_attention_metrics"]
@@ -295,33 +296,6 @@ class _HeadMetricAccumulator:
         return hook
 
 
-def gpt_neox_body(model: torch.nn.Module, need_attention: bool = True) -> torch.nn.Module:
-    """The transformer body (``GPTNeoXModel``) of a GPT-NeoX model, validated.
-
-    GPTNeoXForCausalLM keeps the body in ``.gpt_neox``; GPTNeoXModel is the body itself; both
-    expose it as ``base_model``. Running only the body skips the LM head, whose vocab-sized
-    projection costs more than the whole body for small Pythias. ``need_attention``: the caller
-    reads attention probabilities, which only eager attention returns.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "gpt_neox":
-        raise TypeError(
-            "expected a transformers GPT-NeoX model (GPTNeoXForCausalLM or GPTNeoXModel); "
-            f"got {type(model).__name__}"
-        )
-    body = model.base_model
-    if not hasattr(body, "layers"):
-        raise TypeError(f"{type(model).__name__}.base_model has no `layers`; not a GPT-NeoX body")
-    if need_attention and config._attn_implementation != "eager":
-        raise ValueError(
-            "attention probabilities are read, which only eager attention returns; the model "
-            f"uses {config._attn_implementation!r}. Load it with "
-            "from_pretrained(..., attn_implementation='eager') or call "
-            "model.set_attn_implementation('eager')."
-        )
-    return body
-
-
 def _validate_sentences(sentences: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
     if isinstance(sentences, (str, bytes)) or not isinstance(sentences, Sequence):
         raise TypeError("sentences must be a list of token-id lists")
@@ -346,10 +320,11 @@ def score_heads(
     clipped_window: int = 8,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Score every attention head of a GPT-NeoX model on tokenised sentences.
+    """Score every attention head of a GPT-NeoX or GPT-2 model on tokenised sentences.
 
-    ``model`` is a ``GPTNeoXForCausalLM`` or ``GPTNeoXModel`` loaded with
-    ``attn_implementation="eager"``; ``sentences`` are token-id lists (no BOS added).
+    ``model`` is a causal LM or its body of a family :mod:`mechgen.model.adapter` knows
+    (``GPTNeoXForCausalLM``, ``GPT2LMHeadModel``, ...), loaded with
+    ``attn_implementation="eager"``; it is read only through its adapter; ``sentences`` are token-id lists (no BOS added).
     Sentences are run through the transformer body only (no LM head, and the pass stops
     after the last layer's attention), sorted by length, in right-padded batches of
     ``batch_size`` with an attention mask, so each sentence's attention equals that of running
@@ -370,34 +345,37 @@ def score_heads(
     sentences of >= 4 tokens that ``received_concentration`` averages over), ``batch_size`` and
     ``clipped_window``.
     """
-    body = gpt_neox_body(model)
+    adapter = architectures.for_model(model)
+    body = adapter.body(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     _check_clipped_window(clipped_window)
-    config = model.config
-    token_lists = _validate_sentences(sentences, config.vocab_size)
+    token_lists = _validate_sentences(sentences, adapter.vocab_size(model))
     scored = [tokens for tokens in token_lists if len(tokens) >= MIN_SENTENCE_TOKENS]
     if not scored:
         raise ValueError(
             f"no sentence has >= {MIN_SENTENCE_TOKENS} tokens; there is nothing to score"
         )
     longest = max(len(tokens) for tokens in scored)
-    if longest > config.max_position_embeddings:
+    max_positions = adapter.max_positions(model)
+    if longest > max_positions:
         raise ValueError(
             f"a sentence has {longest} tokens, more than the model's "
-            f"max_position_embeddings ({config.max_position_embeddings}); truncate it first"
+            f"max_position_embeddings ({max_positions}); truncate it first"
         )
     # Sorting by length keeps padding (wasted compute) small; the mean over sentences does
     # not depend on the order.
     scored.sort(key=len)
 
-    n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
+    n_layers, n_heads, _, _ = adapter.shape(model)
     device = next(model.parameters()).device
     metric_dtype = _metric_dtype(next(model.parameters()).dtype)
     accumulator = _HeadMetricAccumulator(n_layers, n_heads, device)
     handles = [
-        layer.attention.register_forward_hook(accumulator.hook_for_layer(layer_index))
-        for layer_index, layer in enumerate(body.layers)
+        adapter.attention(model, layer_index).register_forward_hook(
+            accumulator.hook_for_layer(layer_index)
+        )
+        for layer_index in range(n_layers)
     ]
     batch_starts = range(0, len(scored), batch_size)
     if progress:

@@ -3,8 +3,10 @@
 An induction circuit (Elhage et al. 2021; Olsson et al. 2022) is a previous-token head in an
 earlier layer whose output a later head's *keys* read ("K-composition"): at a repeated token,
 the later head attends to the token right after the earlier occurrence and copies it. This
-module measures that circuit per checkpoint on a GPT-NeoX model (transformers
-``GPTNeoXForCausalLM`` loaded with ``attn_implementation="eager"``) and summarises it per run.
+module measures that circuit per checkpoint on a GPT-NeoX or GPT-2 model (transformers
+``GPTNeoXForCausalLM`` or ``GPT2LMHeadModel`` loaded with ``attn_implementation="eager"``),
+read only through its architecture adapter (:mod:`mechgen.model.adapter`), and summarises it
+per run.
 
 Per checkpoint (model-level, torch)
 -----------------------------------
@@ -32,15 +34,14 @@ Per run (pandas)
 - :func:`relation_fraction_by_size`: per size, the fraction of runs where a relation holds,
   with a Wilson interval (statsmodels).
 
-GPT-NeoX weight layout (checked against transformers' ``modeling_gpt_neox.py``)
--------------------------------------------------------------------------------
-``attention.query_key_value`` is one ``Linear(d, 3d)``; its output is viewed as
-``[..., n_heads, 3 * head_dim]`` and chunked into q, k, v, so output feature
-``h * 3 * head_dim + c * head_dim + i`` is component c (0 = q, 1 = k, 2 = v), dimension i of
-head h, i.e. ``weight.view(n_heads, 3, head_dim, d)``. ``attention.dense`` (the output
-projection) takes the heads concatenated, input feature ``h * head_dim + i``, so head h's
-W_O is ``dense.weight[:, h * head_dim:(h + 1) * head_dim]``; the input of ``dense`` is the
-concatenation of the per-head outputs z, which is where :func:`mean_ablated` intervenes.
+Weight layout
+-------------
+Per-head W_Q, W_K, W_V ``[n_heads, head_dim, d]`` and W_O ``[n_heads, d, head_dim]`` come from
+the adapter, whatever the family stores (GPT-NeoX's fused ``query_key_value`` Linear, GPT-2's
+transposed ``c_attn`` Conv1D: :mod:`mechgen.model.gpt_neox`, :mod:`mechgen.model.gpt2`). The
+input of the output projection (the adapter's ``output_projection``) is the concatenation of
+the per-head outputs z, feature ``h * head_dim + i``, which is where :func:`mean_ablated`
+intervenes.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechgen.metrics import gpt_neox_body as _gpt_neox_body
-from mechgen.model import gpt_neox
+from mechgen.model import adapter as architectures
+from mechgen.model.base import attention_hooks, forward_body
 
 __all__ = [
     "CausalDependence",
@@ -102,12 +103,15 @@ HeadId = tuple[int, int]
 # Model access
 
 
+def _model_body(model: torch.nn.Module, need_attention: bool = True) -> torch.nn.Module:
+    """The transformer body of ``model`` (any family :mod:`mechgen.model.adapter` knows),
+    validated by its adapter."""
+    return architectures.for_model(model).body(model, need_attention)
+
+
 def _shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
-    """(n_layers, n_heads, head_dim, d_model) of a GPT-NeoX model."""
-    config = model.config
-    n_heads = int(config.num_attention_heads)
-    d_model = int(config.hidden_size)
-    return int(config.num_hidden_layers), n_heads, d_model // n_heads, d_model
+    """(n_layers, n_heads, head_dim, d_model) of the model, from its adapter."""
+    return architectures.for_model(model).shape(model)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -310,41 +314,22 @@ def _forward_with_attention(
 
     Returns the final hidden states (after the final LayerNorm) ``[B, T, d]``.
     """
-    body = _gpt_neox_body(model, need_attention=True)
-
-    def hook_for(layer_index: int) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, inputs: object, output: object) -> None:
-            attention = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if attention is None:
-                raise RuntimeError(
-                    f"layer {layer_index}'s attention module returned no attention "
-                    "probabilities; load the model with attn_implementation='eager'"
-                )
-            on_attention(layer_index, attention)
-
-        return hook
-
-    handles = [
-        layer.attention.register_forward_hook(hook_for(index))
-        for index, layer in enumerate(body.layers)
-    ]
-    try:
-        return body(input_ids=input_ids, use_cache=False).last_hidden_state
-    finally:
-        for handle in handles:
-            handle.remove()
+    adapter = architectures.for_model(model)
+    with attention_hooks(adapter, model, lambda layer, probs, _: on_attention(layer, probs)):
+        return forward_body(adapter, model, input_ids)
 
 
 def _copying_hits(
     model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, half: int
 ) -> int:
     """Count of positions p = L..2L-2 whose argmax logit is token p + 1."""
-    lm_head = model.get_output_embeddings()
+    adapter = architectures.for_model(model)
+    lm_head = adapter.lm_head(model)
     states = hidden[:, half : 2 * half - 1]  # positions L..2L-2
     targets = input_ids[:, half + 1 : 2 * half]  # tokens L+1..2L-1
     flat_states = states.reshape(-1, states.shape[-1])
     flat_targets = targets.reshape(-1)
-    rows_per_chunk = max(1, LOGITS_CHUNK_ELEMENTS // int(model.config.vocab_size))
+    rows_per_chunk = max(1, LOGITS_CHUNK_ELEMENTS // adapter.vocab_size(model))
     hits = 0
     for start in range(0, flat_states.shape[0], rows_per_chunk):
         predicted = lm_head(flat_states[start : start + rows_per_chunk]).argmax(dim=-1)
@@ -373,8 +358,9 @@ def score_induction(
     for Pythia's 50k vocabulary the LM head on the N (L-1) positions costs more than the
     forward pass itself.
     """
-    body = _gpt_neox_body(model, need_attention=True)
-    input_ids, half = _repeated_input_ids(sequences, int(model.config.vocab_size))
+    adapter = architectures.for_model(model)
+    adapter.body(model, need_attention=True)
+    input_ids, half = _repeated_input_ids(sequences, adapter.vocab_size(model))
     n_layers, n_heads, _, _ = _shape(model)
     device = _device(model)
     input_ids = input_ids.to(device)
@@ -390,7 +376,7 @@ def score_induction(
         duplicate_sums[layer] += repeat_offset_attention(attention, half, half)
 
     hits = 0
-    has_lm_head = copying and body is not model
+    has_lm_head = copying and adapter.lm_head(model) is not None
     with _eval_mode(model):
         for start in range(0, n_sequences, batch_size):
             batch = input_ids[start : start + batch_size]
@@ -429,7 +415,7 @@ def induction_frame(result: InductionResult) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class HeadWeights:
-    """Per-head weight matrices of a GPT-NeoX model, float32, on the CPU.
+    """Per-head weight matrices of a model, float32, on the CPU.
 
     ``w_q``, ``w_k``, ``w_v``: ``[n_layers, n_heads, head_dim, d_model]`` *read* matrices
     (residual stream -> head space); ``w_o``: ``[n_layers, n_heads, d_model, head_dim]``
@@ -449,28 +435,28 @@ class HeadWeights:
 
 
 def head_weights(model: torch.nn.Module, fold_layernorm: bool = True) -> HeadWeights:
-    """Split ``query_key_value`` and ``dense`` of every layer into per-head matrices.
+    """Every layer's per-head read and write matrices, from the model's adapter
+    (:meth:`mechgen.model.base.ArchitectureAdapter.qkv_weights` and ``output_weights``).
 
-    ``query_key_value.weight`` ``[3d, d]`` is viewed as ``[n_heads, 3, head_dim, d]`` (the
-    transformers reshape ``view(..., n_heads, 3 * head_dim)`` then ``chunk(3)``);
-    ``dense.weight`` ``[d, d]`` is viewed as ``[d, n_heads, head_dim]``. With
-    ``fold_layernorm`` the gain and centring of ``input_layernorm`` are folded into the read
-    matrices (see :class:`HeadWeights`). GPT-NeoX uses a parallel residual
-    (``use_parallel_residual=True``): attention and MLP of a layer read the same residual
-    stream, so only heads of *earlier* layers can compose with a head.
+    With ``fold_layernorm`` the gain and centring of the layer's input layernorm (the adapter's
+    ``input_layernorm``) are folded into the read matrices (see :class:`HeadWeights`). With
+    GPT-NeoX's parallel residual attention and MLP of a layer read the same residual stream,
+    and with GPT-2's sequential residual a head reads only earlier layers' outputs too, so in
+    both only heads of *earlier* layers can compose with a head.
     """
-    body = _gpt_neox_body(model, need_attention=False)
+    adapter = architectures.for_model(model)
+    n_layers, _, _, _ = adapter.shape(model)
     w_q, w_k, w_v, w_o = [], [], [], []
     with torch.no_grad():
-        for index, layer in enumerate(body.layers):
-            q, k, v = gpt_neox.qkv_weights(model, index)
+        for index in range(n_layers):
+            q, k, v = adapter.qkv_weights(model, index)
             if fold_layernorm:
-                gain = layer.input_layernorm.weight.detach().float().cpu()
+                gain = adapter.input_layernorm(model, index).weight
                 q, k, v = (_fold_gain_and_centre(m, gain) for m in (q, k, v))
             w_q.append(q)
             w_k.append(k)
             w_v.append(v)
-            w_o.append(gpt_neox.output_weights(model, index))
+            w_o.append(adapter.output_weights(model, index))
     return HeadWeights(
         w_q=torch.stack(w_q),
         w_k=torch.stack(w_k),
@@ -602,7 +588,7 @@ def composition_scores(
     head_dim rows of the Q of a Gaussian d x head_dim matrix (one G per draw, shared by all
     pairs of that draw; ``numpy.random.default_rng(seed)``).
 
-    ``model`` may be a GPT-NeoX model or precomputed :class:`HeadWeights` (whose own
+    ``model`` may be a loaded model (any adapter family) or precomputed :class:`HeadWeights` (whose own
     ``folded_layernorm`` then applies). Returns ``{kind: CompositionScores}``.
     """
     kinds = list(dict.fromkeys(kinds))
@@ -756,7 +742,7 @@ def real_queries_from_attention_mask(
 ) -> torch.Tensor | None:
     """[B, T] bool: which query positions are real tokens, from the mask an attention module gets.
 
-    transformers passes GPT-NeoX's attention module a 4-D mask ``[B or 1, 1, T, T]``: boolean
+    transformers passes the attention module (GPT-NeoX and GPT-2 alike) a 4-D mask ``[B or 1, 1, T, T]``: boolean
     (True = may attend) or additive (0 = may attend, the dtype's minimum = masked). A padded
     query may not attend to itself, so the diagonal marks real queries. A 2-D ``[B, T]``
     mask (1 = real) is passed through; None (no mask) gives None, i.e. all real.
@@ -803,12 +789,12 @@ def mean_head_output_hooks(model: torch.nn.Module) -> Iterator[MeanHeadOutputs]:
 
     A forward pre-hook (with kwargs) on each attention module reads which query positions
     are real from the attention mask transformers passes it
-    (:func:`real_queries_from_attention_mask`); a forward pre-hook on ``attention.dense``
-    adds those positions' z (the dense input, heads concatenated) to the sums. So the mean
+    (:func:`real_queries_from_attention_mask`); a forward pre-hook on the output projection
+    (the adapter's ``output_projection``) adds those positions' z (the dense input, heads concatenated) to the sums. So the mean
     can ride along another scorer's passes, e.g. ``mechgen.metrics.score_heads``.
     """
-    body = _gpt_neox_body(model, need_attention=False)
-    n_layers, n_heads, head_dim, _ = _shape(model)
+    adapter = architectures.for_model(model)
+    n_layers, n_heads, head_dim, _ = adapter.shape(model)
     accumulator = MeanHeadOutputs(n_layers, n_heads, head_dim, _device(model))
     real_queries: dict[int, torch.Tensor | None] = {}
 
@@ -835,13 +821,17 @@ def mean_head_output_hooks(model: torch.nn.Module) -> Iterator[MeanHeadOutputs]:
         return pre_hook
 
     handles = []
-    for index, layer in enumerate(body.layers):
+    for index in range(n_layers):
         handles.append(
-            layer.attention.register_forward_pre_hook(
+            adapter.attention(model, index).register_forward_pre_hook(
                 attention_pre_hook_for(index), with_kwargs=True
             )
         )
-        handles.append(layer.attention.dense.register_forward_pre_hook(dense_pre_hook_for(index)))
+        handles.append(
+            adapter.output_projection(model, index).register_forward_pre_hook(
+                dense_pre_hook_for(index)
+            )
+        )
     try:
         yield accumulator
     finally:
@@ -857,13 +847,13 @@ def mean_head_outputs(
 ) -> torch.Tensor:
     """Mean of every head's output z over the evaluation tokens: ``[n_layers, n_heads, head_dim]``.
 
-    z is the head's attention-weighted value vector, the head's slice of the input of
-    ``attention.dense`` (before the output projection). The mean is over all real tokens
+    z is the head's attention-weighted value vector, the head's slice of the input of the
+    output projection. The mean is over all real tokens
     (``attention_mask == 1``; every token when no mask is given) of all sequences, pooled:
     one position-independent vector per head. float64, on the model's device. To get it for
     free during 1-back scoring, wrap ``score_heads`` in :func:`mean_head_output_hooks`.
     """
-    body = _gpt_neox_body(model, need_attention=False)
+    body = _model_body(model, need_attention=False)
     device = _device(model)
     input_ids = torch.as_tensor(input_ids).to(device)
     if input_ids.ndim != 2:
@@ -894,14 +884,15 @@ def mean_ablated(
 ) -> Iterator[None]:
     """Within the block, each listed head's output z is replaced by ``mean_z[layer, head]``.
 
-    Implemented as a forward pre-hook on ``layers[layer].attention.dense`` that overwrites
+    Implemented as a forward pre-hook on the layer's output projection (the adapter's
+    ``output_projection``: GPT-NeoX ``attention.dense``, GPT-2 ``attn.c_proj``) that overwrites
     the head's slice ``[head * head_dim, (head + 1) * head_dim)`` of the dense input at every
     position, so the head's contribution to the residual stream becomes the constant
     W_O^head mean_z (the dense bias is unchanged).
     ``mean_z``: ``[n_layers, n_heads, head_dim]`` from :func:`mean_head_outputs`.
     """
-    body = _gpt_neox_body(model, need_attention=False)
-    n_layers, n_heads, head_dim, _ = _shape(model)
+    adapter = architectures.for_model(model)
+    n_layers, n_heads, head_dim, _ = adapter.shape(model)
     if tuple(mean_z.shape) != (n_layers, n_heads, head_dim):
         raise ValueError(
             f"mean_z must be [n_layers, n_heads, head_dim] = {(n_layers, n_heads, head_dim)}; "
@@ -924,7 +915,9 @@ def mean_ablated(
         return pre_hook
 
     handles = [
-        body.layers[layer].attention.dense.register_forward_pre_hook(pre_hook_for(layer, indices))
+        adapter.output_projection(model, layer).register_forward_pre_hook(
+            pre_hook_for(layer, indices)
+        )
         for layer, indices in by_layer.items()
     ]
     try:

@@ -21,35 +21,48 @@ it by brute force on the modules themselves):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
-from mechgen.metrics import gpt_neox_body
+from mechgen.model.base import LayerNormWeights, count_parameters, layernorm_weights
 
 
-@dataclass(frozen=True)
-class LayerNormWeights:
-    """A LayerNorm's gain ``weight`` [d], ``bias`` [d] and ``eps``:
-    LN(x) = weight * (x - mean(x)) / sqrt(var(x) + eps) + bias (biased variance, over d)."""
+def gpt_neox_body(model: torch.nn.Module, need_attention: bool = True) -> torch.nn.Module:
+    """The transformer body (``GPTNeoXModel``) of a GPT-NeoX model, validated.
 
-    weight: torch.Tensor
-    bias: torch.Tensor
-    eps: float
+    GPTNeoXForCausalLM keeps the body in ``.gpt_neox``; GPTNeoXModel is the body itself; both
+    expose it as ``base_model``. Running only the body skips the LM head, whose vocab-sized
+    projection costs more than the whole body for small Pythias. ``need_attention``: the caller
+    reads attention probabilities, which only eager attention returns.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "gpt_neox":
+        raise TypeError(
+            "expected a transformers GPT-NeoX model (GPTNeoXForCausalLM or GPTNeoXModel); "
+            f"got {type(model).__name__}"
+        )
+    body = model.base_model
+    if not hasattr(body, "layers"):
+        raise TypeError(f"{type(model).__name__}.base_model has no `layers`; not a GPT-NeoX body")
+    if need_attention:
+        check_eager(model)
+    return body
 
-    def __call__(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        """LN over the last dimension of ``x``; ``with_bias=False`` leaves out ``bias``."""
-        centred = x - x.mean(dim=-1, keepdim=True)
-        normed = centred / torch.sqrt(centred.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed * self.weight + (self.bias if with_bias else 0.0)
+
+def check_eager(model: torch.nn.Module) -> None:
+    """Raise unless ``model`` runs eager attention, the only one that returns probabilities."""
+    implementation = model.config._attn_implementation
+    if implementation != "eager":
+        raise ValueError(
+            "attention probabilities are read, which only eager attention returns; the model "
+            f"uses {implementation!r}. Load it with "
+            "from_pretrained(..., attn_implementation='eager') or call "
+            "model.set_attn_implementation('eager')."
+        )
 
 
 def _ln(module: torch.nn.Module) -> LayerNormWeights:
-    return LayerNormWeights(
-        weight=module.weight.detach().float().cpu(),
-        bias=module.bias.detach().float().cpu(),
-        eps=float(module.eps),
-    )
+    return layernorm_weights(module)
 
 
 def shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
@@ -140,3 +153,71 @@ def output_bias(model: torch.nn.Module, layer: int) -> torch.Tensor:
     if dense.bias is None:
         return torch.zeros(dense.out_features)
     return dense.bias.detach().float().cpu()
+
+
+def attention_scale(model: torch.nn.Module, layer: int) -> float:
+    """The factor of q.k in the attention logits: 1 / sqrt(head_dim) (GPT-NeoX's ``norm_factor``)."""
+    _, _, head_dim, _ = shape(model)
+    return float(head_dim) ** -0.5
+
+
+class GPTNeoXAdapter:
+    """The :class:`mechgen.model.base.ArchitectureAdapter` of GPT-NeoX (Pythia): the module
+    functions above, plus the modules hooks attach to (``layers[l].attention``, whose eager
+    forward returns the probabilities; ``layers[l].attention.dense``, whose input is the heads'
+    z) and the ``stepN`` revision names of Pythia's branches."""
+
+    name = "gpt_neox"
+    model_types = ("gpt_neox",)
+
+    body = staticmethod(gpt_neox_body)
+    shape = staticmethod(shape)
+    embedding = staticmethod(embedding)
+    unembedding = staticmethod(unembedding)
+    final_layernorm = staticmethod(final_layernorm)
+    input_layernorm = staticmethod(input_layernorm)
+    mlp_layernorm = staticmethod(mlp_layernorm)
+    mlp = staticmethod(mlp)
+    parallel_residual = staticmethod(parallel_residual)
+    qkv_weights = staticmethod(qkv_weights)
+    qkv_biases = staticmethod(qkv_biases)
+    output_weights = staticmethod(output_weights)
+    output_bias = staticmethod(output_bias)
+    attention_scale = staticmethod(attention_scale)
+    n_params = staticmethod(count_parameters)
+
+    @staticmethod
+    def vocab_size(model: torch.nn.Module) -> int:
+        return int(model.config.vocab_size)
+
+    @staticmethod
+    def max_positions(model: torch.nn.Module) -> int:
+        return int(model.config.max_position_embeddings)
+
+    @staticmethod
+    def attention(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+        return gpt_neox_body(model, need_attention=False).layers[layer].attention
+
+    @staticmethod
+    def output_projection(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+        return gpt_neox_body(model, need_attention=False).layers[layer].attention.dense
+
+    @staticmethod
+    def lm_head(model: torch.nn.Module) -> torch.nn.Module | None:
+        """The LM head (None for a bare ``GPTNeoXModel``)."""
+        if model is gpt_neox_body(model, need_attention=False):
+            return None
+        return model.get_output_embeddings()
+
+    @staticmethod
+    def revision(step: int) -> str:
+        return f"step{int(step)}"
+
+    @staticmethod
+    def causal_lm_class() -> type:
+        from transformers import GPTNeoXForCausalLM
+
+        return GPTNeoXForCausalLM
+
+
+ADAPTER = GPTNeoXAdapter()

@@ -1,4 +1,4 @@
-"""Weight-based mechanism scores of every head, from a loaded GPT-NeoX model (no text pass).
+"""Weight-based mechanism scores of every head, from a loaded model (no text pass).
 
 The scoring job calls :func:`score_weight_mechanisms` once per checkpoint. Per head (layer l,
 head h) and per pair of tokens (source s, candidate c), the OV-circuit logit is
@@ -7,7 +7,8 @@ head h) and per pair of tokens (source s, candidate c), the OV-circuit logit is
 
 where e(s) is the *effective embedding* of token s (below), LN_l the layer's
 ``input_layernorm`` (through which the head reads), LN_f the final layernorm, W_V/W_O the
-head's value and output matrices and W_U the unembedding (:mod:`mechgen.model.gpt_neox`). Every
+head's value and output matrices and W_U the unembedding, all read through the model's
+architecture adapter (:mod:`mechgen.model.adapter`; GPT-NeoX and GPT-2 alike). Every
 bias (the layernorms' beta, b_V, b_O) is left out: they add the same vector whatever the
 source, so L is a property of the head's OV circuit alone. Attention is taken to sit entirely
 on the source token (the OV circuit read in isolation, as Gould et al. and McDougall et al. do).
@@ -17,8 +18,13 @@ Effective embedding conventions (:data:`CONVENTIONS`, recorded in the sidecar):
 - ``"neox"`` (the default): e(s) = W_E[s] + MLP0(LN0_mlp(W_E[s])), what the residual stream
   holds after layer 0 for a lone token minus layer 0's attention output. Faithful to GPT-NeoX's
   parallel residual, where MLP0 reads ``post_attention_layernorm`` of the layer *input* (the
-  embedding), not of the attention output (:func:`mechgen.model.gpt_neox.parallel_residual`).
-  Without the parallel residual the same formula reads the embedding alone (attention left out).
+  embedding), not of the attention output (the adapter's ``parallel_residual``).
+  With a sequential residual (GPT-2, or GPT-NeoX without the parallel residual) the exact
+  layer-0 output is W_E + a0 + MLP0(LN(W_E + a0)), a0 layer 0's attention output; the same
+  formula is used with a0 left out (the attention output depends on the context, not on the
+  token alone), so e(s) is the layer-0 output of a lone token whose layer-0 attention output
+  is zeroed. For GPT-2 the learned position embedding is left out too (W_pos is the same for
+  every token at a position, so it is no part of the token's identity).
 - ``"tigges"``: e(s) = MLP0(W_E[s]): Tigges et al.'s MLP0 output on the raw embedding, with
   neither the layernorm in front of MLP0 nor the residual.
 
@@ -39,7 +45,7 @@ import pandas as pd
 import torch
 
 from mechgen.mechanisms import copy_suppression, successor
-from mechgen.model import gpt_neox
+from mechgen.model import adapter as architectures
 from mechgen.schema import WEIGHT_COLUMNS
 
 CONVENTIONS = ("neox", "tigges")
@@ -119,26 +125,28 @@ def effective_embedding(
     """e(s) ``[n, d]`` float32 of ``token_ids`` under ``convention`` (module docstring)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    w_e = gpt_neox.embedding(model)
+    adapter = architectures.for_model(model)
+    w_e = adapter.embedding(model)
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w_e.shape[0]):
         raise ValueError(f"token ids must be in [0, {w_e.shape[0]}) (the model's vocabulary)")
     rows = w_e[ids]
-    mlp0 = gpt_neox.mlp(model, 0)
+    mlp0 = adapter.mlp(model, 0)
     with torch.no_grad():
         if convention == "tigges":
             return mlp0(rows).float()
-        return rows + mlp0(gpt_neox.mlp_layernorm(model, 0)(rows)).float()
+        return rows + mlp0(adapter.mlp_layernorm(model, 0)(rows)).float()
 
 
 def _head_outputs(model: torch.nn.Module, layer: int, e: torch.Tensor) -> torch.Tensor:
     """LN_f(W_O[l, h] W_V[l, h] LN_l(e)) of every head of ``layer``: ``[n_heads, n, d]``, the
     vectors W_U reads (biases left out; module docstring)."""
-    x = gpt_neox.input_layernorm(model, layer)(e, with_bias=False)  # [n, d]
-    _, _, w_v = gpt_neox.qkv_weights(model, layer)  # [H, hd, d]
-    w_o = gpt_neox.output_weights(model, layer)  # [H, d, hd]
+    adapter = architectures.for_model(model)
+    x = adapter.input_layernorm(model, layer)(e, with_bias=False)  # [n, d]
+    _, _, w_v = adapter.qkv_weights(model, layer)  # [H, hd, d]
+    w_o = adapter.output_weights(model, layer)  # [H, d, hd]
     z = torch.einsum("hid,nd->hni", w_v, x)
-    return gpt_neox.final_layernorm(model)(torch.einsum("hdi,hni->hnd", w_o, z), with_bias=False)
+    return adapter.final_layernorm(model)(torch.einsum("hdi,hni->hnd", w_o, z), with_bias=False)
 
 
 def ov_logits(
@@ -148,9 +156,10 @@ def ov_logits(
     convention: str = DEFAULT_CONVENTION,
 ) -> torch.Tensor:
     """L ``[n_layers, n_heads, n_sources, n_candidates]`` float32 (module docstring)."""
-    n_layers, _, _, _ = gpt_neox.shape(model)
+    adapter = architectures.for_model(model)
+    n_layers, _, _, _ = adapter.shape(model)
     e = effective_embedding(model, source_ids, convention)
-    w_u = gpt_neox.unembedding(model)[torch.as_tensor(list(candidate_ids), dtype=torch.long)]
+    w_u = adapter.unembedding(model)[torch.as_tensor(list(candidate_ids), dtype=torch.long)]
     with torch.no_grad():
         return torch.stack([_head_outputs(model, layer, e) @ w_u.T for layer in range(n_layers)])
 
@@ -164,14 +173,15 @@ def score_weight_mechanisms(model: torch.nn.Module, tasks: WeightTasks) -> pd.Da
     (:func:`mechgen.mechanisms.successor.successor_scores`) and copy scores
     (:func:`mechgen.mechanisms.copy_suppression.copy_scores`; NaN with fewer than 2 tokens).
     """
-    n_layers, n_heads, _, _ = gpt_neox.shape(model)
+    adapter = architectures.for_model(model)
+    n_layers, n_heads, _, _ = adapter.shape(model)
     blocks = {name: task["token_ids"] for name, task in tasks.successor["tasks"].items()}
     copy_key = object()  # a key no task name can equal
     if len(tasks.copy_token_ids) >= 2:
         blocks[copy_key] = list(tasks.copy_token_ids)
     union = sorted({i for ids in blocks.values() for i in ids})
     where = {token: index for index, token in enumerate(union)}
-    w_u = gpt_neox.unembedding(model)
+    w_u = adapter.unembedding(model)
     logits: dict[Any, list[np.ndarray]] = {name: [] for name in blocks}
     if union:
         e = effective_embedding(model, union, tasks.convention)
