@@ -37,7 +37,7 @@ import platform
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +294,232 @@ class ScoreCache:
 # --------------------------------------------------------------------------- the job
 
 
+@dataclass
+class _Job:
+    """What one scoring job knows besides the weights: its inputs, the cache and the sidecar
+    being filled. ``circuit_result`` is set by a cache hit with circuit arrays or by scoring."""
+
+    run: Run
+    step: int
+    revision: str
+    token_ids: list[list[int]]
+    tokens_per_step: int
+    batch_size: int
+    clipped_window: int
+    progress: bool
+    hub: Any
+    versions: dict[str, str]
+    sidecar: dict[str, Any]
+    started: float
+    cache: ScoreCache | None
+    circuit_settings: Any
+    circuit_path: str | Path | None
+    weight_tasks: Any
+    circuit_record: dict[str, Any] | None = None
+    weight_record: dict[str, Any] | None = None
+    circuit_result: Any = None
+    one_back_seconds: float | None = None
+
+    def cache_key(self, config_file: str | Path, weights_sha256: str) -> str:
+        """:func:`score_cache_key` of this job's inputs and a weight blob."""
+        return score_cache_key(
+            weights_sha256,
+            model_config_sha256(config_file),
+            token_ids_sha256(self.token_ids),
+            self.clipped_window,
+            self.versions,
+            self.circuit_record,
+            self.weight_record,
+        )[0]
+
+    def circuit_cache_path(self, key: str) -> Path:
+        return self.cache.path(key).with_suffix(".circuit.npz")
+
+    def cached(self, key: str | None) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+        """The cache entry of ``key`` (None: a miss). With relational scores on, an entry is
+        usable only with its circuit arrays (they are written before the scores, so a scores
+        file without them is from an interrupted job); they are loaded into ``circuit_result``."""
+        from mechgen import circuit
+
+        if key is None:
+            return None
+        entry = self.cache.get(key)
+        if entry is None or self.circuit_settings is None:
+            return entry
+        try:
+            self.circuit_result = circuit.load_circuit(self.circuit_cache_path(key))
+        except (OSError, ValueError):
+            return None
+        return entry
+
+    def missing(self, exc: Exception) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The result of a checkpoint the hub does not have: no rows, ``status: "missing"``."""
+        from mechgen import circuit
+
+        self.sidecar.update(
+            status="missing", reason=str(exc), wall_seconds=time.perf_counter() - self.started
+        )
+        if self.circuit_path is not None:
+            circuit.empty_circuit(str(exc)).save(self.circuit_path)
+        return empty_head_table(), self.sidecar
+
+
+def _score_model(job: _Job, model: Any) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Every head of a loaded model: the 1-back pass (with the relational accumulators riding
+    along), the relational scores and the weight-based columns. Returns the per-head table and
+    the model's n_layers, n_heads and n_params (read through its architecture adapter)."""
+    from mechgen import circuit, metrics
+    from mechgen.model import adapter as architectures
+
+    adapter = architectures.for_model(model)
+    n_layers, n_heads, _, _ = adapter.shape(model)
+    size = {"n_layers": n_layers, "n_heads": n_heads, "n_params": adapter.n_params(model)}
+    ride = (
+        circuit.ride_along(model, job.circuit_settings)
+        if job.circuit_settings is not None
+        else contextlib.nullcontext()
+    )
+    one_back_started = time.perf_counter()
+    with ride as accumulators:
+        result = metrics.score_heads(
+            model,
+            job.token_ids,
+            batch_size=job.batch_size,
+            clipped_window=job.clipped_window,
+            progress=job.progress,
+        )
+    job.one_back_seconds = time.perf_counter() - one_back_started
+    if job.circuit_settings is not None:
+        job.circuit_result = circuit.score_circuit(
+            model, result, accumulators, job.circuit_settings, job.token_ids
+        )
+    # Weight-based mechanisms (successor heads, copy suppression, copying): from the loaded
+    # weights alone, no pass over text.
+    if job.weight_tasks is not None:
+        from mechgen.model import weight_scores
+
+        result = weight_scores.add_weight_columns(result, model, job.weight_tasks)
+    return result, size
+
+
+def _cache_metadata(job: _Job, files: Any, result: pd.DataFrame, size: dict[str, int]) -> dict:
+    """The metadata a cache entry (and this job's sidecar) keeps of a freshly scored blob."""
+    token_ids = job.token_ids
+    return {
+        "origin": {
+            "run": job.run.run,
+            "repo_id": job.run.repo_id,
+            "revision": job.revision,
+            "commit": files.commit,
+        },
+        "weights_sha256": files.sha256,
+        "n_layers": int(size["n_layers"]),
+        "n_heads": int(size["n_heads"]),
+        "n_params": int(size["n_params"]),
+        "n_sentences": int(result.attrs.get("n_sentences", len(token_ids))),
+        "n_tokens": int(result.attrs.get("n_tokens", sum(len(t) for t in token_ids))),
+        "n_sentences_too_short": int(result.attrs.get("n_sentences_too_short", 0)),
+    }
+
+
+@dataclass
+class _Scored:
+    """A job's scores (fresh or from the cache) and what they came from."""
+
+    scores: pd.DataFrame
+    meta: dict[str, Any]
+    key: str | None
+    hit: bool
+    files: Any
+    freed: int
+
+
+def _download_and_score(job: _Job, ref: Any, delete_weights: bool) -> _Scored | None:
+    """The scores of ``ref``: from the cache when its key is there, else downloaded, loaded,
+    scored (and cached). None when the hub has no such checkpoint after all (the caller then
+    reports it missing; :class:`mechgen.sources.MissingCheckpoint` is re-raised as None)."""
+    from mechgen import sources
+
+    cache = job.cache
+    key = job.cache_key(ref.config_file, ref.sha256) if cache is not None and ref.sha256 else None
+    files = None
+    freed = 0
+    result = size = None
+    locked = cache.lock(ref.sha256) if key is not None else contextlib.nullcontext()
+    with locked:
+        hit = job.cached(key)
+        if hit is None:
+            files = sources.download_checkpoint(ref, hub=job.hub)
+            try:
+                if cache is not None and key is None:  # sha256 known only after the download
+                    key = job.cache_key(ref.config_file, files.sha256)
+                    hit = job.cached(key)
+                if hit is None:
+                    model = sources.load_model(files)
+                    result, size = _score_model(job, model)
+                    del model
+            finally:
+                freed = sources.release(files) if delete_weights else 0
+        if hit is not None:
+            scores, meta = hit
+            return _Scored(scores, meta, key, True, files, freed)
+        meta = _cache_metadata(job, files, result, size)
+        if cache is not None and key is not None:
+            if job.circuit_result is not None:
+                job.circuit_result.save(job.circuit_cache_path(key))
+            cache.put(key, result, meta)
+        return _Scored(result, meta, key, False, files, freed)
+
+
+def _finish_sidecar(job: _Job, ref: Any, scored: _Scored, table: pd.DataFrame) -> None:
+    """Fill the sidecar of a scored checkpoint (status ok): provenance, sizes, cache use."""
+    sidecar = job.sidecar
+    meta = scored.meta
+    if job.circuit_result is not None:
+        sidecar["relational"] = {
+            **job.circuit_result.record,
+            # 1-back scoring with the ride-along hooks, for the cost ratio of the relational scores.
+            "one_back_seconds": job.one_back_seconds,
+        }
+    if job.weight_record is not None:
+        sidecar["weight_mechanisms"] = job.weight_record
+    sidecar.update(
+        status="ok",
+        commit=ref.commit,
+        sha256=meta["weights_sha256"],
+        weight_format=ref.weight_format,
+        weight_bytes=ref.size_bytes,
+        n_sentences=meta["n_sentences"],
+        n_tokens=meta["n_tokens"],
+        n_params=meta["n_params"],
+        nonfinite_heads=int(table["nonfinite"].sum()),
+    )
+    files = scored.files
+    if not scored.hit:
+        checkpoint = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(files).items()}
+        sidecar.update(
+            weight_bytes=files.size_bytes,
+            weights_downloaded=files.from_hub,
+            weights_deleted_bytes=scored.freed,
+            checkpoint=checkpoint,
+        )
+    else:
+        origin = meta["origin"]
+        if (origin["run"], origin["revision"]) != (job.run.run, job.revision):
+            sidecar.update(duplicate_of=origin["revision"], duplicate_of_run=origin["run"])
+        sidecar.update(
+            weights_downloaded=bool(files is not None and files.from_hub),
+            weights_deleted_bytes=scored.freed,
+        )
+    if job.cache is not None:
+        sidecar["score_cache"] = {
+            "key": scored.key,
+            "hit": scored.hit,
+            "path": str(job.cache.path(scored.key)) if scored.key else None,
+        }
+    sidecar["wall_seconds"] = time.perf_counter() - job.started
+
+
 def score_checkpoint(
     run: Run,
     step: int,
@@ -318,6 +544,8 @@ def score_checkpoint(
     returns an empty table with ``status == "missing"``. ``score_cache_dir`` (None: no cache)
     enables the score cache of the module docstring; ``hub`` is a
     :class:`mechgen.sources.HubSettings` or the config's ``hub`` mapping (None: the defaults).
+    The loaded model is read through its architecture adapter (:mod:`mechgen.model.adapter`,
+    chosen by its ``config.model_type``).
 
     ``circuit_settings`` (a :class:`mechgen.circuit.CircuitSettings`; None: off) adds the
     relational/configurational scores of the same loaded model (:mod:`mechgen.circuit`): the
@@ -332,7 +560,7 @@ def score_checkpoint(
     """
     import torch
 
-    from mechgen import circuit, metrics, sources
+    from mechgen import circuit, sources
 
     settings = (
         hub
@@ -343,139 +571,46 @@ def score_checkpoint(
         torch.set_num_threads(threads)
     started = time.perf_counter()
     versions = library_versions()
-    sidecar: dict[str, Any] = {
-        "suite": run.suite,
-        "run": run.run,
-        "repo_id": run.repo_id,
-        "revision": f"step{step}",
-        "step": step,
-        "tokens_seen": step * tokens_per_step,
-        "scoring": {"batch_size": batch_size, "clipped_window": clipped_window},
-        "versions": versions,
-        "mechanisms": mechanism_versions(circuit_settings is not None),
-    }
-
-    def missing(exc: Exception) -> tuple[pd.DataFrame, dict[str, Any]]:
-        sidecar.update(
-            status="missing", reason=str(exc), wall_seconds=time.perf_counter() - started
-        )
-        if circuit_path is not None:
-            circuit.empty_circuit(str(exc)).save(circuit_path)
-        return empty_head_table(), sidecar
-
-    circuit_record = circuit_settings.record() if circuit_settings is not None else None
-    weight_record = weight_tasks.record() if weight_tasks is not None else None
-    circuit_result = None
-    one_back_seconds = None
-
+    revision = f"step{step}"
+    job = _Job(
+        run=run,
+        step=step,
+        revision=revision,
+        token_ids=token_ids,
+        tokens_per_step=tokens_per_step,
+        batch_size=batch_size,
+        clipped_window=clipped_window,
+        progress=progress,
+        hub=settings,
+        versions=versions,
+        sidecar={
+            "suite": run.suite,
+            "run": run.run,
+            "repo_id": run.repo_id,
+            "revision": revision,
+            "step": step,
+            "tokens_seen": step * tokens_per_step,
+            "scoring": {"batch_size": batch_size, "clipped_window": clipped_window},
+            "versions": versions,
+            "mechanisms": mechanism_versions(circuit_settings is not None),
+        },
+        started=started,
+        cache=ScoreCache(score_cache_dir) if score_cache_dir is not None else None,
+        circuit_settings=circuit_settings,
+        circuit_path=circuit_path,
+        weight_tasks=weight_tasks,
+        circuit_record=circuit_settings.record() if circuit_settings is not None else None,
+        weight_record=weight_tasks.record() if weight_tasks is not None else None,
+    )
     try:
         ref = sources.resolve_checkpoint(run, step, hub=settings)
+        scored = _download_and_score(job, ref, delete_weights)
     except sources.MissingCheckpoint as exc:
-        return missing(exc)
+        return job.missing(exc)
 
-    cache = ScoreCache(score_cache_dir) if score_cache_dir is not None else None
-    tokens_sha256 = token_ids_sha256(token_ids)
-
-    def key_for(weights_sha256: str) -> str:
-        return score_cache_key(
-            weights_sha256,
-            model_config_sha256(ref.config_file),
-            tokens_sha256,
-            clipped_window,
-            versions,
-            circuit_record,
-            weight_record,
-        )[0]
-
-    def circuit_cache_path(key: str) -> Path:
-        return cache.path(key).with_suffix(".circuit.npz")
-
-    def cached(key: str) -> tuple[pd.DataFrame, dict[str, Any]] | None:
-        # A cache entry is usable only with its circuit arrays when relational is on (they are
-        # written before the scores, so a scores file without them is from an interrupted job).
-        entry = cache.get(key)
-        if entry is None or circuit_settings is None:
-            return entry
-        nonlocal circuit_result
-        try:
-            circuit_result = circuit.load_circuit(circuit_cache_path(key))
-        except (OSError, ValueError):
-            return None
-        return entry
-
-    key = key_for(ref.sha256) if cache is not None and ref.sha256 else None
-    files = None
-    freed = 0
-    locked = cache.lock(ref.sha256) if key is not None else contextlib.nullcontext()
-    with locked:
-        hit = cached(key) if key is not None else None
-        if hit is None:
-            try:
-                files = sources.download_checkpoint(ref, hub=settings)
-            except sources.MissingCheckpoint as exc:
-                return missing(exc)
-            try:
-                if cache is not None and key is None:  # sha256 known only after the download
-                    key = key_for(files.sha256)
-                    hit = cached(key)
-                if hit is None:
-                    model = sources.load_model(files)
-                    n_params = sources.count_parameters(model)
-                    cfg = model.config
-                    ride = (
-                        circuit.ride_along(model, circuit_settings)
-                        if circuit_settings is not None
-                        else contextlib.nullcontext()
-                    )
-                    one_back_started = time.perf_counter()
-                    with ride as accumulators:
-                        result = metrics.score_heads(
-                            model,
-                            token_ids,
-                            batch_size=batch_size,
-                            clipped_window=clipped_window,
-                            progress=progress,
-                        )
-                    one_back_seconds = time.perf_counter() - one_back_started
-                    if circuit_settings is not None:
-                        circuit_result = circuit.score_circuit(
-                            model, result, accumulators, circuit_settings, token_ids
-                        )
-                    # ---- weight-based mechanisms (successor heads, copy suppression, copying):
-                    # from the loaded weights alone, no pass over text.
-                    if weight_tasks is not None:
-                        from mechgen.model import weight_scores
-
-                        result = weight_scores.add_weight_columns(result, model, weight_tasks)
-                    del model
-            finally:
-                freed = sources.release(files) if delete_weights else 0
-        if hit is None:
-            meta = {
-                "origin": {
-                    "run": run.run,
-                    "repo_id": run.repo_id,
-                    "revision": f"step{step}",
-                    "commit": files.commit,
-                },
-                "weights_sha256": files.sha256,
-                "n_layers": int(cfg.num_hidden_layers),
-                "n_heads": int(cfg.num_attention_heads),
-                "n_params": int(n_params),
-                "n_sentences": int(result.attrs.get("n_sentences", len(token_ids))),
-                "n_tokens": int(result.attrs.get("n_tokens", sum(len(t) for t in token_ids))),
-                "n_sentences_too_short": int(result.attrs.get("n_sentences_too_short", 0)),
-            }
-            if cache is not None and key is not None:
-                if circuit_result is not None:
-                    circuit_result.save(circuit_cache_path(key))
-                cache.put(key, result, meta)
-            scores = result
-        else:
-            scores, meta = hit
-
+    meta = scored.meta
     table = identify(
-        scores[cached_columns(scores)],
+        scored.scores[cached_columns(scored.scores)],
         run,
         step,
         tokens_per_step,
@@ -483,52 +618,12 @@ def score_checkpoint(
         meta["n_heads"],
         meta["n_params"],
     )
-    if circuit_result is not None:
-        table = circuit.add_circuit_columns(table, circuit_result)
-        sidecar["relational"] = {
-            **circuit_result.record,
-            # 1-back scoring with the ride-along hooks, for the cost ratio of the relational scores.
-            "one_back_seconds": one_back_seconds,
-        }
+    if job.circuit_result is not None:
+        table = circuit.add_circuit_columns(table, job.circuit_result)
         if circuit_path is not None:
-            circuit_result.save(circuit_path)
-    if weight_record is not None:
-        sidecar["weight_mechanisms"] = weight_record
-    sidecar.update(
-        status="ok",
-        commit=ref.commit,
-        sha256=meta["weights_sha256"],
-        weight_format=ref.weight_format,
-        weight_bytes=ref.size_bytes,
-        n_sentences=meta["n_sentences"],
-        n_tokens=meta["n_tokens"],
-        n_params=meta["n_params"],
-        nonfinite_heads=int(table["nonfinite"].sum()),
-    )
-    if hit is None:
-        checkpoint = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(files).items()}
-        sidecar.update(
-            weight_bytes=files.size_bytes,
-            weights_downloaded=files.from_hub,
-            weights_deleted_bytes=freed,
-            checkpoint=checkpoint,
-        )
-    else:
-        origin = meta["origin"]
-        if (origin["run"], origin["revision"]) != (run.run, f"step{step}"):
-            sidecar.update(duplicate_of=origin["revision"], duplicate_of_run=origin["run"])
-        sidecar.update(
-            weights_downloaded=bool(files is not None and files.from_hub),
-            weights_deleted_bytes=freed,
-        )
-    if cache is not None:
-        sidecar["score_cache"] = {
-            "key": key,
-            "hit": hit is not None,
-            "path": str(cache.path(key)) if key else None,
-        }
-    sidecar["wall_seconds"] = time.perf_counter() - started
-    return table, sidecar
+            job.circuit_result.save(circuit_path)
+    _finish_sidecar(job, ref, scored, table)
+    return table, job.sidecar
 
 
 def write_result(

@@ -55,9 +55,7 @@ class LayerNormWeights:
 def layernorm_weights(module: torch.nn.Module) -> LayerNormWeights:
     """The weights of a ``torch.nn.LayerNorm`` as float32 CPU tensors (zeros without a bias)."""
     weight = module.weight.detach().float().cpu()
-    bias = (
-        torch.zeros_like(weight) if module.bias is None else module.bias.detach().float().cpu()
-    )
+    bias = torch.zeros_like(weight) if module.bias is None else module.bias.detach().float().cpu()
     return LayerNormWeights(weight=weight, bias=bias, eps=float(module.eps))
 
 

@@ -21,7 +21,6 @@ it by brute force on the modules themselves):
 
 from __future__ import annotations
 
-
 import torch
 
 from mechgen.model.base import LayerNormWeights, count_parameters, layernorm_weights
