@@ -1,7 +1,8 @@
 """Time mechgen's head scorer against the reference study's method and a bare forward pass.
 
-For each model (a toy GPT-NeoX and a randomly initialised model of Pythia-70m's shape) and the
-same sentences, this measures the wall time (and the process CPU time, which is much less
+For each model (a toy GPT-NeoX, and randomly initialised models of Pythia-70m's shape and of
+GPT-2 small's shape: 12 layers x 12 heads, d 768, vocab 50257, learned positions, sequential
+residual) and the same sentences, this measures the wall time (and the process CPU time, which is much less
 sensitive to other users' load with one thread) of
 
   (a) the reference study's method (Trott 2025): one sentence at a time through the full causal
@@ -10,7 +11,8 @@ sensitive to other users' load with one thread) of
       sentences;
   (b) ``mechgen.metrics.score_heads`` (length-sorted padded batches, body only, metrics in
       forward hooks, the pass stopped after the last layer's attention, so it can beat (c));
-  (c) the floor: a bare forward pass of the transformer body (``model.gpt_neox``; no LM head,
+  (c) the floor: a bare forward pass of the transformer body (the architecture adapter's
+      ``body``: ``model.gpt_neox`` or ``model.transformer``; no LM head,
       no metrics, no cache) over the same tokens in the same length-sorted padded batches,
       with the same eager attention; the sdpa floor (c') is printed for information.
 
@@ -20,9 +22,10 @@ Natural Stories corpus as tokenised for Pythia (666 sentences; words per sentenc
 sd 10.4, max 67, about 1.15 tokens per word): gamma-distributed with mean 25 and sd 12,
 clipped to 3..75 tokens.
 
-    python bench/scoring.py                      # both models, 666 sentences, 1 thread
+    python bench/scoring.py                      # all three models, 666 sentences, 1 thread
     python bench/scoring.py --checkpoint DIR     # a trained toy checkpoint instead
     python bench/scoring.py --models pythia-70m-shape --n-sentences 200 --repeats 5
+    python bench/scoring.py --models gpt2-small-shape --n-sentences 200 --repeats 2
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from mechgen.metrics import score_heads
+from mechgen.model import adapter as architectures
 
-MODEL_NAMES = ("toy", "pythia-70m-shape")
+MODEL_NAMES = ("toy", "pythia-70m-shape", "gpt2-small-shape")
 TOY_SIZE = {"n_layers": 4, "n_heads": 4, "d_model": 256}  # config.yaml's toy "small"
 TOY_VOCAB_SIZE = 2048
 
@@ -62,8 +66,9 @@ def natural_stories_like_sentences(n_sentences: int, vocab_size: int, seed: int)
 
 
 def build_model(name: str, checkpoint: Path | None, seed: int) -> torch.nn.Module:
-    """A GPTNeoXForCausalLM in eval mode with eager attention."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    """A GPTNeoXForCausalLM (toy, Pythia-70m shape) or GPT2LMHeadModel (GPT-2 small shape) in
+    eval mode with eager attention."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
     if name == "toy":
         if checkpoint is not None:
@@ -86,6 +91,10 @@ def build_model(name: str, checkpoint: Path | None, seed: int) -> torch.nn.Modul
         )
         torch.manual_seed(seed)
         model = GPTNeoXForCausalLM(config)
+    elif name == "gpt2-small-shape":
+        config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
     else:
         raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
     model.set_attn_implementation("eager")
@@ -99,8 +108,7 @@ def reference_method(model: torch.nn.Module, sentences: list[list[int]]) -> pd.D
     and head, each quantity read with its own ``.item()``; one dict per (sentence, layer,
     head); at the end the mean over sentences per head.
     """
-    n_layers = model.config.num_hidden_layers
-    n_heads = model.config.num_attention_heads
+    n_layers, n_heads, _, _ = architectures.for_model(model).shape(model)
     results = []
     for sentence_index, tokens in enumerate(sentences):
         input_ids = torch.tensor([tokens])
@@ -155,9 +163,10 @@ def length_sorted_batches(
 
 def body_forward(model: torch.nn.Module, sentences: list[list[int]], batch_size: int) -> None:
     """The floor: the transformer body alone over the same padded batches (built in the timing)."""
+    body = architectures.for_model(model).body(model, need_attention=False)
     with torch.inference_mode():
         for input_ids, attention_mask in length_sorted_batches(sentences, batch_size):
-            model.gpt_neox(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
 def check_agreement(reference: pd.DataFrame, scores: pd.DataFrame) -> float:
@@ -183,12 +192,14 @@ def bench_model(name: str, args: argparse.Namespace, checkpoint: Path | None) ->
     reference_model = copy.deepcopy(model)
     sdpa_model = copy.deepcopy(model)
     sdpa_model.set_attn_implementation("sdpa")
-    sentences = natural_stories_like_sentences(args.n_sentences, model.config.vocab_size, args.seed)
+    adapter = architectures.for_model(model)
+    vocab_size = adapter.vocab_size(model)
+    sentences = natural_stories_like_sentences(args.n_sentences, vocab_size, args.seed)
     n_tokens = sum(map(len, sentences))
-    cfg = model.config
+    n_layers, n_heads, _, d_model = adapter.shape(model)
     print(
-        f"\n## {name}: {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads, "
-        f"d_model {cfg.hidden_size}, d_ff {cfg.intermediate_size}, vocab {cfg.vocab_size}"
+        f"\n## {name} ({adapter.name}): {n_layers} layers x {n_heads} heads, d_model {d_model}, "
+        f"vocab {vocab_size}, {adapter.n_params(model):,} parameters"
         + (f" (checkpoint {checkpoint})" if checkpoint else " (random init)")
     )
     print(
