@@ -328,7 +328,9 @@ def positional_controls(
     try:
         with torch.inference_mode():
             for start in range(0, ids.shape[0], batch_size):
-                _forward_with_attention(model, ids[start : start + batch_size], on_attention)
+                _forward_with_attention(
+                    model, ids[start : start + batch_size], on_attention, need_hidden=False
+                )
     finally:
         model.train(was_training)
     count = ids.shape[0] * half

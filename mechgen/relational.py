@@ -309,13 +309,18 @@ def _forward_with_attention(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     on_attention: Callable[[int, torch.Tensor], None],
-) -> torch.Tensor:
+    need_hidden: bool = True,
+) -> torch.Tensor | None:
     """Run the body once, calling ``on_attention(layer, probs [B, H, T, T])`` per layer.
 
-    Returns the final hidden states (after the final LayerNorm) ``[B, T, d]``.
+    Returns the final hidden states (after the final LayerNorm) ``[B, T, d]``; with
+    ``need_hidden=False`` the pass stops after the last layer's attention and returns None.
     """
     adapter = architectures.for_model(model)
-    with attention_hooks(adapter, model, lambda layer, probs, _: on_attention(layer, probs)):
+    last = None if need_hidden else adapter.shape(model)[0] - 1
+    with attention_hooks(
+        adapter, model, lambda layer, probs, _: on_attention(layer, probs), stop_after=last
+    ):
         return forward_body(adapter, model, input_ids)
 
 
@@ -380,7 +385,7 @@ def score_induction(
     with _eval_mode(model):
         for start in range(0, n_sequences, batch_size):
             batch = input_ids[start : start + batch_size]
-            hidden = _forward_with_attention(model, batch, on_attention)
+            hidden = _forward_with_attention(model, batch, on_attention, need_hidden=has_lm_head)
             if has_lm_head:
                 hits += _copying_hits(model, hidden, batch, half)
     induction = (sums / (n_sequences * half)).cpu().numpy()
