@@ -18,9 +18,10 @@ either basis-invariant or made after an explicit alignment:
 - Stability over training (:func:`qk_cosine`, :func:`strongest_head_qk_stability`,
   :func:`identity_fixed_from`).
 
-Per-head weight matrices come from :func:`mechgen.relational.head_weights` (GPT-NeoX layout,
-LayerNorm gain and centring folded into the read side; rotary ignored, i.e. W_QK at relative
-offset 0; biases ignored).
+Per-head weight matrices come from :func:`mechgen.relational.head_weights` (through the
+model's architecture adapter, GPT-NeoX or GPT-2; LayerNorm gain and centring folded into the
+read side; GPT-NeoX's rotary ignored, i.e. W_QK at relative offset 0, and GPT-2's learned
+positions left out likewise; biases ignored).
 
 On CKA: maintained PyPI packages exist (``ckatorch``, ``torch-cka``, ``pytorch-cka``), but
 they compare whole layers of two models through a dataloader and module names, not the
