@@ -233,7 +233,9 @@ def mechanism_null_settings():
 def mechanism_targets():
     return [
         f"{RES}/stats/{name}/{table}.csv" for name in MECHANISMS for table in MECHANISM_TABLES
-    ] + [f"{RES}/stats/{name}.csv" for name in CROSS_STATS] + [f"{RES}/figures/profile.png"]
+    ] + [f"{RES}/stats/{name}.csv" for name in CROSS_STATS] + [f"{RES}/figures/profile.png"] + [
+        f"{RES}/figures/mechanisms/{name}.png" for name in MECHANISMS
+    ]
 
 
 # ---- the report's opening summary (rule in report.smk)

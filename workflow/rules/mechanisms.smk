@@ -2,6 +2,7 @@
 # the axes (stats/<mechanism>/), the cross-mechanism tables and the generalizability profile.
 # Included before the other analyses so that the profile opens the report.
 # MECHANISMS, MECHANISM_TABLES, CROSS_STATS and mechanism_targets() are defined in common.smk.
+from mechgen import mechanisms as catalog_mechanisms
 
 
 rule mechanisms:
@@ -55,3 +56,40 @@ rule mechanism_figures:
         f"{RES}/logs/mechanism_figures.log",
     script:
         "../../scripts/mechanism_figures.py"
+
+
+def mechanism_caption_params(wildcards):
+    """What the per-mechanism caption states about the mechanism (its definition)."""
+    mechanism = catalog_mechanisms.get(wildcards.mechanism)
+    return {
+        "description": mechanism.description,
+        "score_column": mechanism.score_column,
+        "units": mechanism.units,
+        "criterion": mechanism.criterion_text(),
+        "ceiling": mechanism.ceiling,
+    }
+
+
+rule mechanism_figure:
+    localrule: True
+    conda:
+        "../envs/mechgen.yaml"
+    input:
+        run_step=f"{RES}/stats/{{mechanism}}/functional_run_step.csv",
+        sizes=f"{RES}/stats/{{mechanism}}/functional_size.csv",
+        per_seed=f"{RES}/stats/{{mechanism}}/per_seed.csv",
+        profile=f"{RES}/stats/profile.csv",
+    output:
+        figure=report(
+            f"{RES}/figures/mechanisms/{{mechanism}}.png",
+            caption="../report/mechanism.rst",
+            category="Mechanism: {mechanism}",  # one report section per mechanism
+        ),
+    wildcard_constraints:
+        mechanism="|".join(MECHANISMS) if MECHANISMS else "(?!)",
+    params:
+        mechanism=mechanism_caption_params,
+    log:
+        f"{RES}/logs/mechanism_figure/{{mechanism}}.log",
+    script:
+        "../../scripts/mechanism_figure.py"
