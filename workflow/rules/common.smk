@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 
 from snakemake.exceptions import WorkflowError
 
+from mechgen import mechanisms as mechanisms_catalog
 from mechgen.config import (
     ConfigError,
     relational_settings,
@@ -228,6 +229,18 @@ def mechanism_null_settings():
     """The suite's resolved relational scoring settings, on which some nulls depend (the
     induction null on half_length); none for a table suite."""
     return {} if SOURCE == "table" else relational_settings(config)
+
+
+def mechanism_caption_params(wildcards):
+    """What the per-mechanism caption states about the mechanism (its definition)."""
+    mechanism = mechanisms_catalog.get(wildcards.mechanism)
+    return {
+        "description": mechanism.description,
+        "score_column": mechanism.score_column,
+        "units": mechanism.units,
+        "criterion": mechanism.criterion_text(),
+        "ceiling": mechanism.ceiling,
+    }
 
 
 def mechanism_targets():

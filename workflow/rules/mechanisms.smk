@@ -1,8 +1,8 @@
 # The mechanism catalog on the table side: every mechanism of the suite's `mechanisms:` through
 # the axes (stats/<mechanism>/), the cross-mechanism tables and the generalizability profile.
 # Included before the other analyses so that the profile opens the report.
-# MECHANISMS, MECHANISM_TABLES, CROSS_STATS and mechanism_targets() are defined in common.smk.
-from mechgen import mechanisms as catalog_mechanisms
+# MECHANISMS, MECHANISM_TABLES, CROSS_STATS, mechanism_targets() and mechanism_caption_params()
+# are defined in common.smk.
 
 
 rule mechanisms:
@@ -56,18 +56,6 @@ rule mechanism_figures:
         f"{RES}/logs/mechanism_figures.log",
     script:
         "../../scripts/mechanism_figures.py"
-
-
-def mechanism_caption_params(wildcards):
-    """What the per-mechanism caption states about the mechanism (its definition)."""
-    mechanism = catalog_mechanisms.get(wildcards.mechanism)
-    return {
-        "description": mechanism.description,
-        "score_column": mechanism.score_column,
-        "units": mechanism.units,
-        "criterion": mechanism.criterion_text(),
-        "ceiling": mechanism.ceiling,
-    }
 
 
 rule mechanism_figure:
