@@ -19,7 +19,8 @@ Per mechanism (``stats/<mechanism>/``):
   the Wilson interval (:func:`mechgen.stats.wilson_interval`);
 - *positional*: per run the strongest head at the final step, its relative depth
   ``(layer + 1) / n_layers``; per size the modal-layer share and the mean |layer difference|
-  against uniform layers (:func:`mechgen.positional.layer_agreement`);
+  against uniform layers (:func:`mechgen.positional.layer_agreement`), and the Hungarian head
+  alignment of the seeds' strongest heads (:func:`head_alignment`);
 - *developmental*: onset, slope and peak of the normalised trajectory
   (:func:`mechgen.developmental.per_seed_from_trajectories`); the onset thresholds are the
   config's ``analysis.onset_thresholds`` read in normalised units per decade of steps (so the
@@ -124,6 +125,10 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         "null_mean_abs_layer_diff",
         "p_value",
         "mean_relative_depth",
+        "same_layer_fraction",
+        "head_match_fraction",
+        "head_match_chance",
+        "alignment_cost",
     ],
     "convergence": [
         "model",
@@ -338,16 +343,28 @@ def per_seed_table(
 
 
 def positional_table(
-    per_seed: pd.DataFrame, rng: np.random.Generator, n_permutations: int
+    per_seed: pd.DataFrame,
+    rng: np.random.Generator,
+    n_permutations: int,
+    scored: pd.DataFrame | None = None,
+    cost: positional.AlignmentCost = "euclidean",
 ) -> pd.DataFrame:
     """Per size: agreement of the final strongest head's layer across seeds
-    (:func:`mechgen.positional.layer_agreement`) and the mean relative depth."""
+    (:func:`mechgen.positional.layer_agreement`), the mean relative depth and, with the
+    mechanism's per-head rows ``scored``, the head-level agreement of :func:`head_alignment`
+    (NaN without them)."""
+    alignment = (
+        head_alignment(scored, per_seed, cost)
+        if scored is not None
+        else pd.DataFrame(columns=["same_layer_fraction", "head_match_fraction"])
+    )
     rows = []
     for (model, size), group in per_seed.groupby(["model", "size"], sort=False):
         n_layers = int(group["n_layers"].iloc[0])
         agreement = positional.layer_agreement(
             group["final_layer"].astype(int), n_layers, rng, n_permutations
         )
+        same_layer = alignment["same_layer_fraction"].get(model, np.nan)
         rows.append(
             {
                 "suite": group["suite"].iloc[0],
@@ -357,9 +374,48 @@ def positional_table(
                 "n_layers": n_layers,
                 **agreement,
                 "mean_relative_depth": float(group["final_relative_depth"].mean()),
+                "same_layer_fraction": same_layer,
+                "head_match_fraction": alignment["head_match_fraction"].get(model, np.nan),
+                "head_match_chance": same_layer / int(group["n_heads"].iloc[0]),
+                "alignment_cost": cost if scored is not None else "",
             }
         )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS["positional_size"])
+
+
+def head_alignment(
+    scored: pd.DataFrame, per_seed: pd.DataFrame, cost: positional.AlignmentCost = "euclidean"
+) -> pd.DataFrame:
+    """Per size (index ``model``), over the unordered pairs of its runs: the fraction whose
+    final strongest heads (``per_seed``'s ``final_layer``, ``final_head``) share a layer
+    (``same_layer_fraction``), and the fraction where, in addition, the Hungarian alignment of
+    that layer's heads on their score trajectories (:func:`mechgen.positional.align_heads` on
+    the column ``score`` of ``scored``, the ``cost`` of ``analysis.positional.alignment_cost``)
+    pairs the two strongest heads (``head_match_fraction``); see :mod:`mechgen.positional`.
+    NaN for a size with a single run."""
+    rows = {}
+    by_run = {run: group for run, group in scored.groupby("run", sort=False)}
+    for model, group in per_seed.groupby("model", sort=False):
+        best = group.set_index("run")[["final_layer", "final_head"]].astype(int)
+        pairs = list(itertools.combinations(sorted(best.index), 2))
+        same_layer = head_match = 0
+        for run_a, run_b in pairs:
+            layer_a, head_a = best.loc[run_a]
+            layer_b, head_b = best.loc[run_b]
+            if layer_a != layer_b:
+                continue
+            same_layer += 1
+            match = positional.align_heads(
+                by_run[run_a], by_run[run_b], int(layer_a), "score", cost
+            )
+            head_match += int(match[int(head_a)] == head_b)
+        rows[model] = {
+            "same_layer_fraction": same_layer / len(pairs) if pairs else np.nan,
+            "head_match_fraction": head_match / len(pairs) if pairs else np.nan,
+        }
+    return pd.DataFrame.from_dict(
+        rows, orient="index", columns=["same_layer_fraction", "head_match_fraction"]
+    )
 
 
 def convergence_table(norm_traj: pd.DataFrame) -> pd.DataFrame:
@@ -886,12 +942,14 @@ def analyze_mechanisms(
     seed: int = 0,
     relational: pd.DataFrame | None = None,
     configurational: pd.DataFrame | None = None,
+    alignment_cost: positional.AlignmentCost = "euclidean",
 ) -> tuple[dict[str, Scored], dict[str, pd.DataFrame]]:
     """Every mechanism of ``mechanisms`` through the axes (its tables in ``Scored.tables``,
     header-only for a mechanism not scored), then the cross-mechanism tables ``profile``,
     ``mechanism_order`` and ``mechanism_lags``. ``thresholds`` are read in normalised units
     per decade for every mechanism, and on the raw score for a mechanism with
-    ``absolute_thresholds``. One random generator (``seed``) drives every permutation null."""
+    ``absolute_thresholds``; ``alignment_cost`` is the head alignment's cost
+    (:func:`head_alignment`). One random generator (``seed``) drives every permutation null."""
     rng = np.random.default_rng(seed)
     results: dict[str, Scored] = {}
     for mechanism in mechanisms:
@@ -906,7 +964,9 @@ def analyze_mechanisms(
                 scored, mechanism, thresholds, tokens_per_step, absolute_thresholds=thresholds
             )
             result.tables["per_seed"] = per_seed
-            result.tables["positional_size"] = positional_table(per_seed, rng, n_permutations)
+            result.tables["positional_size"] = positional_table(
+                per_seed, rng, n_permutations, scored, alignment_cost
+            )
             result.tables["convergence"] = convergence_table(norm)
             log.info(
                 "mechanism %s: %d runs, formed in %d",

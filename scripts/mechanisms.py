@@ -8,8 +8,8 @@ none for a table suite), and, when the relational axis runs, ``relational`` and
 Params: ``mechanisms`` (the suite's ``mechanisms:``), ``settings`` (its resolved relational
 scoring settings, for the nulls; empty for a table suite), ``thresholds`` {start, stop, step}
 (``analysis.onset_thresholds``, read in normalised units per decade), ``tokens_per_step``,
-``confidence`` and ``seed`` (``analysis.bootstrap``), ``n_permutations``
-(``analysis.positional.n_permutations``).
+``confidence`` and ``seed`` (``analysis.bootstrap``), ``n_permutations`` and
+``alignment_cost`` (``analysis.positional``).
 Outputs: ``<mechanism>__<table>`` -> stats/<mechanism>/<table>.csv
 (:data:`mechgen.crossmech.MECHANISM_TABLES`), and ``profile``, ``mechanism_order``,
 ``mechanism_lags`` (:func:`mechgen.crossmech.analyze_mechanisms`). A mechanism whose column is
@@ -60,6 +60,7 @@ def main(sm: Any) -> None:
         seed=int(sm.params.seed),
         relational=optional_table(sm, "relational"),
         configurational=optional_table(sm, "configurational"),
+        alignment_cost=sm.params.alignment_cost,
     )
     tables = dict(cross)
     for name, result in results.items():

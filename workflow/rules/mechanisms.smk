@@ -34,6 +34,7 @@ rule mechanisms:
         confidence=ANALYSIS["bootstrap"]["confidence"],
         seed=ANALYSIS["bootstrap"]["seed"],
         n_permutations=ANALYSIS["positional"]["n_permutations"],
+        alignment_cost=ANALYSIS["positional"]["alignment_cost"],
     log:
         f"{RES}/logs/mechanisms.log",
     script:
