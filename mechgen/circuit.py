@@ -78,7 +78,9 @@ key                    shape                meaning
 
 ``duplicate_token_control`` ([L, H]) holds the duplicate-token positions on the non-repeating
 sequences. Detail checkpoints add ``k_composition``, ``k_baseline_mean``, ``k_baseline_sd``
-([L, H, L, H], indexed [target layer, target head, source layer, source head]),
+([L, H, L, H], indexed [target layer, target head, source layer, source head]; likewise
+``q_*`` and ``v_*`` when a catalog link declares Q- or V-composition,
+:func:`mechgen.mechanisms.composition_kinds`),
 ``ablation_induction_before/_after_source/_after_control`` ([L, H]) with the scalars in the
 record, and ``cka_heads`` [m, 2] with ``cka_outputs`` [m, n_tokens, hd] (row 0 = the strongest
 1-back head) and ``cka_tokens_sha256`` in the record.
@@ -101,6 +103,7 @@ import pandas as pd
 import torch
 
 from mechgen.atomic import atomic_path
+from mechgen.mechanisms import composition_kinds
 from mechgen.settings import CircuitSettings
 
 __all__ = [
@@ -423,10 +426,14 @@ def score_circuit(
         "detail": settings.detail,
     }
     if settings.detail:
-        composition = composition_scores(model, kinds=("K",), n_baseline=settings.n_baseline)["K"]
-        arrays["k_composition"] = composition.score
-        arrays["k_baseline_mean"] = composition.baseline_mean
-        arrays["k_baseline_sd"] = composition.baseline_sd
+        # Every kind a catalog link declares (mechgen.links reads them per link); K alone today.
+        compositions = composition_scores(
+            model, kinds=composition_kinds(), n_baseline=settings.n_baseline
+        )
+        for kind, composition in compositions.items():
+            arrays[f"{kind.lower()}_composition"] = composition.score
+            arrays[f"{kind.lower()}_baseline_mean"] = composition.baseline_mean
+            arrays[f"{kind.lower()}_baseline_sd"] = composition.baseline_sd
         started = _timed(timings, "composition", started)
 
         dependence = causal_dependence(

@@ -4,7 +4,9 @@ and the cross-mechanism tables.
 Inputs: ``heads`` (heads.parquet: a mechanism's score is its ``score_column``), ``tokens`` (the
 eval token files ``eval/tokens/<run>.json``, for the nulls that depend on the sentence lengths;
 none for a table suite), and, when the relational axis runs, ``relational`` and
-``configurational`` (stats/relational.csv, stats/configurational.csv) for the profile.
+``configurational`` (stats/relational.csv, stats/configurational.csv) for the profile and
+``circuits`` (scores/<run>/step<N>.circuit.npz) for the composition and ablation of every
+declared link.
 Params: ``mechanisms`` (the suite's ``mechanisms:``), ``settings`` (its resolved relational
 scoring settings, for the nulls; empty for a table suite), ``thresholds`` {start, stop, step}
 (``analysis.onset_thresholds``, read in normalised units per decade), ``tokens_per_step``,
@@ -12,7 +14,9 @@ scoring settings, for the nulls; empty for a table suite), ``thresholds`` {start
 ``alignment_cost`` (``analysis.positional``).
 Outputs: ``<mechanism>__<table>`` -> stats/<mechanism>/<table>.csv
 (:data:`mechgen.crossmech.MECHANISM_TABLES`), and ``profile``, ``mechanism_order``,
-``mechanism_lags`` (:func:`mechgen.crossmech.analyze_mechanisms`). A mechanism whose column is
+``mechanism_lags`` (:func:`mechgen.crossmech.analyze_mechanisms`), ``links`` and
+``links_sizes`` (:func:`mechgen.links.link_table`, :func:`mechgen.links.link_sizes`, over the
+links declared between the suite's mechanisms). A mechanism whose column is
 absent gets header-only tables, a ``not scored`` profile row and a warning in the log.
 """
 
@@ -26,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import crossmech, mechanisms
+from mechgen import crossmech, links, mechanisms
+from mechgen.circuit import read_circuits
 from mechgen.developmental import onset_thresholds
 from mechgen.functional import read_token_lengths
 from mechgen.mechanisms import NullContext
@@ -62,7 +67,15 @@ def main(sm: Any) -> None:
         configurational=optional_table(sm, "configurational"),
         alignment_cost=sm.params.alignment_cost,
     )
+    circuits = read_circuits(sm.input.circuits) if "circuits" in sm.input.keys() else {}  # noqa: SIM118
+    scored = {n: r.tables["per_seed"] for n, r in results.items() if not r.note}
+    link_rows = links.link_table(
+        mechanisms.links(list(sm.params.mechanisms)), scored, circuits, float(sm.params.confidence)
+    )
+    log.info("%d link x run rows from %d circuit files", len(link_rows), len(circuits))
     tables = dict(cross)
+    tables["links"] = link_rows
+    tables["links_sizes"] = links.link_sizes(link_rows, float(sm.params.confidence))
     for name, result in results.items():
         for table, frame in result.tables.items():
             tables[f"{name}__{table}"] = frame

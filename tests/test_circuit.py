@@ -577,3 +577,36 @@ def test_relational_figures_draw_the_tables(tmp_path) -> None:
     assert (first["run_a"], first["run_b"]) == ("r1", "r2")
     assert image[0, 1] == pytest.approx(first["qk_spectrum_z"])
     assert np.ma.is_masked(image[0, 0])  # the diagonal: no self-comparison
+
+
+def test_detail_step_scores_every_declared_composition_kind(model, sentences, monkeypatch) -> None:
+    # A catalog that declared a V-composition link: the detail step saves v_* next to k_*,
+    # each equal to composition_scores of that kind, and K unchanged by the extra kind.
+    from mechgen.relational import composition_scores
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(circuit, "composition_kinds", lambda: ("K", "V"))
+    settings = circuit.CircuitSettings(
+        n_sequences=3,
+        half_length=4,
+        token_hi=VOCAB,
+        batch_size=2,
+        detail=True,
+        n_baseline=10,
+        n_random_heads=1,
+        cka_max_tokens=20,
+        max_offset=2,
+    )
+    with circuit.ride_along(model, settings) as ride:
+        one_back = metrics.score_heads(model, sentences, batch_size=4)
+    result = circuit.score_circuit(model, one_back, ride, settings, sentences)
+    for kind in ("K", "V"):
+        direct = composition_scores(model, (kind,), n_baseline=10)[kind]
+        prefix = kind.lower()
+        np.testing.assert_allclose(
+            result.arrays[f"{prefix}_composition"], direct.score, equal_nan=True
+        )
+        np.testing.assert_allclose(
+            result.arrays[f"{prefix}_baseline_sd"], direct.baseline_sd, equal_nan=True
+        )
+    assert "q_composition" not in result.arrays

@@ -302,7 +302,7 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
     outputs.update(
         {
             n: str(tmp_path / "stats" / f"{n}.csv")
-            for n in ("profile", "mechanism_order", "mechanism_lags")
+            for n in ("profile", "mechanism_order", "mechanism_lags", "links", "links_sizes")
         }
     )
     load_script("mechanisms").main(
@@ -338,6 +338,16 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
     assert never.tolist() == ["previous_token | never: induction"]
     profile = pd.read_csv(outputs["profile"])
     assert set(profile["mechanism"]) == set(names)
+    # The declared link, per run: the layer and onset order of the mechanisms' own tables (no
+    # circuit files here: composition and ablation not measured).
+    link_rows = pd.read_csv(outputs["links"]).set_index("run")
+    induction = pd.read_csv(outputs["induction__per_seed"]).set_index("run")
+    assert set(link_rows["link"]) == {"previous_token->induction"}
+    lag = induction["onset_step"] - per_seed["onset_step"]
+    assert link_rows["lag_steps"].to_dict() == pytest.approx(lag.to_dict(), rel=1e-4)
+    assert link_rows.loc["syn-small-seed1", "source_earlier_layer"]
+    assert pd.isna(link_rows.loc[NEVER, "source_first"])
+    assert link_rows["composition_z"].isna().all()
     figure = tmp_path / "figures" / "profile.png"
     load_script("mechanism_figures").main(
         SimpleNamespace(

@@ -21,7 +21,9 @@ __all__ = [
     "Mechanism",
     "NullContext",
     "catalog",
+    "composition_kinds",
     "get",
+    "links",
     "meets_criterion_in_table",
     "names",
 ]
@@ -54,6 +56,26 @@ def catalog() -> dict[str, Mechanism]:
 def names() -> list[str]:
     """The catalog's mechanism names, in catalog order (the config schema's allowed values)."""
     return list(catalog())
+
+
+def links(chosen: list[str] | None = None) -> list[Link]:
+    """Every link declared by a mechanism of the catalog (or of ``chosen``, by name) whose two
+    ends are both in it, once each, in declaration order."""
+    selected = names() if chosen is None else list(chosen)
+    found: dict[tuple[str, str], Link] = {}
+    for name in selected:
+        for link in get(name).links:
+            if link.source in selected and link.target in selected:
+                found.setdefault((link.source, link.target), link)
+    return list(found.values())
+
+
+def composition_kinds() -> tuple[str, ...]:
+    """The composition kinds ("K", "Q", "V") the scoring job computes at detail steps: "K"
+    (the previous-token -> induction link and ``k_composition`` of stats/relational.csv)
+    and the kind of every link the catalog declares."""
+    kinds = {"K"} | {link.composition for link in links()}
+    return tuple(k for k in ("K", "Q", "V") if k in kinds)
 
 
 def get(name: str) -> Mechanism:

@@ -214,6 +214,8 @@ CROSS_STATS = [
     "profile",
     "mechanism_order",
     "mechanism_lags",
+    "links",
+    "links_sizes",
 ]
 
 
@@ -222,6 +224,7 @@ def mechanism_inputs(wildcards):
     if RELATIONAL_ENABLED:
         inputs["relational"] = f"{RES}/stats/relational.csv"
         inputs["configurational"] = f"{RES}/stats/configurational.csv"
+        inputs["circuits"] = circuit_files()  # composition and ablation of every declared link
     return inputs
 
 
