@@ -51,6 +51,7 @@ import pandas as pd
 from mechgen import convergence, positional
 from mechgen.developmental import DEFAULT_THRESHOLDS, per_seed_from_trajectories, trajectories
 from mechgen.mechanisms import Mechanism, NullContext
+from mechgen.mechanisms.base import strongest_rows
 from mechgen.stats import REGRESSION_COLUMNS, fit_mixed, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,12 @@ MECHANISM_TABLES = (
     "per_seed",
     "positional_size",
     "convergence",
+    "configurational",
 )
-"""The tables of ``stats/<mechanism>/``, by file stem."""
+"""The tables of ``stats/<mechanism>/``, by file stem. ``configurational`` is written by the
+rule's script from the circuit files (:func:`mechgen.circuit.configurational_table` on the
+mechanism's strongest heads, :func:`strongest_at`); :func:`analyze_mechanisms` leaves it
+header-only."""
 
 TABLE_COLUMNS: dict[str, list[str]] = {
     "functional_run_step": RUN_COLUMNS
@@ -811,7 +816,8 @@ def profile(
       (``stats/relational.csv``, the previous_token -> induction link only);
     - configurational: ``configurational_z``, the mean ``profile_z`` of ``configurational``
       (``stats/configurational.csv``, which compares the strongest previous-token heads; same-size
-      pairs for a size row, all pairs for ``all``); NaN for the other mechanisms.
+      pairs for a size row, all pairs for ``all``); NaN for the other mechanisms here, which the
+      rule's script then fills from each mechanism's own table (:func:`with_configurational_z`).
     """
     links = sorted(
         {(link.source, link.target) for r in results.values() for link in r.mechanism.links}
@@ -918,7 +924,15 @@ def _relational_fraction(
 def _configurational_z(
     configurational: pd.DataFrame | None, name: str, model: str, size: str
 ) -> float:
-    if configurational is None or name != "previous_token" or "profile_z" not in configurational:
+    if configurational is None or name != "previous_token":
+        return float("nan")
+    return mean_profile_z(configurational, model, size)
+
+
+def mean_profile_z(configurational: pd.DataFrame, model: str, size: str) -> float:
+    """The mean finite ``profile_z`` of a configurational table (same-size pairs of ``model``;
+    all pairs for ``size`` = ``all``); NaN without one."""
+    if "profile_z" not in configurational:
         return float("nan")
     rows = configurational
     if size != ALL_SIZES:
@@ -929,6 +943,35 @@ def _configurational_z(
 
 
 # ---- the whole analysis -------------------------------------------------------------------
+
+
+def with_configurational_z(
+    profile_table: pd.DataFrame, configurational: Mapping[str, pd.DataFrame]
+) -> pd.DataFrame:
+    """The profile with ``configurational_z`` of each scored mechanism that has its own
+    configurational table (``stats/<mechanism>/configurational.csv``: its strongest heads
+    compared across runs) set to :func:`mean_profile_z` of that table."""
+    out = profile_table.copy()
+    for index, row in out.iterrows():
+        table = configurational.get(row["mechanism"])
+        if table is not None and bool(row["scored"]) and not table.empty:
+            out.at[index, "configurational_z"] = mean_profile_z(
+                table, str(row["model"]), str(row["size"])
+            )
+    return out
+
+
+def strongest_at(
+    scored: pd.DataFrame, steps: Mapping[str, int]
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """``{(run, step): (layer, head)}``: the head with the largest score of the scored rows
+    (:attr:`Scored.heads`) at each run's ``steps[run]`` (ties to the lowest layer, then head,
+    :func:`mechgen.mechanisms.base.strongest_rows`); a run without rows at that step is left out."""
+    at_step = scored[scored["step"] == scored["run"].map(steps)]
+    best = at_step[strongest_rows(at_step, "score").to_numpy()]
+    return {
+        (str(r.run), int(r.step)): (int(r.layer), int(r.head)) for r in best.itertuples(index=False)
+    }
 
 
 def analyze_mechanisms(

@@ -36,15 +36,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from mechgen.circuit import CircuitResult
 from mechgen.mechanisms import Link
 from mechgen.stats import wilson_interval
+
+if TYPE_CHECKING:  # the circuit module imports torch; this table-side module reads its results
+    from mechgen.circuit import CircuitResult
 
 ABLATION_LINK = ("previous_token", "induction")
 """The (source, target) whose mean-ablation test the scoring job runs (see

@@ -209,6 +209,7 @@ MECHANISM_TABLES = [
     "per_seed",
     "positional_size",
     "convergence",
+    "configurational",
 ]
 CROSS_STATS = [
     "profile",
@@ -244,6 +245,12 @@ def mechanism_caption_params(wildcards):
         "criterion": mechanism.criterion_text(),
         "ceiling": mechanism.ceiling,
     }
+
+
+def mechanism_configurational_settings():
+    """The random-head null of every mechanism's configurational table (relational.analysis;
+    used only when the relational axis runs)."""
+    return {key: RELATIONAL["analysis"][key] for key in ("n_null", "seed")}
 
 
 def mechanism_targets():

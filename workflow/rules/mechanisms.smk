@@ -35,6 +35,7 @@ rule mechanisms:
         seed=ANALYSIS["bootstrap"]["seed"],
         n_permutations=ANALYSIS["positional"]["n_permutations"],
         alignment_cost=ANALYSIS["positional"]["alignment_cost"],
+        configurational=mechanism_configurational_settings(),
     log:
         f"{RES}/logs/mechanisms.log",
     script:
