@@ -203,6 +203,10 @@ def relational_targets():
 # ---- the mechanism catalog on the table side (rules in mechanisms.smk)
 
 MECHANISMS = list(SPEC["mechanisms"])  # validated: the schema's default is the whole catalog
+try:
+    mechanisms_catalog.require_head_units(MECHANISMS)
+except ValueError as exc:
+    raise WorkflowError(f"suites.{SUITE}.mechanisms: {exc}") from None
 MECHANISM_TABLES = [
     "functional_run_step",
     "functional_size",
