@@ -78,7 +78,9 @@ key                    shape                meaning
 
 ``duplicate_token_control`` ([L, H]) holds the duplicate-token positions on the non-repeating
 sequences. Detail checkpoints add ``k_composition``, ``k_baseline_mean``, ``k_baseline_sd``
-([L, H, L, H], indexed [target layer, target head, source layer, source head]),
+([L, H, L, H], indexed [target layer, target head, source layer, source head]; likewise
+``q_*`` and ``v_*`` when a catalog link declares Q- or V-composition,
+:func:`mechgen.mechanisms.composition_kinds`),
 ``ablation_induction_before/_after_source/_after_control`` ([L, H]) with the scalars in the
 record, and ``cka_heads`` [m, 2] with ``cka_outputs`` [m, n_tokens, hd] (row 0 = the strongest
 1-back head) and ``cka_tokens_sha256`` in the record.
@@ -101,6 +103,7 @@ import pandas as pd
 import torch
 
 from mechgen.atomic import atomic_path
+from mechgen.mechanisms import composition_kinds
 from mechgen.model import adapter as architectures
 from mechgen.settings import CircuitSettings
 
@@ -426,10 +429,14 @@ def score_circuit(
         "detail": settings.detail,
     }
     if settings.detail:
-        composition = composition_scores(model, kinds=("K",), n_baseline=settings.n_baseline)["K"]
-        arrays["k_composition"] = composition.score
-        arrays["k_baseline_mean"] = composition.baseline_mean
-        arrays["k_baseline_sd"] = composition.baseline_sd
+        # Every kind a catalog link declares (mechgen.links reads them per link); K alone today.
+        compositions = composition_scores(
+            model, kinds=composition_kinds(), n_baseline=settings.n_baseline
+        )
+        for kind, composition in compositions.items():
+            arrays[f"{kind.lower()}_composition"] = composition.score
+            arrays[f"{kind.lower()}_baseline_mean"] = composition.baseline_mean
+            arrays[f"{kind.lower()}_baseline_sd"] = composition.baseline_sd
         started = _timed(timings, "composition", started)
 
         dependence = causal_dependence(
@@ -813,14 +820,29 @@ def _last_detail(
     return {run: (step, result) for run, (step, result, _) in out.items()}
 
 
+def configurational_steps(
+    circuits: Mapping[tuple[str, int], CircuitResult],
+) -> dict[str, int]:
+    """Per run, the step :func:`configurational_table` compares: its last detail step, else its
+    last step."""
+    return {run: step for run, (step, _) in _last_detail(circuits).items()}
+
+
 def configurational_table(
     heads: pd.DataFrame,
     circuits: Mapping[tuple[str, int], CircuitResult],
     n_null: int = 1000,
     seed: int = 0,
+    strongest: Mapping[tuple[str, int], tuple[int, int]] | None = None,
 ) -> pd.DataFrame:
     """Strongest 1-back head of every run vs that of every other run (see
-    :data:`CONFIGURATIONAL_COLUMNS`)."""
+    :data:`CONFIGURATIONAL_COLUMNS`).
+
+    ``strongest``: ``{(run, step): (layer, head)}``, another mechanism's strongest head at the
+    step compared (:func:`configurational_steps`), in place of the stored strongest 1-back
+    head; a run without an entry is left out. CKA needs the head's saved outputs: it is NaN
+    (``cka_note``) unless the head is the one whose outputs the scoring job saved first.
+    """
     from mechgen.configurational import (
         align_by_similarity,
         cka_vs_random_heads,
@@ -837,8 +859,20 @@ def configurational_table(
         for run_b, (step_b, b) in chosen.items():
             if run_a == run_b:
                 continue
-            la, ha = (int(x) for x in a.arrays["strongest_one_back"])
-            lb, hb = (int(x) for x in b.arrays["strongest_one_back"])
+            if strongest is not None and (
+                (run_a, step_a) not in strongest or (run_b, step_b) not in strongest
+            ):
+                continue
+            la, ha = (
+                strongest[(run_a, step_a)]
+                if strongest is not None
+                else (int(x) for x in a.arrays["strongest_one_back"])
+            )
+            lb, hb = (
+                strongest[(run_b, step_b)]
+                if strongest is not None
+                else (int(x) for x in b.arrays["strongest_one_back"])
+            )
             n_heads_a = a.arrays["induction"].shape[1]
             n_heads_b = b.arrays["induction"].shape[1]
             pair = (_flat_index(la, ha, n_heads_a), _flat_index(lb, hb, n_heads_b))
@@ -904,6 +938,10 @@ def configurational_table(
             )
             if "cka_outputs" not in a.arrays or "cka_outputs" not in b.arrays:
                 row["cka_note"] = "no detail step with head outputs in one of the runs"
+            elif (la, ha) != tuple(map(int, a.arrays["cka_heads"][0])) or (lb, hb) != tuple(
+                map(int, b.arrays["cka_heads"][0])
+            ):
+                row["cka_note"] = "outputs saved for the strongest 1-back head, not this head"
             elif a.record.get("cka_tokens_sha256") != b.record.get("cka_tokens_sha256"):
                 row["cka_note"] = (
                     "different evaluation tokens (tokenizers); outputs not row-aligned"

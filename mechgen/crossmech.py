@@ -19,7 +19,8 @@ Per mechanism (``stats/<mechanism>/``):
   the Wilson interval (:func:`mechgen.stats.wilson_interval`);
 - *positional*: per run the strongest head at the final step, its relative depth
   ``(layer + 1) / n_layers``; per size the modal-layer share and the mean |layer difference|
-  against uniform layers (:func:`mechgen.positional.layer_agreement`);
+  against uniform layers (:func:`mechgen.positional.layer_agreement`), and the Hungarian head
+  alignment of the seeds' strongest heads (:func:`head_alignment`);
 - *developmental*: onset, slope and peak of the normalised trajectory
   (:func:`mechgen.developmental.per_seed_from_trajectories`); the onset thresholds are the
   config's ``analysis.onset_thresholds`` read in normalised units per decade of steps (so the
@@ -50,6 +51,7 @@ import pandas as pd
 from mechgen import convergence, positional
 from mechgen.developmental import DEFAULT_THRESHOLDS, per_seed_from_trajectories, trajectories
 from mechgen.mechanisms import Mechanism, NullContext
+from mechgen.mechanisms.base import strongest_rows
 from mechgen.stats import REGRESSION_COLUMNS, fit_mixed, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,12 @@ MECHANISM_TABLES = (
     "per_seed",
     "positional_size",
     "convergence",
+    "configurational",
 )
-"""The tables of ``stats/<mechanism>/``, by file stem."""
+"""The tables of ``stats/<mechanism>/``, by file stem. ``configurational`` is written by the
+rule's script from the circuit files (:func:`mechgen.circuit.configurational_table` on the
+mechanism's strongest heads, :func:`strongest_at`); :func:`analyze_mechanisms` leaves it
+header-only."""
 
 TABLE_COLUMNS: dict[str, list[str]] = {
     "functional_run_step": RUN_COLUMNS
@@ -124,6 +130,10 @@ TABLE_COLUMNS: dict[str, list[str]] = {
         "null_mean_abs_layer_diff",
         "p_value",
         "mean_relative_depth",
+        "same_layer_fraction",
+        "head_match_fraction",
+        "head_match_chance",
+        "alignment_cost",
     ],
     "convergence": [
         "model",
@@ -338,16 +348,28 @@ def per_seed_table(
 
 
 def positional_table(
-    per_seed: pd.DataFrame, rng: np.random.Generator, n_permutations: int
+    per_seed: pd.DataFrame,
+    rng: np.random.Generator,
+    n_permutations: int,
+    scored: pd.DataFrame | None = None,
+    cost: positional.AlignmentCost = "euclidean",
 ) -> pd.DataFrame:
     """Per size: agreement of the final strongest head's layer across seeds
-    (:func:`mechgen.positional.layer_agreement`) and the mean relative depth."""
+    (:func:`mechgen.positional.layer_agreement`), the mean relative depth and, with the
+    mechanism's per-head rows ``scored``, the head-level agreement of :func:`head_alignment`
+    (NaN without them)."""
+    alignment = (
+        head_alignment(scored, per_seed, cost)
+        if scored is not None
+        else pd.DataFrame(columns=["same_layer_fraction", "head_match_fraction"])
+    )
     rows = []
     for (model, size), group in per_seed.groupby(["model", "size"], sort=False):
         n_layers = int(group["n_layers"].iloc[0])
         agreement = positional.layer_agreement(
             group["final_layer"].astype(int), n_layers, rng, n_permutations
         )
+        same_layer = alignment["same_layer_fraction"].get(model, np.nan)
         rows.append(
             {
                 "suite": group["suite"].iloc[0],
@@ -357,9 +379,48 @@ def positional_table(
                 "n_layers": n_layers,
                 **agreement,
                 "mean_relative_depth": float(group["final_relative_depth"].mean()),
+                "same_layer_fraction": same_layer,
+                "head_match_fraction": alignment["head_match_fraction"].get(model, np.nan),
+                "head_match_chance": same_layer / int(group["n_heads"].iloc[0]),
+                "alignment_cost": cost if scored is not None else "",
             }
         )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS["positional_size"])
+
+
+def head_alignment(
+    scored: pd.DataFrame, per_seed: pd.DataFrame, cost: positional.AlignmentCost = "euclidean"
+) -> pd.DataFrame:
+    """Per size (index ``model``), over the unordered pairs of its runs: the fraction whose
+    final strongest heads (``per_seed``'s ``final_layer``, ``final_head``) share a layer
+    (``same_layer_fraction``), and the fraction where, in addition, the Hungarian alignment of
+    that layer's heads on their score trajectories (:func:`mechgen.positional.align_heads` on
+    the column ``score`` of ``scored``, the ``cost`` of ``analysis.positional.alignment_cost``)
+    pairs the two strongest heads (``head_match_fraction``); see :mod:`mechgen.positional`.
+    NaN for a size with a single run."""
+    rows = {}
+    by_run = {run: group for run, group in scored.groupby("run", sort=False)}
+    for model, group in per_seed.groupby("model", sort=False):
+        best = group.set_index("run")[["final_layer", "final_head"]].astype(int)
+        pairs = list(itertools.combinations(sorted(best.index), 2))
+        same_layer = head_match = 0
+        for run_a, run_b in pairs:
+            layer_a, head_a = best.loc[run_a]
+            layer_b, head_b = best.loc[run_b]
+            if layer_a != layer_b:
+                continue
+            same_layer += 1
+            match = positional.align_heads(
+                by_run[run_a], by_run[run_b], int(layer_a), "score", cost
+            )
+            head_match += int(match[int(head_a)] == head_b)
+        rows[model] = {
+            "same_layer_fraction": same_layer / len(pairs) if pairs else np.nan,
+            "head_match_fraction": head_match / len(pairs) if pairs else np.nan,
+        }
+    return pd.DataFrame.from_dict(
+        rows, orient="index", columns=["same_layer_fraction", "head_match_fraction"]
+    )
 
 
 def convergence_table(norm_traj: pd.DataFrame) -> pd.DataFrame:
@@ -755,7 +816,8 @@ def profile(
       (``stats/relational.csv``, the previous_token -> induction link only);
     - configurational: ``configurational_z``, the mean ``profile_z`` of ``configurational``
       (``stats/configurational.csv``, which compares the strongest previous-token heads; same-size
-      pairs for a size row, all pairs for ``all``); NaN for the other mechanisms.
+      pairs for a size row, all pairs for ``all``); NaN for the other mechanisms here, which the
+      rule's script then fills from each mechanism's own table (:func:`with_configurational_z`).
     """
     links = sorted(
         {(link.source, link.target) for r in results.values() for link in r.mechanism.links}
@@ -862,7 +924,15 @@ def _relational_fraction(
 def _configurational_z(
     configurational: pd.DataFrame | None, name: str, model: str, size: str
 ) -> float:
-    if configurational is None or name != "previous_token" or "profile_z" not in configurational:
+    if configurational is None or name != "previous_token":
+        return float("nan")
+    return mean_profile_z(configurational, model, size)
+
+
+def mean_profile_z(configurational: pd.DataFrame, model: str, size: str) -> float:
+    """The mean finite ``profile_z`` of a configurational table (same-size pairs of ``model``;
+    all pairs for ``size`` = ``all``); NaN without one."""
+    if "profile_z" not in configurational:
         return float("nan")
     rows = configurational
     if size != ALL_SIZES:
@@ -873,6 +943,35 @@ def _configurational_z(
 
 
 # ---- the whole analysis -------------------------------------------------------------------
+
+
+def with_configurational_z(
+    profile_table: pd.DataFrame, configurational: Mapping[str, pd.DataFrame]
+) -> pd.DataFrame:
+    """The profile with ``configurational_z`` of each scored mechanism that has its own
+    configurational table (``stats/<mechanism>/configurational.csv``: its strongest heads
+    compared across runs) set to :func:`mean_profile_z` of that table."""
+    out = profile_table.copy()
+    for index, row in out.iterrows():
+        table = configurational.get(row["mechanism"])
+        if table is not None and bool(row["scored"]) and not table.empty:
+            out.at[index, "configurational_z"] = mean_profile_z(
+                table, str(row["model"]), str(row["size"])
+            )
+    return out
+
+
+def strongest_at(
+    scored: pd.DataFrame, steps: Mapping[str, int]
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """``{(run, step): (layer, head)}``: the head with the largest score of the scored rows
+    (:attr:`Scored.heads`) at each run's ``steps[run]`` (ties to the lowest layer, then head,
+    :func:`mechgen.mechanisms.base.strongest_rows`); a run without rows at that step is left out."""
+    at_step = scored[scored["step"] == scored["run"].map(steps)]
+    best = at_step[strongest_rows(at_step, "score").to_numpy()]
+    return {
+        (str(r.run), int(r.step)): (int(r.layer), int(r.head)) for r in best.itertuples(index=False)
+    }
 
 
 def analyze_mechanisms(
@@ -886,12 +985,14 @@ def analyze_mechanisms(
     seed: int = 0,
     relational: pd.DataFrame | None = None,
     configurational: pd.DataFrame | None = None,
+    alignment_cost: positional.AlignmentCost = "euclidean",
 ) -> tuple[dict[str, Scored], dict[str, pd.DataFrame]]:
     """Every mechanism of ``mechanisms`` through the axes (its tables in ``Scored.tables``,
     header-only for a mechanism not scored), then the cross-mechanism tables ``profile``,
     ``mechanism_order`` and ``mechanism_lags``. ``thresholds`` are read in normalised units
     per decade for every mechanism, and on the raw score for a mechanism with
-    ``absolute_thresholds``. One random generator (``seed``) drives every permutation null."""
+    ``absolute_thresholds``; ``alignment_cost`` is the head alignment's cost
+    (:func:`head_alignment`). One random generator (``seed``) drives every permutation null."""
     rng = np.random.default_rng(seed)
     results: dict[str, Scored] = {}
     for mechanism in mechanisms:
@@ -906,7 +1007,9 @@ def analyze_mechanisms(
                 scored, mechanism, thresholds, tokens_per_step, absolute_thresholds=thresholds
             )
             result.tables["per_seed"] = per_seed
-            result.tables["positional_size"] = positional_table(per_seed, rng, n_permutations)
+            result.tables["positional_size"] = positional_table(
+                per_seed, rng, n_permutations, scored, alignment_cost
+            )
             result.tables["convergence"] = convergence_table(norm)
             log.info(
                 "mechanism %s: %d runs, formed in %d",

@@ -327,19 +327,76 @@ def _forward_with_attention(
 def _copying_hits(
     model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, half: int
 ) -> int:
-    """Count of positions p = L..2L-2 whose argmax logit is token p + 1."""
+    """Count of positions p = L..2L-2 whose argmax logit is token p + 1.
+
+    The LM head runs on chunks of at most :data:`LOGITS_CHUNK_ELEMENTS` logits; a chunk whose
+    every position :func:`_refuted_positions` proves a miss is skipped, every other chunk is
+    computed and counted as a whole, so the count is the full-vocabulary argmax count.
+    """
     adapter = architectures.for_model(model)
     lm_head = adapter.lm_head(model)
     states = hidden[:, half : 2 * half - 1]  # positions L..2L-2
     targets = input_ids[:, half + 1 : 2 * half]  # tokens L+1..2L-1
     flat_states = states.reshape(-1, states.shape[-1])
     flat_targets = targets.reshape(-1)
+    refuted = _refuted_positions(lm_head, flat_states, flat_targets)
     rows_per_chunk = max(1, LOGITS_CHUNK_ELEMENTS // adapter.vocab_size(model))
     hits = 0
     for start in range(0, flat_states.shape[0], rows_per_chunk):
+        if bool(refuted[start : start + rows_per_chunk].all()):
+            continue  # no position of this chunk can be a hit
         predicted = lm_head(flat_states[start : start + rows_per_chunk]).argmax(dim=-1)
         hits += int((predicted == flat_targets[start : start + rows_per_chunk]).sum())
     return hits
+
+
+REFUTING_ROWS = 2048
+"""Unembedding rows (those of largest norm) :func:`_refuted_positions` scores first."""
+
+
+def _refuted_positions(
+    lm_head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Per position: True if some vocabulary row provably out-scores the target, so the full
+    argmax cannot be the target (a miss, without the other logits).
+
+    The :data:`REFUTING_ROWS` rows v of largest ||W_v|| are scored, with the target's own
+    logit t; a position is refuted when ``max_v logit_v - t > margin``. Why this is exact:
+    each logit computed in floating point, in any summation order, is within
+    ``gamma (||h|| ||W_v|| + |b_v|)`` of its exact value, ``gamma = n u / (1 - n u)``, n = the
+    width + 1 (bias), u the unit roundoff (Higham, Accuracy and Stability of Numerical
+    Algorithms, 3.1). With ``margin = 4 gamma (||h|| max_v ||W_v|| + max_v |b_v|)`` the row
+    that beats the target here beats it in the full-vocabulary product too, whose argmax is
+    then not the target. Non-finite logits are never refuted (they go through the full
+    product, as before). Until copying works most positions are refuted by a few rows; once
+    it does, positions survive and the full product runs as before (plus this stage,
+    REFUTING_ROWS / vocabulary of its cost).
+    """
+    weight = lm_head.weight
+    bias = getattr(lm_head, "bias", None)
+    vocab, width = weight.shape
+    refuted = torch.zeros(states.shape[0], dtype=torch.bool, device=states.device)
+    if vocab <= REFUTING_ROWS or states.shape[0] == 0:
+        return refuted
+    norms = torch.linalg.vector_norm(weight, dim=1)
+    rows = torch.topk(norms, REFUTING_ROWS).indices
+    candidates = weight[rows]
+    unit = torch.finfo(states.dtype).eps / 2
+    n = width + 1
+    gamma = n * unit / (1 - n * unit)
+    bias_max = float(bias.abs().max()) if bias is not None else 0.0
+    weight_max = float(norms.max())
+    step = max(1, LOGITS_CHUNK_ELEMENTS // REFUTING_ROWS)
+    for start in range(0, states.shape[0], step):
+        h = states[start : start + step]
+        logits = h @ candidates.T
+        target = (h * weight[targets[start : start + step]]).sum(dim=-1)
+        if bias is not None:
+            logits = logits + bias[rows]
+            target = target + bias[targets[start : start + step]]
+        margin = 4 * gamma * (torch.linalg.vector_norm(h, dim=-1) * weight_max + bias_max)
+        refuted[start : start + step] = logits.max(dim=-1).values - target > margin
+    return refuted
 
 
 def score_induction(

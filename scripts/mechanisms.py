@@ -4,18 +4,24 @@ and the cross-mechanism tables.
 Inputs: ``heads`` (heads.parquet: a mechanism's score is its ``score_column``), ``tokens`` (the
 eval token files ``eval/tokens/<run>.json``, for the nulls that depend on the sentence lengths;
 none for a table suite), and, when the relational axis runs, ``relational`` and
-``configurational`` (stats/relational.csv, stats/configurational.csv) for the profile.
+``configurational`` (stats/relational.csv, stats/configurational.csv) for the profile and
+``circuits`` (scores/<run>/step<N>.circuit.npz) for the composition and ablation of every
+declared link and each mechanism's configurational table.
 Params: ``mechanisms`` (the suite's ``mechanisms:``), ``settings`` (its resolved relational
 scoring settings, for the nulls; empty for a table suite), ``thresholds`` {start, stop, step}
 (``analysis.onset_thresholds``, read in normalised units per decade), ``tokens_per_step``,
-``confidence`` and ``seed`` (``analysis.bootstrap``), ``n_permutations``
-(``analysis.positional.n_permutations``).
+``confidence`` and ``seed`` (``analysis.bootstrap``), ``n_permutations`` and
+``alignment_cost`` (``analysis.positional``), ``configurational`` {n_null, seed}
+(``relational.analysis``; used only with circuit files).
 Outputs: ``<mechanism>__<table>`` -> stats/<mechanism>/<table>.csv
 (:data:`mechgen.crossmech.MECHANISM_TABLES`), and ``profile``, ``mechanism_order``,
-``mechanism_lags`` (:func:`mechgen.crossmech.analyze_mechanisms`). A mechanism whose column is
+``mechanism_lags`` (:func:`mechgen.crossmech.analyze_mechanisms`), ``links`` and
+``links_sizes`` (:func:`mechgen.links.link_table`, :func:`mechgen.links.link_sizes`, over the
+links declared between the suite's mechanisms). A mechanism whose column is
 absent gets header-only tables, a ``not scored`` profile row and a warning in the log.
 """
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import crossmech, mechanisms
+from mechgen import circuit, crossmech, links, mechanisms
+from mechgen.circuit import read_circuits
 from mechgen.developmental import onset_thresholds
 from mechgen.functional import read_token_lengths
 from mechgen.mechanisms import NullContext
@@ -37,6 +44,34 @@ def optional_table(sm: Any, name: str) -> pd.DataFrame | None:
     """The input table ``name`` if the rule has it, else None."""
     # A Namedlist is a list of paths: `in` would test the paths, not the names.
     return read_csv(sm.input[name]) if name in sm.input.keys() else None  # noqa: SIM118
+
+
+def mechanism_configurational(
+    sm: Any,
+    results: dict[str, crossmech.Scored],
+    circuits: dict,
+    log: logging.Logger,
+) -> dict[str, pd.DataFrame]:
+    """Per scored mechanism: its strongest head at each run's compared step against the other
+    runs' (:func:`mechgen.circuit.configurational_table` with ``strongest`` from
+    :func:`mechgen.crossmech.strongest_at`); none without circuit files."""
+    if not circuits:
+        return {}
+    steps = circuit.configurational_steps(circuits)
+    heads = pd.read_parquet(sm.input.heads)
+    out = {}
+    for name, result in results.items():
+        if result.note:
+            continue
+        out[name] = circuit.configurational_table(
+            heads,
+            circuits,
+            n_null=int(sm.params.configurational["n_null"]),
+            seed=int(sm.params.configurational["seed"]),
+            strongest=crossmech.strongest_at(result.heads, steps),
+        )
+        log.info("%s: %d configurational pairs", name, len(out[name]))
+    return out
 
 
 def main(sm: Any) -> None:
@@ -60,11 +95,25 @@ def main(sm: Any) -> None:
         seed=int(sm.params.seed),
         relational=optional_table(sm, "relational"),
         configurational=optional_table(sm, "configurational"),
+        alignment_cost=sm.params.alignment_cost,
     )
+    circuits = read_circuits(sm.input.circuits) if "circuits" in sm.input.keys() else {}  # noqa: SIM118
+    configurational = mechanism_configurational(sm, results, circuits, log)
+    cross["profile"] = crossmech.with_configurational_z(cross["profile"], configurational)
+    scored = {n: r.tables["per_seed"] for n, r in results.items() if not r.note}
+    link_rows = links.link_table(
+        mechanisms.links(list(sm.params.mechanisms)), scored, circuits, float(sm.params.confidence)
+    )
+    log.info("%d link x run rows from %d circuit files", len(link_rows), len(circuits))
     tables = dict(cross)
+    tables["links"] = link_rows
+    tables["links_sizes"] = links.link_sizes(link_rows, float(sm.params.confidence))
     for name, result in results.items():
         for table, frame in result.tables.items():
             tables[f"{name}__{table}"] = frame
+        tables[f"{name}__configurational"] = configurational.get(
+            name, pd.DataFrame(columns=circuit.CONFIGURATIONAL_COLUMNS)
+        )
     write_declared_csvs(dict(sm.output.items()), tables, log)
 
 

@@ -577,3 +577,79 @@ def test_relational_figures_draw_the_tables(tmp_path) -> None:
     assert (first["run_a"], first["run_b"]) == ("r1", "r2")
     assert image[0, 1] == pytest.approx(first["qk_spectrum_z"])
     assert np.ma.is_masked(image[0, 0])  # the diagonal: no self-comparison
+
+
+def test_detail_step_scores_every_declared_composition_kind(model, sentences, monkeypatch) -> None:
+    # A catalog that declared a V-composition link: the detail step saves v_* next to k_*,
+    # each equal to composition_scores of that kind, and K unchanged by the extra kind.
+    from mechgen.relational import composition_scores
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(circuit, "composition_kinds", lambda: ("K", "V"))
+    settings = circuit.CircuitSettings(
+        n_sequences=3,
+        half_length=4,
+        token_hi=VOCAB,
+        batch_size=2,
+        detail=True,
+        n_baseline=10,
+        n_random_heads=1,
+        cka_max_tokens=20,
+        max_offset=2,
+    )
+    with circuit.ride_along(model, settings) as ride:
+        one_back = metrics.score_heads(model, sentences, batch_size=4)
+    result = circuit.score_circuit(model, one_back, ride, settings, sentences)
+    for kind in ("K", "V"):
+        direct = composition_scores(model, (kind,), n_baseline=10)[kind]
+        prefix = kind.lower()
+        np.testing.assert_allclose(
+            result.arrays[f"{prefix}_composition"], direct.score, equal_nan=True
+        )
+        np.testing.assert_allclose(
+            result.arrays[f"{prefix}_baseline_sd"], direct.baseline_sd, equal_nan=True
+        )
+    assert "q_composition" not in result.arrays
+
+
+def test_configurational_table_of_another_mechanisms_strongest_heads() -> None:
+    from mechgen import crossmech
+    from mechgen.mechanisms import NullContext, get
+
+    heads = _heads({"r1": ("toy-a", 1, 100), "r2": ("toy-a", 2, 100)})
+    a, b = _circuit(profile_shift=0.1), _circuit(factors_seed=1)
+    b.record["cka_tokens_sha256"] = a.record["cka_tokens_sha256"] = "same"
+    circuits = {("r1", 1000): a, ("r2", 1000): b}
+    default = circuit.configurational_table(heads, circuits, n_null=50)
+    # Naming the stored strongest 1-back heads reproduces the default table exactly.
+    same = circuit.configurational_table(
+        heads, circuits, n_null=50, strongest={("r1", 1000): (0, 1), ("r2", 1000): (0, 1)}
+    )
+    pd.testing.assert_frame_equal(default, same)
+    # The induction mechanism's strongest head at the compared step, from the per-head table.
+    scored = crossmech.scored_heads(
+        heads, get("induction"), NullContext(settings={"half_length": 10})
+    ).heads
+    strongest = crossmech.strongest_at(scored, circuit.configurational_steps(circuits))
+    at_step = heads[heads["step"] == 1000]
+    for run in ("r1", "r2"):
+        best = (
+            at_step[at_step["run"] == run]
+            .sort_values(["induction", "layer", "head"], ascending=[False, True, True])
+            .iloc[0]
+        )
+        assert strongest[(run, 1000)] == (int(best["layer"]), int(best["head"]))
+    table = circuit.configurational_table(heads, circuits, n_null=50, strongest=strongest)
+    row = table[table["run_a"] == "r1"].iloc[0]
+    (la, ha), (lb, hb) = strongest[("r1", 1000)], strongest[("r2", 1000)]
+    assert (row["layer_a"], row["head_a"], row["layer_b"], row["head_b"]) == (la, ha, lb, hb)
+    expected = np.corrcoef(a.arrays["offset_profile"][la, ha], b.arrays["offset_profile"][lb, hb])
+    assert row["profile_similarity"] == pytest.approx(expected[0, 1])
+    # Only the strongest 1-back head's outputs were saved: no CKA for another head, and why.
+    assert math.isnan(row["cka"]) and "1-back" in row["cka_note"]
+    # The profile takes each mechanism's own mean profile z.
+    profile = pd.DataFrame(
+        [{"mechanism": "induction", "model": "all", "size": "all", "scored": True}]
+    ).assign(configurational_z=np.nan)
+    filled = crossmech.with_configurational_z(profile, {"induction": table})
+    assert filled["configurational_z"].iloc[0] == pytest.approx(table["profile_z"].mean())

@@ -302,7 +302,7 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
     outputs.update(
         {
             n: str(tmp_path / "stats" / f"{n}.csv")
-            for n in ("profile", "mechanism_order", "mechanism_lags")
+            for n in ("profile", "mechanism_order", "mechanism_lags", "links", "links_sizes")
         }
     )
     load_script("mechanisms").main(
@@ -318,6 +318,7 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
                     "confidence": 0.95,
                     "seed": 0,
                     "n_permutations": 99,
+                    "alignment_cost": "euclidean",
                 }
             ),
             log=[str(tmp_path / "mechanisms.log")],
@@ -337,6 +338,16 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
     assert never.tolist() == ["previous_token | never: induction"]
     profile = pd.read_csv(outputs["profile"])
     assert set(profile["mechanism"]) == set(names)
+    # The declared link, per run: the layer and onset order of the mechanisms' own tables (no
+    # circuit files here: composition and ablation not measured).
+    link_rows = pd.read_csv(outputs["links"]).set_index("run")
+    induction = pd.read_csv(outputs["induction__per_seed"]).set_index("run")
+    assert set(link_rows["link"]) == {"previous_token->induction"}
+    lag = induction["onset_step"] - per_seed["onset_step"]
+    assert link_rows["lag_steps"].to_dict() == pytest.approx(lag.to_dict(), rel=1e-4)
+    assert link_rows.loc["syn-small-seed1", "source_earlier_layer"]
+    assert pd.isna(link_rows.loc[NEVER, "source_first"])
+    assert link_rows["composition_z"].isna().all()
     figure = tmp_path / "figures" / "profile.png"
     load_script("mechanism_figures").main(
         SimpleNamespace(
@@ -426,3 +437,56 @@ def test_profile_caption_renders() -> None:
 
     html = render_caption(REPO / "workflow" / "report" / "profile.rst", {"suite": "toy"}, {})
     assert "toy" in html and "not scored" in html and len(html) > 300
+
+
+def test_positional_head_alignment_of_every_mechanism_matches_the_positional_axis() -> None:
+    # On the published tables' subset, the previous-token mechanism's final-step head alignment
+    # is the positional axis's (stats/positional_size_step.csv at the final step), unchanged.
+    from mechgen import positional
+    from mechgen.developmental import trajectories
+    from mechgen.tables import read_trott2025
+
+    heads = read_trott2025(REPO / "tests" / "data" / "trott2025")
+    heads = heads[heads["model"].isin(["pythia-14m", "pythia-70m"])]
+    results, _ = crossmech.analyze_mechanisms(
+        heads, [mechanisms.get("previous_token")], NullContext(), n_permutations=9
+    )
+    ours = results["previous_token"].tables["positional_size"].set_index("model")
+    axis = positional.positional_tables(heads, trajectories(heads, "one_back"), n_permutations=9)
+    final = axis["positional_size_step"]
+    final = final[final["is_final_step"]].set_index("model")
+    for column in ("same_layer_fraction", "head_match_fraction", "head_match_chance"):
+        assert ours[column].to_dict() == pytest.approx(final[column].to_dict()), column
+    assert set(ours["alignment_cost"]) == {"euclidean"}
+
+
+def test_head_alignment_pairs_heads_by_trajectory_not_by_index() -> None:
+    # Two runs, one layer of 3 heads. The strongest head is head 0 in run a and head 2 in run b,
+    # with the same trajectory; the other heads swap too. Hungarian pairs a0-b2: a match.
+    steps = [0, 1, 2, 3]
+    shapes = {0: [0.1, 0.5, 0.8, 0.9], 1: [0.1, 0.1, 0.2, 0.2], 2: [0.3, 0.2, 0.1, 0.1]}
+    swap = {"a": {0: 0, 1: 1, 2: 2}, "b": {0: 2, 1: 1, 2: 0}}
+    rows = [
+        {"run": run, "model": "m", "step": s, "layer": 0, "head": swap[run][h], "score": v}
+        for run in ("a", "b")
+        for h, values in shapes.items()
+        for s, v in zip(steps, values)
+    ]
+    scored = pd.DataFrame(rows).assign(
+        suite="t",
+        size="m",
+        seed=lambda t: t["run"].map({"a": 1, "b": 2}),
+        n_params=10,
+        n_layers=1,
+        n_heads=3,
+        tokens_seen=lambda t: t["step"],
+    )
+    per_seed = pd.DataFrame(
+        {"run": ["a", "b"], "model": "m", "final_layer": 0, "final_head": [0, 2]}
+    )
+    table = crossmech.head_alignment(scored, per_seed)
+    assert table.loc["m", "same_layer_fraction"] == 1.0
+    assert table.loc["m", "head_match_fraction"] == 1.0
+    # Had b's strongest been head 1 (whose trajectory is a's head 1), no match.
+    per_seed.loc[1, "final_head"] = 1
+    assert crossmech.head_alignment(scored, per_seed).loc["m", "head_match_fraction"] == 0.0

@@ -315,7 +315,16 @@ def test_captions_render(tmp_path: Path, monkeypatch, results, heads) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["analyze", "figures", "trajectories", "relational_figures", "summary", "mechanisms", "mechanism_figures"],
+    [
+        "analyze",
+        "figures",
+        "trajectories",
+        "relational_figures",
+        "summary",
+        "mechanisms",
+        "mechanism_figures",
+        "mechanism_figure",
+    ],
 )
 def test_script_runs_after_snakemake_preamble(name: str) -> None:
     # Snakemake runs a `script:` with its own preamble (defining `snakemake`) prepended, so a

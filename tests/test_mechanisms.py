@@ -62,3 +62,19 @@ def test_induction_null_at_the_scored_positions() -> None:
     with pytest.raises(KeyError, match="half_length"):
         mechanisms.get("induction").null(table, NullContext())
     assert Link("previous_token", "induction") in mechanisms.get("previous_token").links
+
+
+def test_a_layer_unit_mechanism_fails_at_start_naming_the_key(monkeypatch) -> None:
+    # The first catalog is head-level only: no suite writes layers.parquet, and selecting a
+    # layer-unit mechanism is refused before any job runs.
+    import dataclasses
+
+    from mechgen import mechanisms as registry
+
+    assert all(m.unit == "head" for m in registry.catalog().values())
+    registry.require_head_units(registry.names())  # the whole catalog passes
+    layered = dataclasses.replace(registry.get("locality"), name="layer_norm_growth", unit="layer")
+    extended = {**registry.catalog(), layered.name: layered}
+    monkeypatch.setattr(registry, "catalog", lambda: extended)
+    with pytest.raises(ValueError, match="layer_norm_growth.*layers.parquet.*allowed"):
+        registry.require_head_units(["previous_token", "layer_norm_growth"])

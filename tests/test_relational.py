@@ -632,3 +632,58 @@ def test_finite_svdvals_isolates_a_nonfinite_head():
     for layer, head in [(0, 0), (0, 2), (1, 1)]:
         want = np.linalg.svd(matrices[layer, head].double().numpy(), compute_uv=False)
         np.testing.assert_allclose(got[layer, head].numpy(), want, rtol=1e-12)
+
+
+def _full_argmax_hits(lm_head, states, targets, rows_per_chunk):
+    """The copying count without the refuting stage: the full-vocabulary argmax in the same
+    chunks (the computation _copying_hits keeps for every chunk it does not skip)."""
+    hits = 0
+    for start in range(0, states.shape[0], rows_per_chunk):
+        predicted = lm_head(states[start : start + rows_per_chunk]).argmax(dim=-1)
+        hits += int((predicted == targets[start : start + rows_per_chunk]).sum())
+    return hits
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_copying_count_equals_the_full_argmax(bias: bool, monkeypatch) -> None:
+    # A 6000-token unembedding (more than REFUTING_ROWS) and states of three kinds: random
+    # (nearly all misses), aimed at their target (hits, as once copying works), and
+    # states equal to the largest-norm row, which is their target (a candidate row is never
+    # refuted by itself).
+    from types import SimpleNamespace
+
+    from mechgen import relational
+
+    torch.manual_seed(0)
+    vocab, width, half = 6000, 32, 40
+    lm_head = torch.nn.Linear(width, vocab, bias=bias)
+    with torch.no_grad():
+        lm_head.weight.mul_(torch.linspace(0.5, 2.0, vocab)[:, None])
+    ids = torch.randint(0, vocab, (6, 2 * half))
+    hidden = torch.randn(6, 2 * half, width)
+    targets = ids[:, half + 1 : 2 * half]
+    with torch.no_grad():
+        weight = lm_head.weight
+        hidden[2:4, half : 2 * half - 1] = 3 * weight[targets[2:4]]  # aimed: mostly hits
+        top = int(torch.linalg.vector_norm(weight, dim=1).argmax())
+        ids[4, half + 1 : 2 * half] = top
+        hidden[4, half : 2 * half - 1] = weight[top]
+        hidden[5, half] = float("nan")
+    model = SimpleNamespace(
+        get_output_embeddings=lambda: lm_head, config=SimpleNamespace(vocab_size=vocab)
+    )
+    # Small chunks, so that some are skipped and some computed.
+    monkeypatch.setattr(relational, "LOGITS_CHUNK_ELEMENTS", 50 * vocab)
+    states = hidden[:, half : 2 * half - 1].reshape(-1, width)
+    flat_targets = ids[:, half + 1 : 2 * half].reshape(-1)
+    with torch.no_grad():
+        refuted = relational._refuted_positions(lm_head, states, flat_targets)
+        expected = _full_argmax_hits(lm_head, states, flat_targets, 50)
+        got = relational._copying_hits(model, hidden, ids, half)
+        full = lm_head(states).argmax(dim=-1)
+    assert got == expected and expected > 40
+    # Every refuted position is a miss of the full argmax; random states are nearly all refuted.
+    assert not bool((full[refuted] == flat_targets[refuted]).any())
+    assert refuted[: 2 * (half - 1)].float().mean() > 0.9
+    assert not bool(refuted[4 * (half - 1) : 5 * (half - 1)].any())  # the target's own row
+    assert not bool(refuted[5 * (half - 1)])  # NaN: left to the full product

@@ -21,9 +21,12 @@ __all__ = [
     "Mechanism",
     "NullContext",
     "catalog",
+    "composition_kinds",
     "get",
+    "links",
     "meets_criterion_in_table",
     "names",
+    "require_head_units",
 ]
 
 ORDER = ("previous_token", "induction")
@@ -54,6 +57,42 @@ def catalog() -> dict[str, Mechanism]:
 def names() -> list[str]:
     """The catalog's mechanism names, in catalog order (the config schema's allowed values)."""
     return list(catalog())
+
+
+def links(chosen: list[str] | None = None) -> list[Link]:
+    """Every link declared by a mechanism of the catalog (or of ``chosen``, by name) whose two
+    ends are both in it, once each, in declaration order."""
+    selected = names() if chosen is None else list(chosen)
+    found: dict[tuple[str, str], Link] = {}
+    for name in selected:
+        for link in get(name).links:
+            if link.source in selected and link.target in selected:
+                found.setdefault((link.source, link.target), link)
+    return list(found.values())
+
+
+def require_head_units(chosen: list[str]) -> None:
+    """Raise ``ValueError`` naming every mechanism of ``chosen`` whose unit is ``layer``.
+
+    Layer-level scores would go to ``layers.parquet``, but the first catalog has no layer-unit
+    mechanism and the scoring job no layer scorer; so no suite writes ``layers.parquet``, and a
+    suite that selected a layer-unit mechanism fails at start instead of reporting it "not
+    scored" after the whole run. A layer-unit mechanism brings its scorer, the ``layers.parquet``
+    aggregation and the removal of this check."""
+    layered = [name for name in chosen if get(name).unit == "layer"]
+    if layered:
+        raise ValueError(
+            f"layer-unit mechanism(s) {', '.join(layered)}: no scorer writes layers.parquet yet; "
+            f"allowed (head-unit): {', '.join(n for n in names() if get(n).unit == 'head')}"
+        )
+
+
+def composition_kinds() -> tuple[str, ...]:
+    """The composition kinds ("K", "Q", "V") the scoring job computes at detail steps: "K"
+    (the previous-token -> induction link and ``k_composition`` of stats/relational.csv)
+    and the kind of every link the catalog declares."""
+    kinds = {"K"} | {link.composition for link in links()}
+    return tuple(k for k in ("K", "Q", "V") if k in kinds)
 
 
 def get(name: str) -> Mechanism:

@@ -119,6 +119,16 @@ class Mechanism:
                 f"{self.name}: control_column and control_max_fraction go together"
             )
 
+    def criterion_text(self) -> str:
+        """The criterion in words, as the report's captions state it (the same terms as
+        :meth:`meets_criterion` and ``exclude_strongest_of``)."""
+        text = f"{self.score_column} >= {self.criterion_multiple:g} x the null"
+        if self.control_column is not None:
+            text += f", and {self.control_column} < {self.control_max_fraction:g} x the score"
+        if self.exclude_strongest_of is not None:
+            text += f", and not the step's strongest {self.exclude_strongest_of} head"
+        return text
+
     def normalised(self, score: Any, null: Any) -> np.ndarray:
         """``(score - null) / (ceiling - null)``: 0 at the null, 1 for a perfect mechanism.
 

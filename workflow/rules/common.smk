@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 
 from snakemake.exceptions import WorkflowError
 
+from mechgen import mechanisms as mechanisms_catalog
 from mechgen.config import (
     ConfigError,
     relational_settings,
@@ -202,17 +203,24 @@ def relational_targets():
 # ---- the mechanism catalog on the table side (rules in mechanisms.smk)
 
 MECHANISMS = list(SPEC["mechanisms"])  # validated: the schema's default is the whole catalog
+try:
+    mechanisms_catalog.require_head_units(MECHANISMS)
+except ValueError as exc:
+    raise WorkflowError(f"suites.{SUITE}.mechanisms: {exc}") from None
 MECHANISM_TABLES = [
     "functional_run_step",
     "functional_size",
     "per_seed",
     "positional_size",
     "convergence",
+    "configurational",
 ]
 CROSS_STATS = [
     "profile",
     "mechanism_order",
     "mechanism_lags",
+    "links",
+    "links_sizes",
 ]
 
 
@@ -221,6 +229,7 @@ def mechanism_inputs(wildcards):
     if RELATIONAL_ENABLED:
         inputs["relational"] = f"{RES}/stats/relational.csv"
         inputs["configurational"] = f"{RES}/stats/configurational.csv"
+        inputs["circuits"] = circuit_files()  # composition and ablation of every declared link
     return inputs
 
 
@@ -230,10 +239,30 @@ def mechanism_null_settings():
     return {} if SOURCE == "table" else relational_settings(config)
 
 
+def mechanism_caption_params(wildcards):
+    """What the per-mechanism caption states about the mechanism (its definition)."""
+    mechanism = mechanisms_catalog.get(wildcards.mechanism)
+    return {
+        "description": mechanism.description,
+        "score_column": mechanism.score_column,
+        "units": mechanism.units,
+        "criterion": mechanism.criterion_text(),
+        "ceiling": mechanism.ceiling,
+    }
+
+
+def mechanism_configurational_settings():
+    """The random-head null of every mechanism's configurational table (relational.analysis;
+    used only when the relational axis runs)."""
+    return {key: RELATIONAL["analysis"][key] for key in ("n_null", "seed")}
+
+
 def mechanism_targets():
     return [
         f"{RES}/stats/{name}/{table}.csv" for name in MECHANISMS for table in MECHANISM_TABLES
-    ] + [f"{RES}/stats/{name}.csv" for name in CROSS_STATS] + [f"{RES}/figures/profile.png"]
+    ] + [f"{RES}/stats/{name}.csv" for name in CROSS_STATS] + [f"{RES}/figures/profile.png"] + [
+        f"{RES}/figures/mechanisms/{name}.png" for name in MECHANISMS
+    ]
 
 
 # ---- the report's opening summary (rule in report.smk)

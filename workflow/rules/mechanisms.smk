@@ -1,7 +1,8 @@
 # The mechanism catalog on the table side: every mechanism of the suite's `mechanisms:` through
 # the axes (stats/<mechanism>/), the cross-mechanism tables and the generalizability profile.
 # Included before the other analyses so that the profile opens the report.
-# MECHANISMS, MECHANISM_TABLES, CROSS_STATS and mechanism_targets() are defined in common.smk.
+# MECHANISMS, MECHANISM_TABLES, CROSS_STATS, mechanism_targets() and mechanism_caption_params()
+# are defined in common.smk.
 
 
 rule mechanisms:
@@ -33,6 +34,8 @@ rule mechanisms:
         confidence=ANALYSIS["bootstrap"]["confidence"],
         seed=ANALYSIS["bootstrap"]["seed"],
         n_permutations=ANALYSIS["positional"]["n_permutations"],
+        alignment_cost=ANALYSIS["positional"]["alignment_cost"],
+        configurational=mechanism_configurational_settings(),
     log:
         f"{RES}/logs/mechanisms.log",
     script:
@@ -55,3 +58,28 @@ rule mechanism_figures:
         f"{RES}/logs/mechanism_figures.log",
     script:
         "../../scripts/mechanism_figures.py"
+
+
+rule mechanism_figure:
+    localrule: True
+    conda:
+        "../envs/mechgen.yaml"
+    input:
+        run_step=f"{RES}/stats/{{mechanism}}/functional_run_step.csv",
+        sizes=f"{RES}/stats/{{mechanism}}/functional_size.csv",
+        per_seed=f"{RES}/stats/{{mechanism}}/per_seed.csv",
+        profile=f"{RES}/stats/profile.csv",
+    output:
+        figure=report(
+            f"{RES}/figures/mechanisms/{{mechanism}}.png",
+            caption="../report/mechanism.rst",
+            category="Mechanism: {mechanism}",  # one report section per mechanism
+        ),
+    wildcard_constraints:
+        mechanism="|".join(MECHANISMS) if MECHANISMS else "(?!)",
+    params:
+        mechanism=mechanism_caption_params,
+    log:
+        f"{RES}/logs/mechanism_figure/{{mechanism}}.log",
+    script:
+        "../../scripts/mechanism_figure.py"
