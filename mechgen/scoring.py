@@ -347,7 +347,7 @@ def score_checkpoint(
         "suite": run.suite,
         "run": run.run,
         "repo_id": run.repo_id,
-        "revision": f"step{step}",
+        "revision": sources.revision_name(step, run.architecture),
         "step": step,
         "tokens_seen": step * tokens_per_step,
         "scoring": {"batch_size": batch_size, "clipped_window": clipped_window},
@@ -455,7 +455,7 @@ def score_checkpoint(
                 "origin": {
                     "run": run.run,
                     "repo_id": run.repo_id,
-                    "revision": f"step{step}",
+                    "revision": sources.revision_name(step, run.architecture),
                     "commit": files.commit,
                 },
                 "weights_sha256": files.sha256,
@@ -515,7 +515,7 @@ def score_checkpoint(
         )
     else:
         origin = meta["origin"]
-        if (origin["run"], origin["revision"]) != (run.run, f"step{step}"):
+        if (origin["run"], origin["revision"]) != (run.run, sidecar["revision"]):
             sidecar.update(duplicate_of=origin["revision"], duplicate_of_run=origin["run"])
         sidecar.update(
             weights_downloaded=bool(files is not None and files.from_hub),
