@@ -2,7 +2,9 @@
 
 Plans (``snakemake -n``) the full PolyPythias grid - 5 sizes x seeds 0..9 x the ``all`` schedule
 (154 checkpoints) = 7,700 scoring jobs - and the decoupled 160m suite - 2 variants x seeds 1..3
-x 154 = 924 scoring jobs - each in a scratch directory, and prints for each plan the wall time,
+x 154 = 924 scoring jobs - and the Stanford CRFM GPT-2 suite - small and medium x 5 seeds x
+the ``all`` schedule (609 ``checkpoint-N`` revisions) = 6,090 scoring jobs - each in a scratch
+directory, and prints for each plan the wall time,
 the CPU time and the peak memory (maximum resident set size) of the Snakemake process, taken
 from ``os.wait4``. Targets: <= 60 s and <= 2 GB per plan on 2 cores.
 
@@ -19,7 +21,8 @@ States (``--states``):
           and figures - the situation of adding a seed to a finished grid.
 
 Usage (from the checkout, venv active):
-    python bench/dag.py                                   # fresh + scored, both suites
+    python bench/dag.py                                   # fresh + scored, pythia and decoupled
+    python bench/dag.py --suites crfm                     # the CRFM GPT-2 grid (10 x 609)
     python bench/dag.py --profile slurm                   # plan with profiles/slurm (groups)
     python bench/dag.py --combined --states fresh
     python bench/dag.py --cprofile 20 --states fresh      # where the time goes (top 20 functions)
@@ -57,6 +60,19 @@ HF_SUITE_COMMON = {
     "tokenizer_revision": "step143000",
     "eval": {"kind": "naturalstories"},
 }
+CRFM_SUITE_COMMON = {
+    "source": "hf",
+    "architecture": "gpt2",
+    "model_prefix": "crfm-gpt2-",
+    "repo_template": "stanford-crfm/{name}-gpt2-{size}-x{seed}",
+    "schedule": "all",
+    "tokens_per_step": 524288,
+    "tokenizer_revision": "checkpoint-400000",
+    "eval": {"kind": "naturalstories"},
+    "relational": {"token_hi": 50257},
+}
+SUITE_COMMON = {"crfm": CRFM_SUITE_COMMON}
+"""Suites whose common keys are not Pythia's (HF_SUITE_COMMON)."""
 SUITES = {
     "pythia": {"sizes": ["14m", "31m", "70m", "160m", "410m"], "seeds": list(range(10))},
     "decoupled": {"sizes": ["160m-data", "160m-weight"], "seeds": [1, 2, 3]},
@@ -64,6 +80,7 @@ SUITES = {
         "sizes": ["14m", "31m", "70m", "160m", "410m", "160m-data", "160m-weight"],
         "seeds": list(range(10)),
     },
+    "crfm": {"sizes": ["small", "medium"], "seeds": [21, 49, 81, 343, 777]},
 }
 
 
@@ -89,7 +106,7 @@ def suite_config(name: str) -> dict:
     """The overlay config that selects bench suite ``name`` (sizes x seeds, schedule ``all``)."""
     return {
         "suite": f"bench-{name}",
-        "suites": {f"bench-{name}": {**HF_SUITE_COMMON, **SUITES[name]}},
+        "suites": {f"bench-{name}": {**SUITE_COMMON.get(name, HF_SUITE_COMMON), **SUITES[name]}},
     }
 
 
@@ -241,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         "--states", nargs="+", choices=["fresh", "scored"], default=["fresh", "scored"]
     )
     parser.add_argument(
-        "--suites", nargs="+", choices=["pythia", "decoupled"], default=["pythia", "decoupled"]
+        "--suites",
+        nargs="+",
+        choices=["pythia", "decoupled", "crfm"],
+        default=["pythia", "decoupled"],
     )
     parser.add_argument(
         "--combined", action="store_true", help="also plan the 7-size x 10-seed superset"

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from mechgen.schedules import PYTHIA_SCHEDULES, PYTHIA_TOKENS_PER_STEP, resolve_schedule
+from mechgen.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, family
+from mechgen.schedules import resolve_schedule
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -51,6 +52,7 @@ class Run:
     seed: int
     source: str
     repo_id: str
+    architecture: str = DEFAULT_ARCHITECTURE
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -124,6 +126,9 @@ def _config_schema() -> dict[str, Any]:
     toy["training"]["properties"]["repeat_source"]["enum"] = list(REPEAT_SOURCES)
     props["analysis"]["properties"]["metric"]["enum"] = list(ATTENTION_METRICS)
     schema["$defs"]["suite"]["properties"]["source"]["enum"] = list(SUITE_SOURCES)
+    architecture = schema["$defs"]["suite"]["properties"]["architecture"]
+    architecture["enum"] = list(ARCHITECTURES)
+    architecture["default"] = DEFAULT_ARCHITECTURE
     mechanisms = schema["$defs"]["suite"]["properties"]["mechanisms"]
     mechanisms["items"] = {"enum": mechanism_names()}
     mechanisms["default"] = mechanism_names()
@@ -330,11 +335,21 @@ def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], che
                 )
         named = _toy_schedules(config)
     else:
-        named = PYTHIA_SCHEDULES
+        named = dict(family(spec["architecture"]).schedules)
     if source == "hf":
         template = spec.get("repo_template", "")
         if "{size}" not in template or "{seed}" not in template:
             raise ConfigError(f"config key '{key}.repo_template' must contain {{size}} and {{seed}}")
+        if "{name}" in template:
+            fam = family(spec["architecture"])
+            for size in spec["sizes"]:
+                for seed in spec["seeds"]:
+                    try:
+                        fam.run_name(size, seed)
+                    except KeyError as exc:
+                        raise ConfigError(
+                            f"config key '{key}.repo_template' uses {{name}}, but {exc.args[0]}"
+                        ) from None
         if template.startswith("EleutherAI/pythia-"):
             allowed = POLYPYTHIA_SIZES + PYTHIA_DECOUPLED_SIZES
             for size in spec["sizes"]:
@@ -406,20 +421,24 @@ def _toy_schedules(config: Mapping[str, Any]) -> dict[str, list[int]]:
 def suite_steps(config: dict[str, Any], suite: str | None = None) -> list[int]:
     """Sorted checkpoint steps of ``suite`` (default: the selected one)."""
     spec = suite_spec(config, suite)
-    named = _toy_schedules(config) if spec["source"] == "toy" else PYTHIA_SCHEDULES
+    if spec["source"] == "toy":
+        named = _toy_schedules(config)
+    else:
+        named = dict(family(spec.get("architecture")).schedules)
     return resolve_schedule(spec["schedule"], named)
 
 
 def tokens_per_step(config: dict[str, Any], suite: str | None = None) -> int:
     """Tokens seen per optimiser step in ``suite``: its ``tokens_per_step``, else for a toy
-    suite ``toy.training.batch_size x seq_len``, else Pythia's."""
+    suite ``toy.training.batch_size x seq_len``, else that of its family's published runs
+    (:mod:`mechgen.architectures`; Pythia's for a table suite)."""
     spec = suite_spec(config, suite)
     if "tokens_per_step" in spec:
         return int(spec["tokens_per_step"])
     if spec["source"] == "toy":
         tr = config["toy"]["training"]
         return int(tr["batch_size"]) * int(tr["seq_len"])
-    return PYTHIA_TOKENS_PER_STEP
+    return family(spec.get("architecture")).tokens_per_step
 
 
 def run_id(model: str, seed: int) -> str:
@@ -428,10 +447,12 @@ def run_id(model: str, seed: int) -> str:
 
 def suite_runs(config: dict[str, Any], suite: str | None = None) -> list[Run]:
     """Every run of ``suite`` (default: the selected one) of a validated config, sizes outer,
-    seeds inner. A run's id is ``<model_prefix><size>-seed<seed>``."""
+    seeds inner. A run's id is ``<model_prefix><size>-seed<seed>``. An hf ``repo_template``
+    may use ``{name}``, the family's run name of (size, seed) (the CRFM GPT-2 runs)."""
     name = suite or config["suite"]
     spec = config["suites"][name]
     source = spec["source"]
+    architecture = spec.get("architecture", DEFAULT_ARCHITECTURE)
     runs = []
     for size in spec.get("sizes", []):
         model = f"{spec['model_prefix']}{size}"
@@ -439,14 +460,17 @@ def suite_runs(config: dict[str, Any], suite: str | None = None) -> list[Run]:
             rid = run_id(model, seed)
             if source == "hf":
                 template = spec["seed0_repo_template"] if seed == 0 else spec["repo_template"]
-                repo = template.format(size=size, seed=seed)
+                name_of = family(architecture).run_name if "{name}" in template else None
+                repo = template.format(
+                    size=size, seed=seed, name=name_of(size, seed) if name_of else ""
+                )
             elif source == "toy":
                 repo = str(Path(config["results_dir"]) / name / "hub" / rid)
             elif source == "local":
                 repo = str(Path(spec["path"]) / rid)
             else:
                 repo = ""
-            runs.append(Run(name, rid, model, size, int(seed), source, repo))
+            runs.append(Run(name, rid, model, size, int(seed), source, repo, architecture))
     return runs
 
 

@@ -24,8 +24,9 @@ with its timing, so tests count downloads and measure concurrency.
 Safety: binds only to a loopback address; the server stops by itself after ``max_seconds`` or
 ``max_requests`` (a watchdog thread), and request handling has no unbounded loop.
 
-Also here: small random GPT-NeoX checkpoints and a tiny byte-level BPE tokenizer to serve
-(:func:`train_tiny_tokenizer`, :func:`tiny_gpt_neox_config`, :func:`save_random_checkpoint`).
+Also here: small random GPT-NeoX or GPT-2 checkpoints and a tiny byte-level BPE tokenizer to
+serve (:func:`train_tiny_tokenizer`, :func:`tiny_gpt_neox_config`, :func:`tiny_gpt2_config`,
+:func:`save_random_checkpoint`).
 
 Command line (serves every repo of a cache built by ``build_offline_cache``)::
 
@@ -627,18 +628,44 @@ def tiny_gpt_neox_config(
     )
 
 
+def tiny_gpt2_config(
+    vocab_size: int = 320,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    max_position_embeddings: int = 64,
+) -> Any:
+    """A small ``GPT2Config`` in GPT-2's layout (learned positions, tied LM head, ``c_attn``
+    Conv1D), with an MLP 2x as wide as the model (GPT-2's is 4x) and no dropout."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden_size,
+        n_layer=num_hidden_layers,
+        n_head=num_attention_heads,
+        n_inner=2 * hidden_size,
+        n_positions=max_position_embeddings,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+
+
 def save_random_checkpoint(
     step_dir: str | Path, config: Any, seed: int, tokenizer_dir: str | Path | None = None
 ) -> Path:
-    """Save a randomly initialised ``GPTNeoXForCausalLM`` (``torch.manual_seed(seed)``) in the
-    hub layout (``config.json`` + ``model.safetensors``), plus the tokenizer's files if given."""
+    """Save a randomly initialised causal LM of ``config`` (``GPTNeoXForCausalLM``, or
+    ``GPT2LMHeadModel`` for a ``GPT2Config``; ``torch.manual_seed(seed)``) in the hub layout
+    (``config.json`` + ``model.safetensors``), plus the tokenizer's files if given."""
     import shutil
 
     import torch
-    from transformers import GPTNeoXForCausalLM
+    from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config)
+    model_class = GPT2LMHeadModel if config.model_type == "gpt2" else GPTNeoXForCausalLM
+    model = model_class(config)
     step_dir = Path(step_dir)
     model.save_pretrained(step_dir)
     if tokenizer_dir is not None:

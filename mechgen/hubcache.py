@@ -1,7 +1,8 @@
 """Build a Hugging Face hub cache on disk from local checkpoints, without any network.
 
 Tests and benchmarks must exercise the *real* download path (``hf_hub_download`` resolving a
-branch such as ``step1000`` to a commit and a blob), but the hub cannot be reached. This module
+branch such as ``step1000``, or ``checkpoint-1000`` for a GPT-2 family, to a commit and a blob),
+but the hub cannot be reached. This module
 writes exactly the layout ``huggingface_hub`` itself leaves behind after a download (see
 ``huggingface_hub/file_download.py``: ``_hf_hub_download_to_cache_dir``,
 ``_cache_commit_hash_for_specific_revision``, ``_create_symlink``, ``repo_folder_name``)::
@@ -21,6 +22,8 @@ and every (filename, etag) pair, so rebuilding the same cache gives the same com
 
 With ``HF_HUB_OFFLINE=1`` and ``cache_dir`` (or ``HF_HUB_CACHE``/``HF_HOME``) pointing here,
 ``hf_hub_download(repo_id, "config.json", revision="step1000")`` resolves from this cache.
+:func:`run_revisions` lists a hub-layout run folder's revisions under the names of its family
+(:mod:`mechgen.architectures`), ready for :func:`build_offline_cache`.
 
 Also here, stdlib only: the cache bookkeeping that mechgen.sources does itself when it pins a
 download to a commit (:func:`write_ref`, :func:`mark_absent`), a ``du``-like size
@@ -45,6 +48,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
+
+from mechgen import architectures as families
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +168,27 @@ def _commit_hash(repo_id: str, revision: str, files: dict[str, dict[str, Any]]) 
     return digest.hexdigest()
 
 
+def run_revisions(
+    run_dir: str | Path, architecture: str | None = None, steps: list[int] | None = None
+) -> dict[str, Path]:
+    """``{revision name: folder}`` of a hub-layout run folder (``<run_dir>/step{N}/`` for
+    gpt_neox, ``<run_dir>/checkpoint-{N}/`` for gpt2), in step order; only ``steps`` if given
+    (a KeyError names a step without a folder). Folders of other names are ignored."""
+    family = families.family(architecture)
+    found = {
+        step: p
+        for p in Path(run_dir).iterdir()
+        if p.is_dir() and (step := family.step_of(p.name)) is not None
+    }
+    wanted = sorted(found) if steps is None else sorted(steps)
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        raise KeyError(
+            f"{run_dir}: no folder {family.revision_name(missing[0])} (steps present: {sorted(found)})"
+        )
+    return {family.revision_name(s): found[s] for s in wanted}
+
+
 def build_offline_cache(
     cache_dir: Path,
     repo_id: str,
@@ -175,7 +201,8 @@ def build_offline_cache(
 ) -> dict[str, Any]:
     """Lay out ``repo_id`` with the given branches in a huggingface_hub cache at ``cache_dir``.
 
-    ``revisions`` maps a branch name (``"step1000"``) to a hub-layout checkpoint directory
+    ``revisions`` maps a branch name (``"step1000"``, ``"checkpoint-1000"``) to a hub-layout
+    checkpoint directory
     (``config.json``, ``model.safetensors`` or ``pytorch_model.bin``, maybe tokenizer files);
     every regular file at its top level becomes a file of that branch. A revision left out of
     ``revisions`` is absent from the cache (the "missing checkpoint" case). Call it once per
@@ -183,8 +210,9 @@ def build_offline_cache(
 
     ``weight_format="pytorch"`` replaces ``model.safetensors`` by a ``pytorch_model.bin``
     (``torch.save`` of its state dict; with ``legacy_pythia_keys`` the output projection is
-    named ``embed_out`` as in Pythia's files), as Pythia's ``stepN`` branches hold only the
-    .bin. With ``mark_absent_safetensors`` the cache also records that ``model.safetensors``
+    named ``embed_out`` as in Pythia's files; pass False for GPT-2, whose ``.bin`` keeps
+    transformers' names), as Pythia's ``stepN`` branches, and CRFM's ``checkpoint-N``, hold only
+    the .bin. With ``mark_absent_safetensors`` the cache also records that ``model.safetensors``
     does not exist at that commit (``.no_exist/<commit>/model.safetensors``), as
     huggingface_hub does after an online 404. ``tokenizer_dir``'s files are added to every
     branch.

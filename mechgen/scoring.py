@@ -571,7 +571,7 @@ def score_checkpoint(
         torch.set_num_threads(threads)
     started = time.perf_counter()
     versions = library_versions()
-    revision = f"step{step}"
+    revision = sources.revision_name(step, run.architecture)
     job = _Job(
         run=run,
         step=step,

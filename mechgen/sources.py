@@ -1,8 +1,10 @@
 """Getting one checkpoint: find it, download it, verify, load, and free it again.
 
-A run's checkpoints live either on the Hugging Face hub (``source: hf``; one branch ``stepN`` per
-checkpoint, e.g. ``EleutherAI/pythia-14m-seed1@step1000``) or in a local directory
-``<run>/step{N}/`` in the hub's file layout (``source: toy`` or ``local``).
+A run's checkpoints live either on the Hugging Face hub (``source: hf``; one branch per
+checkpoint, named by the run's family (:mod:`mechgen.architectures`): ``stepN`` for GPT-NeoX, e.g.
+``EleutherAI/pythia-14m-seed1@step1000``, ``checkpoint-N`` for GPT-2, e.g.
+``stanford-crfm/alias-gpt2-small-x21@checkpoint-400000``) or in a local directory
+``<run>/<revision>/`` in the hub's file layout (``source: toy`` or ``local``).
 
 Hub downloads go through ``huggingface_hub`` only (``get_hf_file_metadata`` for a file's
 metadata, ``hf_hub_download`` for its bytes), so its own handling of ``HF_HOME``/``HF_HUB_CACHE``,
@@ -11,7 +13,8 @@ reads those variables once, when it is first imported (``huggingface_hub.constan
 in the environment of the process, or pass ``cache_dir``/``token`` explicitly.
 
 Only ``config.json`` and ONE weight file are fetched per checkpoint (``model.safetensors`` if the
-revision has it, else ``pytorch_model.bin``: Pythia's ``stepN`` branches hold only the .bin).
+revision has it, else ``pytorch_model.bin``: Pythia's ``stepN`` branches hold only the .bin, and
+so, by its 2021 upload, should CRFM's ``checkpoint-N``).
 Fetching is two steps: :func:`resolve_checkpoint` gets ``config.json`` and the weight file's
 *metadata* (commit, size, and sha256 = the LFS etag) without downloading it, so a caller can
 skip a revision whose weights it has already scored (mechgen.scoring's score cache);
@@ -54,6 +57,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mechgen import architectures as families
 from mechgen.config import Run
 from mechgen.hubcache import (
     PYTORCH_WEIGHTS,
@@ -155,11 +159,10 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def revision_name(step: int) -> str:
-    """The branch name of checkpoint ``step``: ``f"step{step}"``."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"checkpoint step must be a non-negative int, not {step!r}")
-    return f"step{step}"
+def revision_name(step: int, architecture: str | None = None) -> str:
+    """The branch name of checkpoint ``step`` in ``architecture`` (default gpt_neox):
+    ``step{step}`` or, for gpt2, ``checkpoint-{step}`` (:func:`mechgen.architectures.revision_name`)."""
+    return families.revision_name(step, architecture)
 
 
 # --------------------------------------------------------------------------- hub etiquette
@@ -431,10 +434,10 @@ def fetch_checkpoint(
     """Make checkpoint ``step`` of ``run`` available on disk and verify its weight file.
 
     :func:`resolve_checkpoint` then :func:`download_checkpoint`. hf: downloads ``config.json``
-    and one weight file of branch ``step{step}`` into the hub cache (``cache_dir``, default
+    and one weight file of branch ``revision_name(step, run.architecture)`` into the hub cache (``cache_dir``, default
     huggingface_hub's ``HF_HUB_CACHE``); ``token`` None means huggingface_hub's own lookup
     (``HF_TOKEN``, stored login); ``hub`` None means :func:`hub_settings`. toy/local: finds
-    ``<run.repo_id>/step{step}/``. Raises :class:`MissingCheckpoint`,
+    ``<run.repo_id>/<revision>/``. Raises :class:`MissingCheckpoint`,
     :class:`CorruptCheckpoint`, or :class:`HubUnavailable` (network down or hub failing after
     the retries, not offline mode).
     """
@@ -458,7 +461,7 @@ def resolve_checkpoint(
     two revisions hold the same weights before downloading either. toy/local: finds the folder
     and hashes the weight file. Raises like :func:`fetch_checkpoint`.
     """
-    revision = revision_name(step)
+    revision = revision_name(step, run.architecture)
     settings = hub or _hub_settings
     if run.source == "hf":
         return _resolve_on_hub(
@@ -941,11 +944,11 @@ def fetch_tokenizer(
     hf: downloads whichever of ``tokenizer.json``, ``tokenizer_config.json``,
     ``special_tokens_map.json`` exist at ``revision`` (None = ``main``), once per process and
     (repo, revision); returns the cache snapshot folder. toy/local: ``<run>/<revision>`` if
-    given, else ``<run>`` itself if it holds tokenizer files, else the highest ``step{N}``
-    folder that does. Raises :class:`MissingCheckpoint` if no tokenizer file is found.
+    given, else ``<run>`` itself if it holds tokenizer files, else the highest-step revision
+    folder of the run's family (``step{N}`` or ``checkpoint-{N}``) that does. Raises :class:`MissingCheckpoint` if no tokenizer file is found.
     """
     if run.source in ("toy", "local"):
-        return _local_tokenizer_dir(Path(run.repo_id), revision)
+        return _local_tokenizer_dir(Path(run.repo_id), revision, run.architecture)
     if run.source != "hf":
         raise ValueError(
             f"run {run.run!r}: source {run.source!r} has no tokenizer (allowed: hf, toy, local)"
@@ -978,15 +981,18 @@ def _has_tokenizer(directory: Path) -> bool:
     return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
-def _local_tokenizer_dir(run_dir: Path, revision: str | None) -> Path:
+def _local_tokenizer_dir(
+    run_dir: Path, revision: str | None, architecture: str | None = None
+) -> Path:
     if revision is not None:
         candidates = [run_dir / revision]
     else:
+        family = families.family(architecture)
         steps = sorted(
-            (int(p.name[4:]), p)
-            for p in run_dir.glob("step*")
-            if p.is_dir() and p.name[4:].isdigit()
-        )
+            (step, p)
+            for p in run_dir.iterdir()
+            if p.is_dir() and (step := family.step_of(p.name)) is not None
+        ) if run_dir.is_dir() else []
         candidates = [run_dir] + [p for _, p in reversed(steps)]
     for directory in candidates:
         if _has_tokenizer(directory):

@@ -16,7 +16,10 @@ Everything here works offline on any machine with Python:
   ``<|endoftext|>`` (id 0) is BOS/EOS/UNK and separates documents in the training stream,
   ``<|padding|>`` (id 1) pads.
 * **Model.** ``GPTNeoXForCausalLM`` (the Pythia architecture): full rotary, untied input and
-  output embeddings, parallel residual, no dropout.
+  output embeddings, parallel residual, no dropout. With ``architecture="gpt2"``:
+  ``GPT2LMHeadModel`` of the same size (learned absolute positions, sequential residual, tied
+  input and output embeddings as in GPT-2, no dropout), trained on the same data with the same
+  tokenizer and optimiser.
 * **Training.** AdamW (betas 0.9/0.95, weight decay on matrices and embeddings only, gradient
   clipping at norm 1.0), learning rate warmed up linearly then decayed by a cosine to
   :data:`MIN_LR_FRACTION` of the peak at the last step (Pythia's schedule shape). A batch is
@@ -29,8 +32,9 @@ Everything here works offline on any machine with Python:
   suite's choice, the only one with which content-based induction heads formed). The
   initialisation uses the global torch RNG seeded with the same seed. Same seed and same thread count on one machine
   give bitwise-identical checkpoints.
-* **Checkpoints.** ``out_dir/step{N}/`` holds ``config.json``, ``model.safetensors``,
-  ``generation_config.json`` and the tokenizer files, i.e. one hub revision; step 0 is the
+* **Checkpoints.** ``out_dir/<revision>/`` holds ``config.json``, ``model.safetensors``,
+  ``generation_config.json`` and the tokenizer files, i.e. one hub revision named as the family
+  names it (``step{N}`` for gpt_neox, ``checkpoint-{N}`` for gpt2); step 0 is the
   initialisation before any update. ``out_dir/manifest.json`` is written last. Each checkpoint
   directory and the manifest are written under a temporary name and renamed into place
   (:mod:`mechgen.atomic`), so none is ever seen half-written.
@@ -56,6 +60,7 @@ import torch
 
 from mechgen.atomic import atomic_dir, write_json
 from mechgen.config import repeat_min_half_problem
+from mechgen.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, family
 from mechgen.progress import Progress
 from mechgen.settings import (
     REPEAT_SOURCES,
@@ -423,11 +428,75 @@ def model_config(size_spec: Mapping[str, int], vocab_size: int, seq_len: int) ->
     )
 
 
-def init_model(size_spec: Mapping[str, int], vocab_size: int, seq_len: int, seed: int) -> Any:
-    """A freshly initialised ``GPTNeoXForCausalLM``: ``torch.manual_seed(seed)`` then construction.
+def gpt2_model_config(size_spec: Mapping[str, int], vocab_size: int, seq_len: int) -> Any:
+    """A ``GPT2Config`` for the size ``{n_layers, n_heads, d_model[, d_ff]}``.
+
+    GPT-2's layout: learned absolute position embeddings (n_positions = max(seq_len, 512)),
+    pre-LayerNorm sequential residual, tied input and output embeddings, ``gelu_new``; no
+    dropout (resid, embd and attn pdrop 0) so training is deterministic like the GPT-NeoX toy;
+    d_ff defaults to 4 x d_model; initializer_range 0.02; ``<|endoftext|>`` (0) is BOS/EOS and
+    ``<|padding|>`` (1) pads.
+    """
+    from transformers import GPT2Config
+
+    _check_keys("size_spec", size_spec, SIZE_KEYS_REQUIRED, SIZE_KEYS_OPTIONAL)
+    n_layers = _positive_int("size_spec.n_layers", size_spec["n_layers"])
+    n_heads = _positive_int("size_spec.n_heads", size_spec["n_heads"])
+    d_model = _positive_int("size_spec.d_model", size_spec["d_model"])
+    d_ff = _positive_int("size_spec.d_ff", size_spec.get("d_ff", 4 * d_model))
+    _positive_int("vocab_size", vocab_size)
+    _positive_int("seq_len", seq_len)
+    if d_model % n_heads:
+        raise ValueError(
+            f"size_spec.d_model ({d_model}) must be a multiple of size_spec.n_heads ({n_heads})"
+        )
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=max(seq_len, MIN_POSITIONS),
+        n_embd=d_model,
+        n_layer=n_layers,
+        n_head=n_heads,
+        n_inner=d_ff,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=1e-5,
+        initializer_range=0.02,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+
+
+def _check_architecture(architecture: str) -> str:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}"
+        )
+    return architecture
+
+
+def init_model(
+    size_spec: Mapping[str, int],
+    vocab_size: int,
+    seq_len: int,
+    seed: int,
+    architecture: str = DEFAULT_ARCHITECTURE,
+) -> Any:
+    """A freshly initialised causal LM: ``torch.manual_seed(seed)`` then construction of a
+    ``GPTNeoXForCausalLM`` (:func:`model_config`) or, for ``architecture="gpt2"``, a
+    ``GPT2LMHeadModel`` (:func:`gpt2_model_config`).
 
     This is exactly the step-0 checkpoint of :func:`train_run` with the same arguments.
     """
+    if _check_architecture(architecture) == "gpt2":
+        from transformers import GPT2LMHeadModel
+
+        config = gpt2_model_config(size_spec, vocab_size, seq_len)
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
     from transformers import GPTNeoXForCausalLM
 
     config = model_config(size_spec, vocab_size, seq_len)
@@ -436,7 +505,8 @@ def init_model(size_spec: Mapping[str, int], vocab_size: int, seq_len: int, seed
 
 
 def n_parameters(model: torch.nn.Module) -> int:
-    """All parameters of the causal LM (embeddings and the untied LM head included)."""
+    """All parameters of the causal LM (embeddings and the LM head included; GPT-2's LM head is
+    tied to the input embedding and counted once)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -631,10 +701,11 @@ def _save_checkpoint(model: Any, tokenizer_dir: Path, step_dir: Path) -> None:
         model.save_pretrained(str(tmp_dir))
         config_path = tmp_dir / "config.json"
         config = json.loads(config_path.read_text())
-        # transformers 4 reads the rotary fraction from these legacy keys (Pythia's config.json
-        # has them); transformers 5 reads rope_parameters and drops the legacy keys on load.
-        config["rotary_pct"] = config["rope_parameters"]["partial_rotary_factor"]
-        config["rotary_emb_base"] = config["rope_parameters"]["rope_theta"]
+        if "rope_parameters" in config:  # GPT-NeoX; GPT-2 has learned positions, no rotary
+            # transformers 4 reads the rotary fraction from these legacy keys (Pythia's
+            # config.json has them); transformers 5 reads rope_parameters and drops them on load.
+            config["rotary_pct"] = config["rope_parameters"]["partial_rotary_factor"]
+            config["rotary_emb_base"] = config["rope_parameters"]["rope_theta"]
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer_dir / name, tmp_dir / name)
@@ -661,8 +732,11 @@ def train_run(
     threads: int = 1,
     progress: bool = True,
     progress_label: str | None = None,
+    architecture: str = DEFAULT_ARCHITECTURE,
 ) -> dict[str, Any]:
-    """Train one toy run and save ``out_dir/step{N}/`` for every N in ``schedule``.
+    """Train one toy run and save ``out_dir/<revision>/`` for every N in ``schedule``, the
+    revision named by ``architecture``'s family (``step{N}``, or ``checkpoint-{N}`` for gpt2;
+    :func:`init_model` builds the model of that architecture).
 
     ``training`` has steps, batch_size, seq_len, learning_rate, warmup_steps, weight_decay
     (and optionally threads, ignored here: ``threads`` wins; ``repeat_fraction``, default 0,
@@ -682,7 +756,8 @@ def train_run(
     time left; :class:`mechgen.progress.Progress`) to this module's logger, each starting with
     ``progress_label`` (default ``"train seed <seed>"``). The environment
     variable :data:`STEP_DELAY_ENV` (a test hook) adds a sleep after every update.
-    Existing ``step*/`` directories and ``manifest.json`` in ``out_dir`` are removed first.
+    Existing revision directories (of either family) and ``manifest.json`` in ``out_dir`` are
+    removed first.
     """
     import tokenizers
     import transformers
@@ -695,6 +770,7 @@ def train_run(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     _positive_int("threads", threads)
+    revision = family(_check_architecture(architecture)).revision_name
     tokenizer_json = _tokenizer_json(tokenizer_dir)
     tokenizer_dir = tokenizer_json.parent
     out_dir = Path(out_dir)
@@ -705,7 +781,9 @@ def train_run(
     # Checkpoints of an earlier run (maybe with another schedule) must not mix with this one's;
     # Snakemake only knows the manifest, so it cannot remove them itself.
     for stale in out_dir.iterdir():
-        if stale.is_dir() and re.fullmatch(r"step\d+(\.tmp|\.(tmp|old)-\d+)?", stale.name):
+        if stale.is_dir() and re.fullmatch(
+            r"(step|checkpoint-)\d+(\.tmp|\.(tmp|old)-\d+)?", stale.name
+        ):
             shutil.rmtree(stale)
 
     torch.set_num_threads(threads)
@@ -721,7 +799,7 @@ def train_run(
             f"training.seq_len ({seq_len}) must be shorter than the token stream ({len(stream)})"
         )
 
-    model = init_model(size_spec, vocab_size, seq_len, seed)
+    model = init_model(size_spec, vocab_size, seq_len, seed, architecture)
     model.train()
     data_generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(
@@ -765,7 +843,7 @@ def train_run(
     if 0 in schedule_steps:
         with torch.no_grad():
             checkpoint_losses["0"] = float(model(input_ids=batch, labels=batch).loss)
-        _save_checkpoint(model, tokenizer_dir, out_dir / "step0")
+        _save_checkpoint(model, tokenizer_dir, out_dir / revision(0))
         log.info("seed %d step 0: loss %.4f, checkpoint saved", seed, checkpoint_losses["0"])
 
     label = progress_label or f"train seed {seed}"
@@ -788,12 +866,13 @@ def train_run(
             time.sleep(step_delay_s)
         if step in schedule_steps:
             checkpoint_losses[str(step)] = losses[-1]
-            _save_checkpoint(model, tokenizer_dir, out_dir / f"step{step}")
+            _save_checkpoint(model, tokenizer_dir, out_dir / revision(step))
             log.info("seed %d step %d: loss %.4f, checkpoint saved", seed, step, losses[-1])
         if step < steps_total:
             batch = next_batch()
 
     manifest = {
+        "architecture": architecture,
         "steps": schedule_steps,
         "seed": seed,
         "size_spec": dict(size_spec),

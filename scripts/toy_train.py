@@ -1,7 +1,8 @@
 """Snakemake script of rule `toy_train`: train one toy run and save its hub-style checkpoints.
 
 Snakemake: input.tokenizer (or input[0]) = the suite's ``tokenizer.json``; output.manifest (or
-output[0]) = ``<run dir>/manifest.json``, whose directory receives ``step{N}/``; params:
+output[0]) = ``<run dir>/manifest.json``, whose directory receives ``step{N}/`` (``checkpoint-{N}/``
+for params.architecture gpt2); params:
 size_spec ({n_layers, n_heads, d_model[, d_ff]}), seed (int), training ({steps, batch_size,
 seq_len, learning_rate, warmup_steps, weight_decay[, threads]}), schedule (list of steps, each
 <= training.steps), vocab_size (int); threads = torch threads; log[0] optional.
@@ -43,6 +44,7 @@ if "snakemake" in globals():
         vocab_size=int(sm.params.vocab_size),
         threads=int(sm.threads),
         progress_label=f"train {run}" if run else None,
+        architecture=str(sm.params.get("architecture", "gpt_neox")),
     )
     log.info(
         "toy run seed %d: %d steps saved, %d parameters, final loss %.3f, %.1f s wall, %.1f s CPU",
@@ -65,6 +67,7 @@ else:
     parser.add_argument("--schedule", type=int, nargs="+", required=True)
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--architecture", default="gpt_neox", choices=["gpt_neox", "gpt2"])
     args = parser.parse_args()
     manifest = toy.train_run(
         args.tokenizer_dir,
@@ -75,5 +78,6 @@ else:
         schedule=args.schedule,
         vocab_size=args.vocab_size,
         threads=args.threads,
+        architecture=args.architecture,
     )
     print(json.dumps(manifest, indent=2))

@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 from snakemake.exceptions import WorkflowError
 
 from mechgen import mechanisms as mechanisms_catalog
+from mechgen.architectures import DEFAULT_ARCHITECTURE, revision_name
 from mechgen.config import (
     ConfigError,
     relational_settings,
@@ -41,9 +42,11 @@ wildcard_constraints:
 
 
 def run_info(run):
-    """The Run record of a wildcard value, as a plain dict for script params."""
+    """The Run record of a wildcard value, as a plain dict for script params. `architecture` only
+    when it is not the default, so that the params (a rerun trigger) of GPT-NeoX suites are
+    what they were before families existed."""
     r = RUNS[run]
-    return {
+    info = {
         "suite": r.suite,
         "run": r.run,
         "model": r.model,
@@ -52,6 +55,9 @@ def run_info(run):
         "source": r.source,
         "repo_id": r.repo_id,
     }
+    if r.architecture != DEFAULT_ARCHITECTURE:
+        info["architecture"] = r.architecture
+    return info
 
 
 def score_files():
@@ -74,6 +80,8 @@ _SCORE_RESOURCES = {
     "160m-data": (4000, 20),
     "160m-weight": (4000, 20),
     "410m": (8000, 40),
+    # CRFM GPT-2 medium (355M; small, 124M, fits the default).
+    "medium": (5000, 30),
 }
 
 
@@ -142,12 +150,13 @@ def eval_token_files(wildcards):
 
 def tokenizer_revision():
     """The revision whose tokenizer files a run uses: the suite's `tokenizer_revision`, else for
-    the hub the last scheduled step; local and toy runs read the tokenizer saved with the run
+    the hub the last scheduled step (named as the suite's family names it: stepN, checkpoint-N);
+    local and toy runs read the tokenizer saved with the run
     (None), so extending their schedule never changes it."""
     if "tokenizer_revision" in SPEC:
         return SPEC["tokenizer_revision"]
     if SOURCE == "hf":
-        return f"step{STEPS[-1]}" if STEPS else "main"
+        return revision_name(STEPS[-1], SPEC["architecture"]) if STEPS else "main"
     return None
 
 

@@ -1,5 +1,6 @@
-# The embedded toy suite: a byte-level BPE tokenizer and GPT-NeoX runs trained on CPU,
-# saved per checkpoint in the hub's layout (results/<suite>/hub/<run>/step<N>/).
+# The embedded toy suite: a byte-level BPE tokenizer and GPT-NeoX (or, suite architecture gpt2,
+# GPT-2) runs trained on CPU, saved per checkpoint in the hub's layout
+# (results/<suite>/hub/<run>/step<N>/, or checkpoint-<N>/ for gpt2).
 
 TOY = config["toy"]  # validated: `training` is there whenever a toy suite is selected
 
@@ -32,6 +33,9 @@ rule toy_train:
         training=lambda wc: TOY["training"],
         schedule=STEPS,
         vocab_size=TOY["vocab_size"],
+        # Only when not GPT-NeoX: a new param is a rerun trigger, and GPT-NeoX runs trained
+        # before families existed must not be retrained for it.
+        **({"architecture": SPEC["architecture"]} if SPEC["architecture"] != "gpt_neox" else {}),
     threads: lambda wc: TOY["training"]["threads"]
     # Training is the long pole of the default run: start every run's training before scoring
     # the checkpoints of runs already trained, so the last training does not end alone.
