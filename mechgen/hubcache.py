@@ -49,7 +49,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from mechgen import architectures as families
+from mechgen import architectures
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def run_revisions(
     """``{revision name: folder}`` of a hub-layout run folder (``<run_dir>/step{N}/`` for
     gpt_neox, ``<run_dir>/checkpoint-{N}/`` for gpt2), in step order; only ``steps`` if given
     (a KeyError names a step without a folder). Folders of other names are ignored."""
-    family = families.family(architecture)
+    family = architectures.family(architecture)
     found = {
         step: p
         for p in Path(run_dir).iterdir()

@@ -57,7 +57,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mechgen import architectures as families
+from mechgen import architectures
 from mechgen.config import Run
 from mechgen.hubcache import (
     PYTORCH_WEIGHTS,
@@ -162,7 +162,7 @@ def _first_line(err: BaseException) -> str:
 def revision_name(step: int, architecture: str | None = None) -> str:
     """The branch name of checkpoint ``step`` in ``architecture`` (default gpt_neox):
     ``step{step}`` or, for gpt2, ``checkpoint-{step}`` (:func:`mechgen.architectures.revision_name`)."""
-    return families.revision_name(step, architecture)
+    return architectures.revision_name(step, architecture)
 
 
 # --------------------------------------------------------------------------- hub etiquette
@@ -987,7 +987,7 @@ def _local_tokenizer_dir(
     if revision is not None:
         candidates = [run_dir / revision]
     else:
-        family = families.family(architecture)
+        family = architectures.family(architecture)
         steps = sorted(
             (step, p)
             for p in run_dir.iterdir()

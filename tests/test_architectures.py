@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mechgen import architectures as families
+from mechgen import architectures
 from mechgen.config import (
     ConfigError,
     load_yaml,
@@ -76,16 +76,16 @@ def test_crfm_log20_is_about_20_log_spaced_checkpoints() -> None:
 
 
 def test_revision_names_per_family() -> None:
-    assert families.revision_name(1000) == "step1000"
-    assert families.revision_name(1000, "gpt_neox") == "step1000"
-    assert families.revision_name(1000, "gpt2") == "checkpoint-1000"
-    assert families.step_of_revision("checkpoint-400000", "gpt2") == 400000
-    assert families.step_of_revision("step400000", "gpt2") is None
-    assert families.step_of_revision("checkpoint-5", "gpt_neox") is None
+    assert architectures.revision_name(1000) == "step1000"
+    assert architectures.revision_name(1000, "gpt_neox") == "step1000"
+    assert architectures.revision_name(1000, "gpt2") == "checkpoint-1000"
+    assert architectures.step_of_revision("checkpoint-400000", "gpt2") == 400000
+    assert architectures.step_of_revision("step400000", "gpt2") is None
+    assert architectures.step_of_revision("checkpoint-5", "gpt_neox") is None
     with pytest.raises(ValueError, match="allowed: gpt_neox, gpt2"):
-        families.revision_name(1, "gpt3")
+        architectures.revision_name(1, "gpt3")
     with pytest.raises(ValueError):
-        families.revision_name(-1, "gpt2")
+        architectures.revision_name(-1, "gpt2")
 
 
 def test_crfm_suite_runs_are_the_ten_published_repos() -> None:
