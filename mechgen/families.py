@@ -347,6 +347,7 @@ def families_table(
             for f in families
         }
         values: dict[str, dict[str, float]] = {}
+        counts: dict[str, dict[str, int]] = {}
         for family in families:
             row = profiles[
                 (profiles["mechanism"] == name)
@@ -355,6 +356,7 @@ def families_table(
             ].iloc[0]
             seeds_f = by_family[family]
             values[family] = {}
+            counts[family] = {}
             for axis in AXES:
                 low = high = np.nan
                 ci = ""
@@ -376,6 +378,7 @@ def families_table(
                 if axis == "onset_cv" and not seeds_f.empty:
                     n = len(axis_values(seeds_f, axis))
                 values[family][axis] = estimate
+                counts[family][axis] = n
                 rows.append(
                     {
                         "mechanism": name,
@@ -398,7 +401,7 @@ def families_table(
                 estimate = values[family][axis] - values[reference][axis]
                 low = high = np.nan
                 ci = ""
-                n = n_ref = 0
+                n, n_ref = counts[family][axis], counts[reference][axis]
                 if axis in BOOTSTRAP_AXES and not by_family[family].empty and not by_family[
                     reference
                 ].empty:
@@ -407,7 +410,6 @@ def families_table(
                     stat = BOOTSTRAP_AXES[axis][1]
                     low, high = bootstrap_ci([x, y], lambda a, b, s=stat: s(a) - s(b), bootstrap_cfg)
                     ci = method
-                    n, n_ref = len(x), len(y)
                 rows.append(
                     {
                         "mechanism": name,
