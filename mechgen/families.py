@@ -339,9 +339,7 @@ def families_table(
     rows = []
     for name in names:
         seeds = tables.per_seed[name]
-        by_family = {
-            f: seeds[seeds["family"] == f] if len(seeds) else seeds for f in families
-        }
+        by_family = {f: seeds[seeds["family"] == f] if len(seeds) else seeds for f in families}
         members = {
             f: ";".join(dict.fromkeys(by_family[f]["member"])) if len(by_family[f]) else ""
             for f in families
@@ -402,13 +400,17 @@ def families_table(
                 low = high = np.nan
                 ci = ""
                 n, n_ref = counts[family][axis], counts[reference][axis]
-                if axis in BOOTSTRAP_AXES and not by_family[family].empty and not by_family[
-                    reference
-                ].empty:
+                if (
+                    axis in BOOTSTRAP_AXES
+                    and not by_family[family].empty
+                    and not by_family[reference].empty
+                ):
                     x = axis_values(by_family[family], axis)
                     y = axis_values(by_family[reference], axis)
                     stat = BOOTSTRAP_AXES[axis][1]
-                    low, high = bootstrap_ci([x, y], lambda a, b, s=stat: s(a) - s(b), bootstrap_cfg)
+                    low, high = bootstrap_ci(
+                        [x, y], lambda a, b, s=stat: s(a) - s(b), bootstrap_cfg
+                    )
                     ci = method
                 rows.append(
                     {
@@ -436,7 +438,9 @@ def families_table(
 # ---- the mixed models ----------------------------------------------------------------------
 
 
-def family_design(per_seed: pd.DataFrame, families: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+def family_design(
+    per_seed: pd.DataFrame, families: Sequence[str]
+) -> tuple[pd.DataFrame, list[str]]:
     """``per_seed`` with an indicator column ``family_<i>`` (1 for family ``families[i]``,
     i >= 1; the first family is the reference) and ``log10_n_params``; and the indicator names."""
     data = per_seed.assign(log10_n_params=np.log10(per_seed["n_params"].astype(float)))
@@ -447,9 +451,7 @@ def family_design(per_seed: pd.DataFrame, families: Sequence[str]) -> tuple[pd.D
     return data, indicators
 
 
-def family_models(
-    per_seed: pd.DataFrame, families: Sequence[str], mechanism: str = ""
-) -> list:
+def family_models(per_seed: pd.DataFrame, families: Sequence[str], mechanism: str = "") -> list:
     """The two mixed models of the module docstring for one mechanism's runs (``per_seed`` of
     every family, with ``onset_tokens``); a list of :class:`mechgen.stats.MixedFit`."""
     if per_seed.empty:
@@ -537,9 +539,12 @@ def summary_rst(
         "``stats/families_models.csv``; the figures under *Across families* draw them.",
         "",
     ]
-    diff = families[(families["kind"] == "difference") & families["axis"].isin(
-        ["log10_onset_tokens", "peak", "relative_depth", "fraction_qualifying"]
-    )]
+    diff = families[
+        (families["kind"] == "difference")
+        & families["axis"].isin(
+            ["log10_onset_tokens", "peak", "relative_depth", "fraction_qualifying"]
+        )
+    ]
     if diff.empty:
         lines.append("The study has one family: there is no difference between families.")
         return "\n".join(lines) + "\n"
@@ -547,15 +552,18 @@ def summary_rst(
     def cell(row: pd.Series) -> str:
         if not np.isfinite(row["estimate"]):
             return "–"
-        ci = (
-            f" [{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
-            if np.isfinite(row["ci_low"])
-            else ""
-        )
+        ci = f" [{row['ci_low']:.3g}, {row['ci_high']:.3g}]" if np.isfinite(row["ci_low"]) else ""
         return f"{row['estimate']:.3g}{ci}"
 
-    header = ["mechanism", "family - reference", "onset, log10 tokens", "peak", "relative depth",
-              "fraction qualifying", "onset, mixed model"]
+    header = [
+        "mechanism",
+        "family - reference",
+        "onset, log10 tokens",
+        "peak",
+        "relative depth",
+        "fraction qualifying",
+        "onset, mixed model",
+    ]
     table = []
     for (name, family), group in diff.groupby(["mechanism", "family"], sort=False):
         by_axis = group.set_index("axis")
@@ -573,8 +581,10 @@ def summary_rst(
         )
         table.append(
             [name, f"{family} - {reference}"]
-            + [cell(by_axis.loc[a]) for a in
-               ("log10_onset_tokens", "peak", "relative_depth", "fraction_qualifying")]
+            + [
+                cell(by_axis.loc[a])
+                for a in ("log10_onset_tokens", "peak", "relative_depth", "fraction_qualifying")
+            ]
             + [mixed]
         )
     lines += [".. list-table::", "   :header-rows: 1", ""]
@@ -585,7 +595,9 @@ def summary_rst(
     level = f"{confidence.iloc[0]:.0%}" if len(confidence) else ""
     lines += [
         "",
-        f"Brackets: {level} bootstrap intervals (runs resampled within each family). The mixed "
-        "model's family term is on log10(onset tokens), with seed as a random intercept.",
+        (
+            f"Brackets: {level} bootstrap intervals (runs resampled within each family). The "
+            "mixed model's family term is on log10(onset tokens), with seed as a random intercept."
+        ),
     ]
     return "\n".join(lines) + "\n"

@@ -112,8 +112,14 @@ def plot_family_profiles(
         )
         for i in range(raw.shape[0]):
             if not scored[i]:
-                ax.text((raw.shape[1] - 1) / 2, i, "not scored", ha="center", va="center",
-                        fontsize=MIN_FONT_PT)
+                ax.text(
+                    (raw.shape[1] - 1) / 2,
+                    i,
+                    "not scored",
+                    ha="center",
+                    va="center",
+                    fontsize=MIN_FONT_PT,
+                )
                 continue
             for j in range(raw.shape[1]):
                 value = raw[i, j]
@@ -130,8 +136,7 @@ def plot_family_profiles(
                 )
         ax.xaxis.tick_top()
         ax.set_xticks(
-            range(len(PROFILE_LABELS)), list(PROFILE_LABELS.values()), rotation=90,
-            fontsize=TICK_PT
+            range(len(PROFILE_LABELS)), list(PROFILE_LABELS.values()), rotation=90, fontsize=TICK_PT
         )
         ax.set_yticks(range(len(rows)), rows["mechanism"].tolist(), fontsize=TICK_PT)
         ax.tick_params(length=0)

@@ -50,7 +50,9 @@ def main(sm: Any) -> None:
             families.summary_rst(sm.params.study, members, out["families"], out["models"])
         )
     log.info(
-        "study %s: %d families.csv rows, %d model rows", sm.params.study, len(out["families"]),
+        "study %s: %d families.csv rows, %d model rows",
+        sm.params.study,
+        len(out["families"]),
         len(out["models"]),
     )
 

@@ -130,9 +130,7 @@ def test_bootstrap_difference_ci_against_a_numpy_bootstrap() -> None:
     cfg = dict(BOOT, n_resamples=4000)
     low, high = families.bootstrap_ci([x, y], lambda a, b: np.mean(a) - np.mean(b), cfg)
     hand = np.random.default_rng(7)
-    draws = [
-        hand.choice(x, x.size).mean() - hand.choice(y, y.size).mean() for _ in range(20000)
-    ]
+    draws = [hand.choice(x, x.size).mean() - hand.choice(y, y.size).mean() for _ in range(20000)]
     ref_low, ref_high = np.percentile(draws, [2.5, 97.5])
     assert low == pytest.approx(ref_low, abs=0.01)
     assert high == pytest.approx(ref_high, abs=0.01)
@@ -152,7 +150,10 @@ def planted_runs(effect: float, n_seeds: int = 12, seed: int = 0) -> pd.DataFram
         for n_params in (1e6, 1e7):
             for s in range(n_seeds):
                 log_onset = (
-                    6 + effect * (family == "gpt2") + 0.5 * np.log10(n_params / 1e6) + u[s]
+                    6
+                    + effect * (family == "gpt2")
+                    + 0.5 * np.log10(n_params / 1e6)
+                    + u[s]
                     + rng.normal(0, 0.1)
                 )
                 rows.append(
@@ -206,7 +207,9 @@ def test_mixed_model_drops_size_when_each_family_has_one() -> None:
 
 def base_config() -> dict:
     config = load_yaml(Path(__file__).resolve().parent.parent / "config.yaml")
-    config["suites"]["toyb"] = dict(config["suites"]["toy"], model_prefix="toyb-", architecture="gpt2")
+    config["suites"]["toyb"] = dict(
+        config["suites"]["toy"], model_prefix="toyb-", architecture="gpt2"
+    )
     config["studies"] = {"toy-families": {"combine": ["toy", "toyb"]}}
     config["suite"] = "toy-families"
     return config
