@@ -236,7 +236,8 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
             f"config key 'suite': unknown suite {config['suite']!r}; allowed: "
             f"{', '.join(list(suites) + list(studies))}"
         )
-    selected = set(study_members(config)) if config["suite"] in studies else {config["suite"]}
+    # A study reads its members' tables (checked when the workflow starts), not their inputs.
+    selected = set() if config["suite"] in studies else {config["suite"]}
     from mechgen.sources import HubSettings
 
     try:

@@ -219,6 +219,18 @@ def test_study_config_is_valid_and_members_keep_their_family() -> None:
     config = validate_config(base_config(), check_files=False)
     assert config["suites"]["toy"]["architecture"] == "gpt_neox"  # the schema's default
     assert config["suites"]["toyb"]["architecture"] == "gpt2"
+    # A study reads its members' tables, not their checkpoints: a member's inputs may be gone.
+    gone = base_config()
+    gone["suites"]["toyb"].update(
+        source="local",
+        path="/nonexistent/runs",
+        schedule=[0, 100],
+        eval={"kind": "file", "path": "/nonexistent/a.txt"},
+    )
+    gone["suite"] = "toyb"  # run on its own, the member needs them
+    with pytest.raises(ConfigError, match="config key .suites.toyb.path."):
+        validate_config(gone)
+    assert validate_config(gone)["suites"]["toyb"]["architecture"] == "gpt2"
 
 
 @pytest.mark.parametrize(
