@@ -227,10 +227,10 @@ def test_study_config_is_valid_and_members_keep_their_family() -> None:
         schedule=[0, 100],
         eval={"kind": "file", "path": "/nonexistent/a.txt"},
     )
+    assert validate_config(gone)["suites"]["toyb"]["architecture"] == "gpt2"
     gone["suite"] = "toyb"  # run on its own, the member needs them
     with pytest.raises(ConfigError, match="config key .suites.toyb.path."):
         validate_config(gone)
-    assert validate_config(gone)["suites"]["toyb"]["architecture"] == "gpt2"
 
 
 @pytest.mark.parametrize(
