@@ -26,6 +26,7 @@ from mechgen.config import ConfigError, load_yaml, validate_config
 from mechgen.mechanisms import NullContext
 from mechgen.outputs import read_csv, write_csv
 
+REPO = Path(__file__).resolve().parent.parent
 NAMES = ["previous_token", "induction"]
 BOOT = {"n_resamples": 2000, "seed": 0, "confidence": 0.95, "method": "percentile"}
 
@@ -325,3 +326,66 @@ def test_combined_study_end_to_end(toy_test_run: Path, tmp_path: Path) -> None:
     failed = run_snakemake(work, *args, "-n", "--forceall", check=False)
     assert failed.returncode != 0
     assert "./mechgen.sh run --config suite=toyb" in failed.stdout + failed.stderr
+
+
+def test_rule_script_outputs_and_report_render(study, tmp_path: Path, monkeypatch) -> None:
+    """scripts/families.py as Snakemake runs it (after its preamble), then the report pieces it
+    feeds: the captions and the workflow description with the study's summary.rst, rendered
+    as Snakemake's report does (a docutils warning fails)."""
+    from types import SimpleNamespace
+
+    from snakemake.iocontainers import Namedlist
+    from test_figures import load_script, render_caption
+
+    source = (REPO / "scripts" / "families.py").read_text()
+    compile("import sys\nsnakemake = None\n" + source, "families.py", "exec")
+    res = tmp_path / "out" / "syn-families"
+    outputs = {
+        "families": res / "stats" / "families.csv",
+        "models": res / "stats" / "families_models.csv",
+        "profiles": res / "stats" / "families_profile.csv",
+        "trajectories": res / "figures" / "families_trajectories.png",
+        "heatmap": res / "figures" / "families_profile.png",
+        "summary": res / "summary.rst",
+    }
+    members = [
+        {
+            "suite": m.suite,
+            "family": m.family,
+            "tokens_per_step": m.tokens_per_step,
+            "stats_dir": str(m.stats_dir),
+            "relational": False,
+        }
+        for m in study
+    ]
+    load_script("families").main(
+        SimpleNamespace(
+            input=Namedlist(),
+            output=Namedlist(fromdict={k: str(v) for k, v in outputs.items()}),
+            params=SimpleNamespace(
+                study="syn-families",
+                members=members,
+                mechanisms=NAMES,
+                bootstrap=dict(BOOT, n_resamples=200),
+                n_permutations=49,
+            ),
+            log=[str(res / "logs" / "families.log")],
+            rule="families",
+        )
+    )
+    table = read_csv(outputs["families"])
+    assert len(table) == len(NAMES) * len(families.AXES) * 3  # 2 profile rows + 1 difference
+    assert set(read_csv(outputs["models"])["mechanism"]) == set(NAMES)
+    config = {
+        "suite": "syn-families",
+        "results_dir": "out",
+        "studies": {"syn-families": {"combine": ["a", "b"]}},
+    }
+    monkeypatch.chdir(tmp_path)
+    html = render_caption(REPO / "workflow" / "report" / "workflow.rst", config, {}, "html_body")
+    assert "Across model families" in html and "gpt2 - gpt_neox" in html
+    assert "The generalizability profile" not in html  # the single-suite section
+    for name in ("families_trajectories", "families_profile"):
+        assert "syn-families" in render_caption(
+            REPO / "workflow" / "report" / f"{name}.rst", config, {}
+        )
