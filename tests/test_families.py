@@ -389,3 +389,30 @@ def test_rule_script_outputs_and_report_render(study, tmp_path: Path, monkeypatc
         assert "syn-families" in render_caption(
             REPO / "workflow" / "report" / f"{name}.rst", config, {}
         )
+
+
+def test_a_mechanism_one_family_does_not_score(study, tmp_path: Path) -> None:
+    """A member whose mechanism is not scored (header-only tables, as the single-suite analysis
+    writes them, e.g. a mechanism that does not apply to an architecture): that family's row is
+    not scored, its differences are NaN, and the mixed model says why it was skipped."""
+    b = tmp_path / "b"
+    shutil.copytree(study[1].stats_dir, b)
+    for table in families.MEMBER_TABLES:
+        path = b / "induction" / f"{table}.csv"
+        write_csv(read_csv(path).iloc[0:0], path)
+    members = [study[0], families.Member("b", "gpt2", 80, b)]
+    _, out = families.analyze_study(members, NAMES, {}, BOOT, n_permutations=19)
+    rows = out["families"][out["families"]["mechanism"] == "induction"]
+    gpt2 = rows[(rows["kind"] == "profile") & (rows["family"] == "gpt2")]
+    assert gpt2["estimate"].isna().all()
+    assert rows[rows["kind"] == "difference"]["estimate"].isna().all()
+    profile = out["profiles"]
+    note = profile[(profile["family"] == "gpt2") & (profile["mechanism"] == "induction")]["note"]
+    assert note.tolist() == ["not scored: no runs of this family scored it"]
+    models = out["models"][out["models"]["mechanism"] == "induction"]
+    assert (
+        models["note"].str.startswith("skipped: the fixed-effects design is rank deficient").all()
+    )
+    # previous_token is untouched.
+    prev = out["families"][out["families"]["mechanism"] == "previous_token"]
+    assert prev["estimate"].notna().any()
