@@ -235,10 +235,14 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
         raise ConfigError(_schema_error_message(errors[0]))
 
     suites = config["suites"]
-    if config["suite"] not in suites:
+    studies = config["studies"]
+    if config["suite"] not in suites and config["suite"] not in studies:
         raise ConfigError(
-            f"config key 'suite': unknown suite {config['suite']!r}; allowed: {', '.join(suites)}"
+            f"config key 'suite': unknown suite {config['suite']!r}; allowed: "
+            f"{', '.join(list(suites) + list(studies))}"
         )
+    # A study reads its members' tables (checked when the workflow starts), not their inputs.
+    selected = set() if config["suite"] in studies else {config["suite"]}
     from mechgen.sources import HubSettings
 
     try:
@@ -248,7 +252,7 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
     from mechgen.settings import CircuitSettings
 
     for name, spec in suites.items():
-        _validate_suite(config, name, spec, check_files=check_files and name == config["suite"])
+        _validate_suite(config, name, spec, check_files=check_files and name in selected)
         if spec["source"] != "table":
             try:
                 CircuitSettings.from_mapping(relational_settings(config, name))
@@ -256,7 +260,48 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
                 raise ConfigError(f"config key 'relational' (suite {name!r}): {exc}") from None
     if "training" in config["toy"]:
         _validate_toy_training(config["toy"]["training"])
+    for name in studies:
+        _validate_study(config, name)
     return config
+
+
+def _validate_study(config: dict[str, Any], name: str) -> None:
+    """Study ``name`` combines known suites whose runs have distinct model names (so that the
+    combined tables keep one row per model), under a name no suite has."""
+    key = f"studies.{name}"
+    suites = config["suites"]
+    if name in suites:
+        raise ConfigError(f"config key '{key}': a study cannot have the name of a suite")
+    owner: dict[str, str] = {}
+    for member in config["studies"][name]["combine"]:
+        if member not in suites:
+            raise ConfigError(
+                f"config key '{key}.combine': unknown suite {member!r}; allowed: {', '.join(suites)}"
+            )
+        # A table suite's models are known only from its table (checked when it is read).
+        for model in sorted({r.model for r in suite_runs(config, member)}):
+            if model in owner:
+                raise ConfigError(
+                    f"config key '{key}.combine': suites {owner[model]!r} and {member!r} both "
+                    f"have model {model!r}; the members of a study need distinct model names "
+                    "(set a different model_prefix)"
+                )
+            owner[model] = member
+
+
+def is_study(config: Mapping[str, Any], name: str | None = None) -> bool:
+    """Whether ``name`` (default: the selected ``suite``) is an entry of ``studies``."""
+    return (name or config["suite"]) in (config.get("studies") or {})
+
+
+def study_members(config: Mapping[str, Any], name: str | None = None) -> list[str]:
+    """The suites study ``name`` (default: the selected one) combines, in the config's order."""
+    return list(config["studies"][name or config["suite"]]["combine"])
+
+
+def suite_family(config: Mapping[str, Any], suite: str) -> str:
+    """The model family of ``suite`` (its ``architecture``, filled in by validation)."""
+    return str(config["suites"][suite].get("architecture", "gpt_neox"))
 
 
 def _validate_toy_training(training: dict[str, Any]) -> None:
