@@ -16,11 +16,12 @@ commands:
                            listing option, only Snakemake runs (no jobs, no report).
   resume [snakemake args]  after a crash or kill: stop jobs the dead run left running, unlock,
                            rerun what is unfinished (finished jobs are kept), then the report
-  test [pytest args]       run the test suite (e.g. ./mechgen.sh test -m "not slow")
+  test [pytest args]       run the tests on \$CORES workers (e.g. ./mechgen.sh test -m "not slow")
   setup                    only (re)install the virtual environment (\$MECHGEN_VENV, default .venv)
   help, -h, --help         print this help
 
-environment: MECHGEN_VENV (default .venv), CORES (parallel jobs of a local run, default 2)
+environment: MECHGEN_VENV (default .venv), CORES (parallel jobs of a local run, test workers;
+             default 2)
 USAGE
 }
 
@@ -147,7 +148,9 @@ case "$cmd" in
     test)
         setup
         export PATH="$VENV/bin:$PATH"
-        exec python -m pytest "$@"
+        # $CORES pytest-xdist workers (-n 0 in the arguments: one process); worksteal hands a
+        # worker that runs out of tests part of the other's queue.
+        exec python -m pytest -n "${CORES:-2}" --dist worksteal "$@"
         ;;
     *)
         echo "mechgen: unknown command '$cmd'" >&2
