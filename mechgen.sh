@@ -16,11 +16,12 @@ commands:
                            listing option, only Snakemake runs (no jobs, no report).
   resume [snakemake args]  after a crash or kill: stop jobs the dead run left running, unlock,
                            rerun what is unfinished (finished jobs are kept), then the report
-  test [pytest args]       run the test suite (e.g. ./mechgen.sh test -m "not slow")
+  test [pytest args]       run the tests on \$CORES workers (e.g. ./mechgen.sh test -m "not slow")
   setup                    only (re)install the virtual environment (\$MECHGEN_VENV, default .venv)
   help, -h, --help         print this help
 
-environment: MECHGEN_VENV (default .venv), CORES (parallel jobs of a local run, default 2)
+environment: MECHGEN_VENV (default .venv), CORES (parallel jobs of a local run, test workers;
+             default 2)
 USAGE
 }
 
@@ -48,11 +49,40 @@ setup() {
     fi
     local stamp="$VENV/.mechgen-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        "$VENV/bin/python" -m pip install -q --upgrade pip
-        # torch is pinned in pyproject.toml (2.13.0, CPU build on this machine).
-        "$VENV/bin/python" -m pip install -q -e '.[dev]'
+        # torch is pinned in pyproject.toml (2.13.0, CPU build on this machine). uv installs
+        # the same pins as pip in about a quarter of pip's CPU time; pip is the fallback.
+        if ! uv_install; then
+            echo "mechgen: installing with uv failed; installing with pip" >&2
+            "$VENV/bin/python" -m pip install -q --upgrade pip
+            "$VENV/bin/python" -m pip install -q -e '.[dev]'
+        fi
         touch "$stamp"
     fi
+}
+
+# uv does not read pip's configuration, so what pip would use (pip.conf and PIP_* variables:
+# indexes, local wheel directories such as the one holding the CPU torch, constraints) is
+# passed on. pip takes the best version from all its indexes; uv does so only when told.
+uv_install() {
+    local args
+    "$VENV/bin/python" -m pip install -q uv || return 1
+    mapfile -t args < <("$VENV/bin/python" -m pip config list 2>/dev/null | "$VENV/bin/python" -c '
+import shlex, sys
+flags = {"find-links": "--find-links", "index-url": "--index-url",
+         "extra-index-url": "--extra-index-url", "constraint": "--constraint"}
+seen = []
+for line in sys.stdin:
+    key, _, value = line.strip().partition("=")
+    flag = flags.get(key.rpartition(".")[2])
+    for item in shlex.split(value)[0].split() if flag and value else ():
+        if (flag, item) not in seen:
+            seen.append((flag, item))
+for flag, item in seen:
+    print(flag)
+    print(item)
+')
+    "$VENV/bin/python" -m uv pip install -q --python "$VENV/bin/python" \
+        --index-strategy unsafe-best-match "${args[@]}" -e '.[dev]'
 }
 
 # Build results/<suite>/report.html. `snakemake --report` logs "Loading script code for rule X"
@@ -118,7 +148,9 @@ case "$cmd" in
     test)
         setup
         export PATH="$VENV/bin:$PATH"
-        exec python -m pytest "$@"
+        # $CORES pytest-xdist workers (-n 0 in the arguments: one process); worksteal hands a
+        # worker that runs out of tests part of the other's queue.
+        exec python -m pytest -n "${CORES:-2}" --dist worksteal "$@"
         ;;
     *)
         echo "mechgen: unknown command '$cmd'" >&2

@@ -8,6 +8,12 @@ scores the default toy suite's ``small`` size, seed 1 (tests/test_toy_induction.
 Both runs start in the background as soon as the tests are collected, if a selected test uses
 them (:func:`pytest_collection_finish`), and their fixtures wait for them: the training runs on
 the cores the tests before their first user leave idle (most tests use one core).
+``toy_test_run_later`` starts the same run but hands out a function that waits for it, so that
+a test can do its own work first and wait only where it compares with the run.
+
+Under pytest-xdist (``./mechgen.sh test`` runs two workers) each run is built once for the
+whole session, in :func:`shared_tmp_root`: the first worker to claim it starts it, every worker
+waits for the same result. :func:`build_once` does the same for a fixture built in-process.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from filelock import FileLock
 
 # No hub access in tests: every HF load must come from local files (and fail fast otherwise).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -168,46 +176,92 @@ def job_stats(log: str) -> dict[str, int]:
     return counts
 
 
-class BackgroundSnakemake:
-    """``python -m snakemake *args`` started now in ``workdir`` (its own process group; output
-    to ``<workdir>.log``), to be waited for later; the ``timeout_s`` counts from the start."""
+def shared_tmp_root(factory: pytest.TempPathFactory) -> Path:
+    """A temporary directory shared by all pytest-xdist workers of this session (without xdist,
+    the session's own base temp dir): each worker's base temp dir is a child of it."""
+    base = factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
-    def __init__(self, workdir: Path, args: tuple[str, ...], timeout_s: float) -> None:
-        self.workdir = workdir
-        self.args = args
-        self.log = workdir.with_name(workdir.name + ".log")
+
+def build_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """``<shared_tmp_root>/<name>``, made by ``build(path)`` exactly once per session however
+    many xdist workers ask (a file lock; later callers wait, then reuse it). A failed build is
+    retried by the next caller. Callers must treat the directory as read-only."""
+    root = shared_tmp_root(factory)
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            build(path)
+            done.touch()
+    return path
+
+
+# Runs the command, then writes its exit status to the file named by $0 (atomically: the
+# waiters poll for the file).
+_RECORD_EXIT = '"$@"; echo $? > "$0.tmp" && mv "$0.tmp" "$0"'
+
+
+class BackgroundSnakemake:
+    """``python -m snakemake *args`` in ``<shared_tmp_root>/<name>``, started now (its own
+    process group; output to ``<name>.log``) by the first xdist worker to claim ``name``, to be
+    waited for later by any worker (its exit status lands in ``<name>.rc``). ``prepare(workdir)``
+    fills the work directory before the start and returns Snakemake's arguments. The
+    ``timeout_s`` counts from the start."""
+
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        prepare: Callable[[Path], tuple[str, ...]],
+        timeout_s: float,
+    ) -> None:
+        self.workdir = root / name
+        self.log = root / f"{name}.log"
+        self.rc = root / f"{name}.rc"
         self.deadline = time.monotonic() + timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.args: tuple[str, ...] = ()
+        try:
+            os.close(os.open(root / f"{name}.owner", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another worker has started it
+        self.args = prepare(self.workdir)
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "snakemake", *args],
-                cwd=workdir,
+                ["sh", "-c", _RECORD_EXIT, str(self.rc), sys.executable, "-m", "snakemake",
+                 *self.args],
+                cwd=self.workdir,
                 env=dict(os.environ, HF_HUB_OFFLINE="1"),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # stop() reaches the job subprocesses too
-            )
+            )  # fmt: skip
 
     def wait(self) -> Path:
         """Wait for the run; return ``workdir``, or raise AssertionError with its log's end."""
-        try:
-            returncode = self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        while not self.rc.exists() and time.monotonic() < self.deadline:
+            time.sleep(0.5)
+        if not self.rc.exists():
             self.stop()
-            returncode = None
-        if returncode != 0:
-            tail = "\n".join(self.log.read_text().splitlines()[-60:])
-            status = "timed out" if returncode is None else f"exited {returncode}"
-            raise AssertionError(f"snakemake {' '.join(self.args)} {status}:\n{tail}")
-        return self.workdir
+            status = "timed out"
+        else:
+            status = self.rc.read_text().strip()
+            if status == "0":
+                return self.workdir
+            status = f"exited {status}"
+        tail = "\n".join(self.log.read_text().splitlines()[-60:]) if self.log.exists() else ""
+        raise AssertionError(f"snakemake in {self.workdir} {status}:\n{tail}")
 
     def stop(self) -> None:
-        """Kill the run's whole process group if it is still running."""
-        if self.proc.poll() is None:
+        """Kill the run's whole process group if this worker started it and it still runs."""
+        if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.proc.wait()
+            self.rc.write_text("killed")
 
 
 INDUCTION_SUITE = "toy-induction"
@@ -226,44 +280,62 @@ def _induction_overlay() -> dict:
     return {"suite": INDUCTION_SUITE, "suites": {INDUCTION_SUITE: spec}}
 
 
-def _start_toy_test_run(factory: pytest.TempPathFactory) -> BackgroundSnakemake:
-    workdir = copy_workflow(factory.mktemp("toy-test-run"))
-    args = ("--cores", "2", "--configfile", *TOY_TEST_CONFIGFILES)
-    return BackgroundSnakemake(workdir, args, timeout_s=1200)
+def _prepare_toy_test_run(workdir: Path) -> tuple[str, ...]:
+    copy_workflow(workdir)
+    return ("--cores", "2", "--configfile", *TOY_TEST_CONFIGFILES)
 
 
-def _start_induction_run(factory: pytest.TempPathFactory) -> BackgroundSnakemake:
-    workdir = copy_workflow(factory.mktemp("toy-induction"))
+def _prepare_induction_run(workdir: Path) -> tuple[str, ...]:
+    copy_workflow(workdir)
     overlay = workdir / "toy-induction.yaml"
     overlay.write_text(yaml.safe_dump(_induction_overlay()))
     target = f"results/{INDUCTION_SUITE}/stats/relational.csv"
-    args = ("--cores", "2", target, "--configfile", "config.yaml", overlay.name)
-    return BackgroundSnakemake(workdir, args, timeout_s=2400)
+    return ("--cores", "2", target, "--configfile", "config.yaml", overlay.name)
 
 
-_BACKGROUND_STARTS = {"toy_test_run": _start_toy_test_run, "induction_run": _start_induction_run}
+_BACKGROUND_RUNS = {
+    "toy_test_run": (_prepare_toy_test_run, 1200),
+    "induction_run": (_prepare_induction_run, 2400),
+}
+"""name: (prepare, timeout in s) of each background run."""
+_FIXTURE_RUNS = {"toy_test_run": "toy_test_run", "toy_test_run_later": "toy_test_run",
+                 "induction_run": "induction_run"}  # fmt: skip
+"""Which background run each fixture waits for."""
 _background: dict[str, BackgroundSnakemake] = {}
+
+
+def _start(name: str, factory: pytest.TempPathFactory) -> BackgroundSnakemake:
+    if name not in _background:
+        prepare, timeout_s = _BACKGROUND_RUNS[name]
+        _background[name] = BackgroundSnakemake(shared_tmp_root(factory), name, prepare, timeout_s)
+    return _background[name]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the trained runs that the selected tests use (see the module docstring)."""
     used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     factory = session.config._tmp_path_factory  # the factory behind tmp_path_factory
-    for name, start in _BACKGROUND_STARTS.items():
-        if name in used and name not in _background:
-            _background[name] = start(factory)
+    for fixture, name in _FIXTURE_RUNS.items():
+        if fixture in used:
+            _start(name, factory)
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Stop a background run that no test waited for (e.g. after -x stopped the session)."""
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop a run that this process started and no test waited for (e.g. after -x stopped the
+    session). Under xdist another worker may still need it: wait for it instead, unless the
+    session is being cut short (-x, --maxfail, Ctrl-C)."""
+    others_may_need = bool(os.environ.get("PYTEST_XDIST_WORKER")) and not (
+        session.shouldstop or session.shouldfail or exitstatus == pytest.ExitCode.INTERRUPTED
+    )
     for run in _background.values():
+        if run.proc is None:
+            continue  # another worker's
+        if others_may_need:
+            try:
+                run.wait()
+            except AssertionError:
+                pass  # the tests that use it report the failure
         run.stop()
-
-
-def _background_run(name: str, factory: pytest.TempPathFactory) -> Path:
-    if name not in _background:  # not started at collection (e.g. a fixture asked by name)
-        _background[name] = _BACKGROUND_STARTS[name](factory)
-    return _background[name].wait()
 
 
 @pytest.fixture(scope="session")
@@ -272,14 +344,21 @@ def toy_test_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Read-only for tests: copy it with :func:`copy_run` before running anything in it.
     """
-    return _background_run("toy_test_run", tmp_path_factory)
+    return _start("toy_test_run", tmp_path_factory).wait()
+
+
+@pytest.fixture(scope="session")
+def toy_test_run_later(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Path]:
+    """A function that waits for ``toy_test_run`` and returns it: the test runs alongside the
+    training until it calls it."""
+    return _start("toy_test_run", tmp_path_factory).wait
 
 
 @pytest.fixture(scope="session")
 def induction_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``results/toy-induction`` of a work directory in which the default toy suite, cut to
     ``small`` seed 1, has trained and been scored up to its relational statistics (2 cores)."""
-    return _background_run("induction_run", tmp_path_factory) / "results" / INDUCTION_SUITE
+    return _start("induction_run", tmp_path_factory).wait() / "results" / INDUCTION_SUITE
 
 
 def sidecar_first_halves(sequences: dict) -> np.ndarray:
@@ -294,3 +373,9 @@ def sidecar_first_halves(sequences: dict) -> np.ndarray:
     # The sidecar pins the ids: the same seed and range regenerate the same bytes.
     assert hashlib.sha256(first.astype("<i8").tobytes()).hexdigest() == sequences["sha256"]
     return first
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The SLURM tests first: most of their time is waiting for the cluster's scheduling, which
+    then overlaps the other tests instead of ending the session."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # stable

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -44,8 +45,9 @@ RES = f"results/{TOY_TEST_SUITE}"
 RUNS = TOY_TEST_RUNS
 STEPS = TOY_TEST_STEPS
 CHECKPOINTS_PER_JOB = 2
-TIMEOUT_S = 360
-"""Hard limit of the SLURM run (timeout -k 30): a status query that never sees jobs end hangs."""
+TIMEOUT_S = 600
+"""Hard limit of the SLURM run (timeout -k 30): a status query that never sees jobs end hangs.
+(The run shares the cores with the local toy-test run and the other tests.)"""
 TEST_FLAGS = (
     "--slurm-status-command", "squeue",
     "--slurm-init-seconds-before-status-checks", "2",
@@ -87,8 +89,9 @@ def squeue_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def test_toy_suite_on_slurm_equals_the_local_run(
-    slurm_cluster: None, toy_test_run: Path, tmp_path: Path
+    slurm_cluster: None, toy_test_run_later: Callable[[], Path], tmp_path: Path
 ) -> None:
+    # The SLURM run does not need the local one until the comparison: they run side by side.
     workdir = copy_workflow(tmp_path / "slurm-run")
     started = time.monotonic()
     result = run_snakemake(
@@ -142,6 +145,7 @@ def test_toy_suite_on_slurm_equals_the_local_run(
     assert set(states.values()) == {"COMPLETED"}, states
 
     # The cluster run computed exactly what the local run did.
+    toy_test_run = toy_test_run_later()
     for table in ("heads.parquet", "trajectories.csv"):
         read = pd.read_parquet if table.endswith(".parquet") else pd.read_csv
         pd.testing.assert_frame_equal(
