@@ -661,11 +661,10 @@ def save_random_checkpoint(
     import shutil
 
     import torch
-    from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model_class = GPT2LMHeadModel if config.model_type == "gpt2" else GPTNeoXForCausalLM
-    model = model_class(config)
+    model = AutoModelForCausalLM.from_config(config)  # the config's class picks the model's
     step_dir = Path(step_dir)
     model.save_pretrained(step_dir)
     if tokenizer_dir is not None:
