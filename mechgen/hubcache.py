@@ -253,7 +253,9 @@ def build_offline_cache(
 
         tmp_bin: Path | None = None
         if weight_format == "pytorch" and SAFETENSORS_WEIGHTS in sources:
-            tmp_bin = repo_dir / "blobs" / f".{revision}.{PYTORCH_WEIGHTS}.tmp"
+            # torch.save names the zip archive's root folder after the file's stem: the same
+            # weights under two revisions must give the same bytes (one blob), as on the hub.
+            tmp_bin = repo_dir / "blobs" / f".{revision}.tmp" / PYTORCH_WEIGHTS
             tmp_bin.parent.mkdir(parents=True, exist_ok=True)
             _convert_safetensors_to_pytorch(
                 sources.pop(SAFETENSORS_WEIGHTS), tmp_bin, legacy_pythia_keys
@@ -268,6 +270,7 @@ def build_offline_cache(
         files = {name: _add_blob(repo_dir, path, name) for name, path in sources.items()}
         if tmp_bin is not None:
             tmp_bin.unlink()
+            tmp_bin.parent.rmdir()
         commit = _commit_hash(repo_id, revision, files)
 
         snapshot = repo_dir / "snapshots" / commit

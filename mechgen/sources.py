@@ -71,7 +71,6 @@ from mechgen.hubcache import (
 
 if TYPE_CHECKING:  # torch/transformers are heavy; imported where used
     import torch
-    from transformers import GPTNeoXForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -1007,7 +1006,8 @@ def _local_tokenizer_dir(
 
 
 def read_model_config(files: CheckpointFiles) -> dict[str, Any]:
-    """``config.json`` of the checkpoint as a dict; :class:`UnsupportedCheckpoint` unless GPT-NeoX."""
+    """``config.json`` of the checkpoint as a dict; :class:`UnsupportedCheckpoint` unless its
+    ``model_type`` is one of a known family's (:data:`mechgen.architectures.FAMILIES`)."""
     path = files.directory / CONFIG_FILE
     where = f"{files.repo_id}@{files.revision}/{CONFIG_FILE}" if files.from_hub else str(path)
     try:
@@ -1015,10 +1015,11 @@ def read_model_config(files: CheckpointFiles) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptCheckpoint(f"corrupt checkpoint: {where}: {_first_line(err)}") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "gpt_neox":
+    known = [f.model_type for f in architectures.FAMILIES.values()]
+    if model_type not in known:
         raise UnsupportedCheckpoint(
             f"{where}: model_type is {model_type!r}; "
-            "mechgen scores GPT-NeoX models only (model_type 'gpt_neox')"
+            f"mechgen scores these model types only: {', '.join(known)}"
         )
     return config
 
@@ -1088,8 +1089,9 @@ def check_weight_file(files: CheckpointFiles) -> None:
     del state_dict
 
 
-def load_model(files: CheckpointFiles, *, dtype: torch.dtype | None = None) -> GPTNeoXForCausalLM:
-    """Load the checkpoint as a ``GPTNeoXForCausalLM`` (the full causal LM, LM head included).
+def load_model(files: CheckpointFiles, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load the checkpoint as its family's causal LM (the full model, LM head included):
+    ``GPTNeoXForCausalLM`` or ``GPT2LMHeadModel``, the class its architecture adapter names.
 
     Eager attention (so attention probabilities can be returned), ``dtype`` (default
     float32), no remote code, weights read only through :func:`check_weight_file`'s safe
@@ -1098,12 +1100,14 @@ def load_model(files: CheckpointFiles, *, dtype: torch.dtype | None = None) -> G
     transformers would silently initialise at random) is a :class:`CorruptCheckpoint`.
     """
     import torch
-    from transformers import GPTNeoXForCausalLM
 
-    read_model_config(files)
+    from mechgen.model import adapter
+
+    config = read_model_config(files)
+    causal_lm = adapter.for_model_type(config["model_type"]).causal_lm_class()
     check_weight_file(files)
     try:
-        model, info = GPTNeoXForCausalLM.from_pretrained(
+        model, info = causal_lm.from_pretrained(
             str(files.directory),
             dtype=dtype or torch.float32,
             attn_implementation="eager",

@@ -3,8 +3,7 @@ with ``checkpoint-N`` revisions, and served through the offline Hugging Face cac
 hub so that the real ``hf`` download code (huggingface_hub, revision="checkpoint-N") fetches GPT-2
 weights and names. Every check compares with an independent reading of the saved files.
 
-Scoring GPT-2 needs the GPT-2 architecture adapter (mechgen/model/, another change); the one
-end-to-end scoring test here skips with "needs GPT-2 adapter" until the scorer accepts GPT-2.
+The end-to-end test scores a revision through the GPT-2 architecture adapter (mechgen/model/).
 """
 
 from __future__ import annotations
@@ -29,10 +28,8 @@ from mechgen.fakehub import FakeHub
 from mechgen.hubcache import build_offline_cache, file_sha256, repo_cache_dir, run_revisions
 from mechgen.sources import (
     MissingCheckpoint,
-    UnsupportedCheckpoint,
     fetch_checkpoint,
     fetch_tokenizer,
-    read_model_config,
     release,
     resolve_checkpoint,
 )
@@ -232,21 +229,7 @@ def test_fake_hub_serves_checkpoint_revisions_streams_and_dedupes(gpt2_run, tmp_
     assert release(files) == files.size_bytes
 
 
-# --- end to end: needs the GPT-2 adapter -------------------------------------------------------
-
-
-def _scorer_accepts_gpt2(run_dir: Path) -> bool:
-    from mechgen.sources import CheckpointFiles
-
-    weights = run_dir / "checkpoint-6" / "model.safetensors"
-    files = CheckpointFiles(
-        str(run_dir), "checkpoint-6", weights.parent, weights, "safetensors", None, "", 0, False
-    )
-    try:
-        read_model_config(files)
-    except UnsupportedCheckpoint:
-        return False
-    return True
+# --- end to end: scored through the GPT-2 adapter -------------------------------------------------------
 
 
 def _brute_force_one_back(checkpoint: Path, token_ids: list[list[int]]) -> np.ndarray:
@@ -271,11 +254,8 @@ def _brute_force_one_back(checkpoint: Path, token_ids: list[list[int]]) -> np.nd
 
 
 def test_gpt2_scores_through_the_hf_path_match_brute_force(gpt2_run, tmp_path) -> None:
-    """INTEGRATOR: end to end GPT-2 scoring through the hf path. Skips until the GPT-2 adapter
-    (mechgen/model/) is merged and the scorer accepts model_type gpt2; then it must pass."""
+    """End to end GPT-2 scoring through the hf path, against a brute-force forward."""
     run_dir, _ = gpt2_run
-    if not _scorer_accepts_gpt2(run_dir):
-        pytest.skip("needs GPT-2 adapter: mechgen.sources.read_model_config rejects model_type gpt2")
     from huggingface_hub import constants
     from tokenizers import Tokenizer
 

@@ -434,18 +434,18 @@ def test_fetch_tokenizer(offline, checkpoints):
         fetch_tokenizer(_hf_run(REPO), "step2000", cache_dir=offline)
 
 
-def test_model_type_must_be_gpt_neox(tmp_path, checkpoints):
+def test_model_type_must_be_a_known_family(tmp_path, checkpoints):
     import json
 
     step_dir = tmp_path / "run" / "step1"
     step_dir.mkdir(parents=True)
     config = json.loads((checkpoints["run_dir"] / "step0" / "config.json").read_text())
-    config["model_type"] = "gpt2"
+    config["model_type"] = "llama"
     (step_dir / "config.json").write_text(json.dumps(config))
     (step_dir / "model.safetensors").write_bytes(
         (checkpoints["run_dir"] / "step0" / "model.safetensors").read_bytes()
     )
-    with pytest.raises(UnsupportedCheckpoint, match="model_type is 'gpt2'"):
+    with pytest.raises(UnsupportedCheckpoint, match="model_type is 'llama'.*gpt_neox, gpt2"):
         load_model(fetch_checkpoint(_local_run(tmp_path / "run"), 1))
 
 

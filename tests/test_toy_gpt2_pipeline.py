@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import copy_workflow, run_snakemake
+from safetensors.torch import load_file
 
 from mechgen import toy
 
@@ -104,20 +103,10 @@ def _brute_force_one_back(checkpoint: Path, token_ids: list[list[int]]) -> np.nd
 
 
 def test_toy_gpt2_end_to_end_through_the_hf_path(trained, tmp_path, monkeypatch) -> None:
-    """INTEGRATOR: the toy GPT-2 run scored by the whole DAG through the hf path. Skips until the
-    GPT-2 adapter is merged (the scorer rejects model_type gpt2); then it must pass."""
-    from mechgen.sources import CheckpointFiles, UnsupportedCheckpoint, read_model_config
-
+    """The toy GPT-2 run scored by the whole DAG through the hf path."""
     work, overlay = trained
     hub_run = work / "results" / SUITE / "hub" / RUN
     steps = sorted(overlay["toy"]["schedule"])
-    last = hub_run / f"checkpoint-{steps[-1]}"
-    probe = CheckpointFiles(str(hub_run), last.name, last, last / "model.safetensors",
-                            "safetensors", None, "", 0, False)
-    try:
-        read_model_config(probe)
-    except UnsupportedCheckpoint:
-        pytest.skip("needs GPT-2 adapter: mechgen.sources.read_model_config rejects model_type gpt2")
 
     from mechgen.hubcache import build_offline_cache, run_revisions
 
@@ -154,7 +143,7 @@ def test_toy_gpt2_end_to_end_through_the_hf_path(trained, tmp_path, monkeypatch)
     assert pd.read_csv(out / "missing.csv")["step"].tolist() == [absent]
     heads = pd.read_parquet(out / "heads.parquet")
     token_ids = json.loads((out / "eval" / "tokens" / f"{RUN}.json").read_text())["token_ids"]
-    expected = _brute_force_one_back(last, token_ids)
+    expected = _brute_force_one_back(hub_run / f"checkpoint-{steps[-1]}", token_ids)
     got = heads[heads["step"] == steps[-1]].sort_values(["layer", "head"])["one_back"]
     np.testing.assert_allclose(got.to_numpy().reshape(expected.shape), expected, rtol=1e-6, atol=1e-6)
     sidecar = json.loads((out / "scores" / RUN / f"step{steps[-1]}.json").read_text())

@@ -33,14 +33,19 @@ def get(name: str) -> ArchitectureAdapter:
         ) from None
 
 
-def for_model(model: torch.nn.Module) -> ArchitectureAdapter:
-    """The adapter that reads ``model``, chosen by its ``config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def for_model_type(model_type: str | None, what: str = "a model") -> ArchitectureAdapter:
+    """The adapter of a transformers ``model_type`` (``config.json``'s ``model_type``)."""
     for adapter in ADAPTERS.values():
         if model_type in adapter.model_types:
             return adapter
     raise TypeError(
         "expected a transformers GPT-NeoX or GPT-2 model (model_type one of "
-        f"{[t for a in ADAPTERS.values() for t in a.model_types]}); got "
-        f"{type(model).__name__} (model_type {model_type!r})"
+        f"{[t for a in ADAPTERS.values() for t in a.model_types]}); got {what} "
+        f"(model_type {model_type!r})"
     )
+
+
+def for_model(model: torch.nn.Module) -> ArchitectureAdapter:
+    """The adapter that reads ``model``, chosen by its ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return for_model_type(model_type, type(model).__name__)
