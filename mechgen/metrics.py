@@ -324,7 +324,8 @@ def score_heads(
 
     ``model`` is a causal LM or its body of a family :mod:`mechgen.model.adapter` knows
     (``GPTNeoXForCausalLM``, ``GPT2LMHeadModel``, ...), loaded with
-    ``attn_implementation="eager"``; it is read only through its adapter; ``sentences`` are token-id lists (no BOS added).
+    ``attn_implementation="eager"`` and read only through its adapter; ``sentences`` are
+    token-id lists (no BOS added).
     Sentences are run through the transformer body only (no LM head, and the pass stops
     after the last layer's attention), sorted by length, in right-padded batches of
     ``batch_size`` with an attention mask, so each sentence's attention equals that of running

@@ -650,8 +650,8 @@ def composition_scores(
     head_dim rows of the Q of a Gaussian d x head_dim matrix (one G per draw, shared by all
     pairs of that draw; ``numpy.random.default_rng(seed)``).
 
-    ``model`` may be a loaded model (any adapter family) or precomputed :class:`HeadWeights` (whose own
-    ``folded_layernorm`` then applies). Returns ``{kind: CompositionScores}``.
+    ``model`` may be a loaded model (any adapter family) or precomputed :class:`HeadWeights`
+    (whose own ``folded_layernorm`` then applies). Returns ``{kind: CompositionScores}``.
     """
     kinds = list(dict.fromkeys(kinds))
     if not kinds or any(kind not in ("K", "Q", "V") for kind in kinds):
@@ -804,9 +804,10 @@ def real_queries_from_attention_mask(
 ) -> torch.Tensor | None:
     """[B, T] bool: which query positions are real tokens, from the mask an attention module gets.
 
-    transformers passes the attention module (GPT-NeoX and GPT-2 alike) a 4-D mask ``[B or 1, 1, T, T]``: boolean
-    (True = may attend) or additive (0 = may attend, the dtype's minimum = masked). A padded
-    query may not attend to itself, so the diagonal marks real queries. A 2-D ``[B, T]``
+    transformers passes the attention module (GPT-NeoX and GPT-2 alike) a 4-D mask
+    ``[B or 1, 1, T, T]``: boolean (True = may attend) or additive (0 = may attend, the dtype's
+    minimum = masked). A padded query may not attend to itself, so the diagonal marks real
+    queries. A 2-D ``[B, T]``
     mask (1 = real) is passed through; None (no mask) gives None, i.e. all real.
     """
     if mask is None:
@@ -852,8 +853,8 @@ def mean_head_output_hooks(model: torch.nn.Module) -> Iterator[MeanHeadOutputs]:
     A forward pre-hook (with kwargs) on each attention module reads which query positions
     are real from the attention mask transformers passes it
     (:func:`real_queries_from_attention_mask`); a forward pre-hook on the output projection
-    (the adapter's ``output_projection``) adds those positions' z (the dense input, heads concatenated) to the sums. So the mean
-    can ride along another scorer's passes, e.g. ``mechgen.metrics.score_heads``.
+    (the adapter's ``output_projection``) adds those positions' z (its input, heads
+    concatenated) to the sums. So the mean can ride along another scorer's passes, e.g. ``mechgen.metrics.score_heads``.
     """
     adapter = architectures.for_model(model)
     n_layers, n_heads, head_dim, _ = adapter.shape(model)

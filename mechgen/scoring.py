@@ -434,10 +434,10 @@ class _Scored:
     freed: int
 
 
-def _download_and_score(job: _Job, ref: Any, delete_weights: bool) -> _Scored | None:
+def _download_and_score(job: _Job, ref: Any, delete_weights: bool) -> _Scored:
     """The scores of ``ref``: from the cache when its key is there, else downloaded, loaded,
-    scored (and cached). None when the hub has no such checkpoint after all (the caller then
-    reports it missing; :class:`mechgen.sources.MissingCheckpoint` is re-raised as None)."""
+    scored (and cached), holding the blob's lock meanwhile. Raises
+    :class:`mechgen.sources.MissingCheckpoint` when the hub has no such checkpoint after all."""
     from mechgen import sources
 
     cache = job.cache

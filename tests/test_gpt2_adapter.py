@@ -12,12 +12,12 @@ import pytest
 import torch
 from test_metrics import SENTENCE_LENGTHS, VOCAB_SIZE, brute_force_scores, sentences
 from test_weight_mechanisms import PLANTED_TASKS, WORDS
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from mechgen.mechanisms import catalog, successor
 from mechgen.metrics import score_heads
 from mechgen.model import adapter as architectures
-from mechgen.model import gpt2
+from mechgen.model import gpt2, gpt_neox
 from mechgen.model.weight_scores import (
     WEIGHT_COLUMNS,
     WeightTasks,
@@ -84,6 +84,16 @@ def test_registry_picks_the_adapter_by_model_type() -> None:
         architectures.for_model(torch.nn.Linear(2, 2))
     assert gpt2.ADAPTER.revision(1500) == "checkpoint-1500"
     assert gpt2.ADAPTER.causal_lm_class() is GPT2LMHeadModel
+    neox = GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=16, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    assert architectures.for_model(neox) is architectures.get("gpt_neox") is gpt_neox.ADAPTER
+    assert architectures.for_model(neox.gpt_neox) is gpt_neox.ADAPTER
+    assert gpt_neox.ADAPTER.lm_head(neox.gpt_neox) is None
+    assert gpt_neox.ADAPTER.revision(1000) == "step1000"
+    assert gpt_neox.ADAPTER.causal_lm_class() is GPTNeoXForCausalLM
 
 
 def _hand_attention(model, layer: int, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -95,6 +95,18 @@ class ArchitectureAdapter(Protocol):
     def causal_lm_class(self) -> type: ...
 
 
+def check_eager(model: torch.nn.Module) -> None:
+    """Raise unless ``model`` runs eager attention, the only one that returns probabilities."""
+    implementation = model.config._attn_implementation
+    if implementation != "eager":
+        raise ValueError(
+            "attention probabilities are read, which only eager attention returns; the model "
+            f"uses {implementation!r}. Load it with "
+            "from_pretrained(..., attn_implementation='eager') or call "
+            "model.set_attn_implementation('eager')."
+        )
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """``sum(p.numel() for p in model.parameters())``: every parameter once (tied tensors are
     yielded once by ``parameters()``)."""

@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from mechgen.model.base import LayerNormWeights, count_parameters, layernorm_weights
+from mechgen.model.base import (
+    LayerNormWeights,
+    check_eager,
+    count_parameters,
+    layernorm_weights,
+)
 
 
 def gpt2_body(model: torch.nn.Module, need_attention: bool = True) -> torch.nn.Module:
@@ -44,13 +49,8 @@ def gpt2_body(model: torch.nn.Module, need_attention: bool = True) -> torch.nn.M
         raise TypeError(f"{type(model).__name__}.base_model has no `h`; not a GPT-2 body")
     if getattr(config, "add_cross_attention", False):
         raise ValueError("GPT-2 with cross-attention is not a decoder-only language model")
-    if need_attention and config._attn_implementation != "eager":
-        raise ValueError(
-            "attention probabilities are read, which only eager attention returns; the model "
-            f"uses {config._attn_implementation!r}. Load it with "
-            "from_pretrained(..., attn_implementation='eager') or call "
-            "model.set_attn_implementation('eager')."
-        )
+    if need_attention:
+        check_eager(model)
     return body
 
 

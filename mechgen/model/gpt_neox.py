@@ -1,4 +1,4 @@
-"""The GPT-NeoX architecture adapter: every weight a weight-based score reads, in one place.
+"""The GPT-NeoX architecture adapter: every weight, module and hook point mechgen reads.
 
 Checked against transformers' ``modeling_gpt_neox.py`` (tests/test_gpt_neox_adapter.py does
 it by brute force on the modules themselves):
@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from mechgen.model.base import LayerNormWeights, count_parameters, layernorm_weights
+from mechgen.model.base import (
+    LayerNormWeights,
+    check_eager,
+    count_parameters,
+    layernorm_weights,
+)
 
 
 def gpt_neox_body(model: torch.nn.Module, need_attention: bool = True) -> torch.nn.Module:
@@ -46,22 +51,6 @@ def gpt_neox_body(model: torch.nn.Module, need_attention: bool = True) -> torch.
     if need_attention:
         check_eager(model)
     return body
-
-
-def check_eager(model: torch.nn.Module) -> None:
-    """Raise unless ``model`` runs eager attention, the only one that returns probabilities."""
-    implementation = model.config._attn_implementation
-    if implementation != "eager":
-        raise ValueError(
-            "attention probabilities are read, which only eager attention returns; the model "
-            f"uses {implementation!r}. Load it with "
-            "from_pretrained(..., attn_implementation='eager') or call "
-            "model.set_attn_implementation('eager')."
-        )
-
-
-def _ln(module: torch.nn.Module) -> LayerNormWeights:
-    return layernorm_weights(module)
 
 
 def shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
@@ -87,17 +76,21 @@ def unembedding(model: torch.nn.Module) -> torch.Tensor:
 
 def final_layernorm(model: torch.nn.Module) -> LayerNormWeights:
     """``gpt_neox.final_layer_norm``, applied before W_U."""
-    return _ln(gpt_neox_body(model, need_attention=False).final_layer_norm)
+    return layernorm_weights(gpt_neox_body(model, need_attention=False).final_layer_norm)
 
 
 def input_layernorm(model: torch.nn.Module, layer: int) -> LayerNormWeights:
     """Layer ``layer``'s ``input_layernorm``, which every head of that layer reads through."""
-    return _ln(gpt_neox_body(model, need_attention=False).layers[layer].input_layernorm)
+    return layernorm_weights(
+        gpt_neox_body(model, need_attention=False).layers[layer].input_layernorm
+    )
 
 
 def mlp_layernorm(model: torch.nn.Module, layer: int) -> LayerNormWeights:
     """Layer ``layer``'s ``post_attention_layernorm``, which its MLP reads through."""
-    return _ln(gpt_neox_body(model, need_attention=False).layers[layer].post_attention_layernorm)
+    return layernorm_weights(
+        gpt_neox_body(model, need_attention=False).layers[layer].post_attention_layernorm
+    )
 
 
 def mlp(model: torch.nn.Module, layer: int) -> torch.nn.Module:
@@ -155,7 +148,7 @@ def output_bias(model: torch.nn.Module, layer: int) -> torch.Tensor:
 
 
 def attention_scale(model: torch.nn.Module, layer: int) -> float:
-    """The factor of q.k in the attention logits: 1 / sqrt(head_dim) (GPT-NeoX's ``norm_factor``)."""
+    """The factor of q.k in the attention logits: 1 / sqrt(head_dim) (``norm_factor``)."""
     _, _, head_dim, _ = shape(model)
     return float(head_dim) ** -0.5
 
