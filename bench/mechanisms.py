@@ -15,6 +15,12 @@ this times what the scoring job runs for each mechanism at an ordinary (non-deta
   and copy suppression from the weights alone, with the task items of Pythia's tokenizer
   (``tests/data/pythia-tokenizer``) and the evaluation text's frequent tokens.
 
+The copying-accuracy LM head skips the positions a few unembedding rows provably refute
+(``mechgen.relational._refuted_positions``): with random weights nearly all of them. Where
+copying works no position is refuted and the full product runs, so the bench also times the
+LM head on hidden states aimed at their targets (every position a hit) and prints the
+induction part and the catalog total for that case (``copying works``), apart from the total.
+
 Detail steps (K-composition, ablation, CKA outputs) run at ``relational.detail_steps`` only and
 are measured apart by ``bench/relational.py``. Each time is the median of ``--repeats`` runs.
 Printed: seconds per part and each part's ratio to ``previous_token``; the catalog's total
@@ -44,7 +50,7 @@ from mechgen.circuit import positional_controls
 from mechgen.mechanisms import successor
 from mechgen.metrics import score_heads
 from mechgen.model.weight_scores import WeightTasks, score_weight_mechanisms
-from mechgen.relational import make_repeated_sequences, score_induction
+from mechgen.relational import _copying_hits, make_repeated_sequences, score_induction
 
 PYTHIA_TOKENIZER = REPO_ROOT / "tests" / "data" / "pythia-tokenizer" / "tokenizer.json"
 
@@ -94,6 +100,21 @@ def bench_shape(name: str, args: argparse.Namespace, rel) -> dict[str, float]:
         ),
         "weights": rel.median_time(lambda: score_weight_mechanisms(model, tasks), args.repeats),
     }
+    if copying:
+        # The LM head alone on N x 2L hidden states: random (as with random weights) and aimed
+        # at the next token (every position a hit: nothing refuted, the full product runs).
+        ids = torch.as_tensor(sequences.input_ids)
+        weight = model.get_output_embeddings().weight.detach()
+        random_hidden = torch.randn(ids.shape[0], ids.shape[1], weight.shape[1])
+        aimed = random_hidden.clone()
+        aimed[:, :-1] = 3 * weight[ids[:, 1:]]
+        with torch.inference_mode():
+            times["lm_head_random"] = rel.median_time(
+                lambda: _copying_hits(model, random_hidden, ids, args.half_length), args.repeats
+            )
+            times["lm_head_hits"] = rel.median_time(
+                lambda: _copying_hits(model, aimed, ids, args.half_length), args.repeats
+            )
     return times
 
 
@@ -112,11 +133,17 @@ def main() -> None:
     for name in args.shapes:
         times = bench_shape(name, args, rel)
         base = times["previous_token"]
+        lm_random = times.pop("lm_head_random", 0.0)
+        lm_hits = times.pop("lm_head_hits", 0.0)
         total = sum(times.values())
         print(f"\n## {name} ({args.n_sentences} sentences, N = {args.n_sequences}, L = {args.half_length})")
         for part, seconds in times.items():
             print(f"  {part:15s} {seconds:8.2f} s   {seconds / base:5.2f} x previous_token")
         print(f"  {'catalog total':15s} {total:8.2f} s   {total / base:5.2f} x previous_token (goal <= 2.5)")
+        if lm_hits:
+            worst = total - lm_random + lm_hits
+            print(f"  LM head alone: {lm_random:.2f} s on random states, {lm_hits:.2f} s when every position is a hit")
+            print(f"  {'total, copying works':15s} {worst:8.2f} s   {worst / base:5.2f} x previous_token")
 
 
 if __name__ == "__main__":

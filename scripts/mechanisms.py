@@ -48,6 +48,7 @@ def optional_table(sm: Any, name: str) -> pd.DataFrame | None:
 
 def mechanism_configurational(
     sm: Any,
+    heads: pd.DataFrame,
     results: dict[str, crossmech.Scored],
     circuits: dict,
     log: logging.Logger,
@@ -58,7 +59,6 @@ def mechanism_configurational(
     if not circuits:
         return {}
     steps = circuit.configurational_steps(circuits)
-    heads = pd.read_parquet(sm.input.heads)
     out = {}
     for name, result in results.items():
         if result.note:
@@ -98,7 +98,7 @@ def main(sm: Any) -> None:
         alignment_cost=sm.params.alignment_cost,
     )
     circuits = read_circuits(sm.input.circuits) if "circuits" in sm.input.keys() else {}  # noqa: SIM118
-    configurational = mechanism_configurational(sm, results, circuits, log)
+    configurational = mechanism_configurational(sm, heads, results, circuits, log)
     cross["profile"] = crossmech.with_configurational_z(cross["profile"], configurational)
     scored = {n: r.tables["per_seed"] for n, r in results.items() if not r.note}
     link_rows = links.link_table(
