@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import copy_workflow, run_snakemake
+from safetensors.torch import load_file
 
 from mechgen import toy
 
