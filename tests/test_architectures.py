@@ -5,6 +5,7 @@ the fact (the Mistral config's checkpoint_frequency, TransformerLens' list of re
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_crfm_log20_is_about_20_log_spaced_checkpoints() -> None:
     assert steps[0] == 0 and steps[1] == 10 and steps[-1] == 400000
     assert 18 <= len(steps) <= 22
     # log-spaced: consecutive positive steps are about (400000/10)^(1/19) = 1.75x apart
-    ratios = [b / a for a, b in zip(steps[1:], steps[2:])]
+    ratios = [b / a for a, b in itertools.pairwise(steps[1:])]
     assert all(1.3 < r < 2.5 for r in ratios), ratios
     assert math.isclose(
         math.exp(sum(map(math.log, ratios)) / len(ratios)), 40000 ** (1 / 19), rel_tol=1e-9

@@ -275,7 +275,7 @@ def test_gpt2_scores_through_the_hf_path_match_brute_force(gpt2_run, tmp_path) -
             _hf_run(), 6, token_ids, tokens_per_step=32, score_cache_dir=tmp_path / "score_cache"
         )
         # The same weights under another revision: a score-cache hit, no second download.
-        table2, sidecar2 = score_checkpoint(
+        _, sidecar2 = score_checkpoint(
             _hf_run(), 7, token_ids, tokens_per_step=32, score_cache_dir=tmp_path / "score_cache"
         )
     finally:
