@@ -87,7 +87,8 @@ PROFILE_AXES = [
 
 SCALE_AXES = ["relative_depth", "log10_onset_tokens", "peak", "log10_n_params"]
 """Axes on the common scales, each a mean over the family's runs (``log10_onset_tokens`` over
-the runs where the mechanism formed)."""
+the runs where the mechanism formed, with an onset after step 0: log10 of 0 tokens is
+undefined)."""
 
 AXES = PROFILE_AXES + SCALE_AXES
 """Every axis of ``stats/families.csv``, in its row order."""
