@@ -293,7 +293,7 @@ def bootstrap_ci(
     """Bootstrap CI of ``statistic(*samples)`` (``scipy.stats.bootstrap``, each sample resampled
     independently, ``paired=False``), with the config's ``analysis.bootstrap`` settings. (NaN,
     NaN) when a sample has fewer than 2 values or the statistic is undefined on the data; (v, v)
-    when every resample gives the same value v."""
+    when every sample is constant (every resample then gives the statistic's value v)."""
     cfg = {**DEFAULT_BOOTSTRAP, **(bootstrap_cfg or {})}
     samples = [np.asarray(s, dtype=float) for s in samples]
     if any(len(s) < 2 for s in samples) or not np.isfinite(statistic(*samples)):
