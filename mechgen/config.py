@@ -300,8 +300,9 @@ def study_members(config: Mapping[str, Any], name: str | None = None) -> list[st
 
 
 def suite_family(config: Mapping[str, Any], suite: str) -> str:
-    """The model family of ``suite`` (its ``architecture``, filled in by validation)."""
-    return str(config["suites"][suite].get("architecture", DEFAULT_ARCHITECTURE))
+    """The model family of ``suite`` in a validated config (its ``architecture``; the
+    schema states the default)."""
+    return str(config["suites"][suite]["architecture"])
 
 
 def _validate_toy_training(training: dict[str, Any]) -> None:

@@ -87,7 +87,8 @@ PROFILE_AXES = [
 
 SCALE_AXES = ["relative_depth", "log10_onset_tokens", "peak", "log10_n_params"]
 """Axes on the common scales, each a mean over the family's runs (``log10_onset_tokens`` over
-the runs where the mechanism formed)."""
+the runs where the mechanism formed, with an onset after step 0: log10 of 0 tokens is
+undefined)."""
 
 AXES = PROFILE_AXES + SCALE_AXES
 """Every axis of ``stats/families.csv``, in its row order."""
@@ -292,7 +293,7 @@ def bootstrap_ci(
     """Bootstrap CI of ``statistic(*samples)`` (``scipy.stats.bootstrap``, each sample resampled
     independently, ``paired=False``), with the config's ``analysis.bootstrap`` settings. (NaN,
     NaN) when a sample has fewer than 2 values or the statistic is undefined on the data; (v, v)
-    when every resample gives the same value v."""
+    when every sample is constant (every resample then gives the statistic's value v)."""
     cfg = {**DEFAULT_BOOTSTRAP, **(bootstrap_cfg or {})}
     samples = [np.asarray(s, dtype=float) for s in samples]
     if any(len(s) < 2 for s in samples) or not np.isfinite(statistic(*samples)):
