@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from mechgen import architectures
+
 from mechgen.model.base import (
     LayerNormWeights,
     check_eager,
@@ -203,7 +205,8 @@ class GPT2Adapter:
 
     @staticmethod
     def revision(step: int) -> str:
-        return f"checkpoint-{int(step)}"
+        # The family's naming is stated once, torch-free, in mechgen.architectures.
+        return architectures.revision_name(step, "gpt2")
 
     @staticmethod
     def causal_lm_class() -> type:
