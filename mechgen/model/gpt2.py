@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 
 from mechgen import architectures
-
 from mechgen.model.base import (
     LayerNormWeights,
     check_eager,
