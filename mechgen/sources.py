@@ -1015,7 +1015,7 @@ def read_model_config(files: CheckpointFiles) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CorruptCheckpoint(f"corrupt checkpoint: {where}: {_first_line(err)}") from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    known = [f.model_type for f in architectures.FAMILIES.values()]
+    known = [family.model_type for family in architectures.FAMILIES.values()]
     if model_type not in known:
         raise UnsupportedCheckpoint(
             f"{where}: model_type is {model_type!r}; "

@@ -29,9 +29,11 @@ MODEL_ATTRIBUTES = frozenset(
 """Attribute names that only a transformers model (or its config) has in this package."""
 
 
-ADAPTER_NAMES = frozenset({"adapter"})
+ADAPTER_NAMES = frozenset({"adapter", "family"})
 """Variables that hold an architecture adapter (``adapter = architectures.for_model(model)``):
-``adapter.attention(model, layer)`` is the adapter's method, not a model attribute."""
+``adapter.attention(model, layer)`` is the adapter's method, not a model attribute; or a
+family's torch-free metadata (``family``, a :class:`mechgen.architectures.Family`), whose
+``model_type`` field names the checkpoints of the family, read before any model is loaded."""
 
 
 def model_attribute_uses(path: Path) -> list[str]:
