@@ -21,7 +21,17 @@ from typing import Any
 import yaml
 
 from mechgen.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, family
+from mechgen.mechanisms import names as mechanism_names
 from mechgen.schedules import resolve_schedule
+from mechgen.schema import ATTENTION_METRICS
+from mechgen.settings import (
+    REPEAT_SOURCES,
+    SIZE_KEYS_REQUIRED,
+    SUITE_SOURCES,
+    TRAINING_KEYS_REQUIRED,
+    CircuitSettings,
+    HubSettings,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -108,17 +118,7 @@ def _dataclass_properties(
 def _config_schema() -> dict[str, Any]:
     schema = load_yaml(SCHEMA_PATH)
     # Lists the code defines, injected so that no copy of them is kept by hand in the schema.
-    # mechgen.circuit loads torch (about 2 s); its settings dataclass is the definition.
-    from mechgen.mechanisms import names as mechanism_names
-    from mechgen.schema import ATTENTION_METRICS
-    from mechgen.settings import (
-        REPEAT_SOURCES,
-        SIZE_KEYS_REQUIRED,
-        TRAINING_KEYS_REQUIRED,
-        CircuitSettings,
-    )
-    from mechgen.sources import SUITE_SOURCES, HubSettings
-
+    # mechgen.circuit loads torch (about 2 s); mechgen.settings holds the definitions.
     props = schema["properties"]
     toy = props["toy"]["properties"]
     toy["sizes"]["additionalProperties"]["required"] = list(SIZE_KEYS_REQUIRED)
@@ -243,13 +243,10 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
         )
     # A study reads its members' tables (checked when the workflow starts), not their inputs.
     selected = set() if config["suite"] in studies else {config["suite"]}
-    from mechgen.sources import HubSettings
-
     try:
         HubSettings.from_config(config["hub"])
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc) if "hub." in str(exc) else f"config key 'hub': {exc}") from None
-    from mechgen.settings import CircuitSettings
 
     for name, spec in suites.items():
         _validate_suite(config, name, spec, check_files=check_files and name in selected)

@@ -26,6 +26,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from mechgen.regression import ols_table
+
 PAIR_COLUMNS = [
     "run1",
     "run2",
@@ -173,11 +175,8 @@ def correlation_regressions(pairs: pd.DataFrame) -> pd.DataFrame:
     ``cor ~ same_model + log10(n_params1) + log10(n_params2)`` on all ordered pairs, and
     ``cor ~ log10(n_params1) + log10(n_params2)`` on between-size pairs (statsmodels formula OLS;
     t statistics). A regression whose design is rank deficient (e.g. one size only) is skipped
-    with a reason. See :func:`mechgen.stats.ols_table` for the columns.
+    with a reason. See :func:`mechgen.regression.ols_table` for the columns.
     """
-    # Imported here because mechgen.stats imports this module.
-    from mechgen.stats import ols_table
-
     data = pairs.assign(
         log10_n_params1=np.log10(pairs["n_params1"].astype(float)),
         log10_n_params2=np.log10(pairs["n_params2"].astype(float)),

@@ -8,7 +8,8 @@ job), then costs no torch import. The jobs import these same definitions.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 # ---- the relational scoring job (mechgen.circuit)
@@ -101,3 +102,93 @@ REPEAT_SOURCES = ("random", "corpus", "window")
 """Where the repeated content of a repeated-content row comes from (see :func:`train_run`):
 ``random`` ids or a ``corpus`` window placed twice as a whole row (:func:`repeated_rows`), or a
 span of the row's own text ``window`` repeated in place (:func:`window_repeats`)."""
+
+
+# ---- where checkpoints come from, and the hub etiquette (mechgen.sources)
+
+CHECKPOINT_SOURCES = ("toy", "hf", "local")
+"""Suite sources whose checkpoints this module finds: trained by the pipeline (``toy``), the
+Hugging Face hub (``hf``), a directory of run folders (``local``)."""
+SUITE_SOURCES = (*CHECKPOINT_SOURCES, "table")
+"""Every ``suites.<name>.source`` (``table``: published per-head tables, no checkpoints)."""
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """How mechgen talks to the hub (config key ``hub``): download concurrency and retries.
+
+    ``max_concurrent_downloads``: weight-file downloads running at once among all processes
+    sharing ``download_slots_dir`` (default ``<HF hub cache>/.locks/mechgen-download-slots``);
+    None = no limit. See :class:`mechgen.hubcache.DownloadSlots` for how this holds across
+    Snakemake jobs and on a cluster.
+
+    Retries (only of what huggingface_hub itself does not retry, see :func:`retry_wait_s` and
+    the module docstring): up to ``max_retries`` retries after the first attempt, waiting
+    ``retry_wait_s`` seconds (exponential from ``backoff_base_s``, capped at ``backoff_max_s``,
+    with ``backoff_jitter`` randomisation); a ``Retry-After`` header, when longer, is obeyed,
+    unless it exceeds ``retry_after_max_s`` (then the fetch fails at once).
+    """
+
+    max_concurrent_downloads: int | None = 2
+    max_retries: int = 5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    backoff_jitter: float = 0.5
+    retry_after_max_s: float = 600.0
+    download_slots_dir: str | None = None
+    download_slot_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value: Any, rule: str) -> ValueError:
+            return ValueError(f"config key 'hub.{key}': {value!r} is not {rule}")
+
+        limit = self.max_concurrent_downloads
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise bad("max_concurrent_downloads", limit, "a positive int or null (no limit)")
+        if (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
+            raise bad("max_retries", self.max_retries, "an int >= 0")
+        for key in ("backoff_base_s", "backoff_max_s", "retry_after_max_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise bad(key, value, "a number of seconds >= 0")
+        if self.backoff_max_s < self.backoff_base_s:
+            raise bad(
+                "backoff_max_s",
+                self.backoff_max_s,
+                f">= hub.backoff_base_s ({self.backoff_base_s})",
+            )
+        jitter = self.backoff_jitter
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter <= 1:
+            raise bad("backoff_jitter", jitter, "a fraction in [0, 1]")
+        timeout = self.download_slot_timeout_s
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise bad("download_slot_timeout_s", timeout, "a positive number of seconds or null")
+
+    @classmethod
+    def from_config(cls, hub: Mapping[str, Any] | None) -> HubSettings:
+        """Settings from the config's ``hub`` mapping (missing keys take the defaults above).
+
+        Raises ``ValueError`` naming ``hub.<key>`` for an unknown key or a bad value.
+        """
+        hub = dict(hub or {})
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(hub) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"config key 'hub.{unknown[0]}' is unknown; allowed: {', '.join(allowed)}"
+            )
+        return cls(**hub)
+
+    def slots_dir(self, cache_dir: str | Path) -> Path:
+        """The slots' folder: ``download_slots_dir`` or ``<cache_dir>/.locks/mechgen-download-slots``."""
+        if self.download_slots_dir:
+            return Path(self.download_slots_dir)
+        return Path(cache_dir) / ".locks" / "mechgen-download-slots"
