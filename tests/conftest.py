@@ -7,7 +7,9 @@ scores the default toy suite's ``small`` size, seed 1 (tests/test_toy_induction.
 
 Both runs start in the background as soon as the tests are collected, if a selected test uses
 them (:func:`pytest_collection_finish`), and their fixtures wait for them: the training runs on
-the cores the tests before their first user leave idle (most tests use one core).
+the cores the tests before their first user leave idle (most tests use one core), and the tests
+run at a lower CPU priority than these runs (the induction run's training is the longest serial
+chain of the session).
 ``toy_test_run_later`` starts the same run but hands out a function that waits for it, so that
 a test can do its own work first and wait only where it compares with the run.
 
@@ -298,6 +300,9 @@ _BACKGROUND_RUNS = {
     "induction_run": (_prepare_induction_run, 2400),
 }
 """name: (prepare, timeout in s) of each background run."""
+TEST_NICENESS = 5
+"""How much nicer than the background runs the tests run (a CPU share about 3 times smaller
+each)."""
 _FIXTURE_RUNS = {"toy_test_run": "toy_test_run", "toy_test_run_later": "toy_test_run",
                  "induction_run": "induction_run"}  # fmt: skip
 """Which background run each fixture waits for."""
@@ -315,9 +320,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the trained runs that the selected tests use (see the module docstring)."""
     used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     factory = session.config._tmp_path_factory  # the factory behind tmp_path_factory
-    for fixture, name in _FIXTURE_RUNS.items():
-        if fixture in used:
-            _start(name, factory)
+    runs = {name for fixture, name in _FIXTURE_RUNS.items() if fixture in used}
+    for name in runs:
+        _start(name, factory)
+    if runs:
+        # Tests wait for these runs, and the induction run's one-thread training is the
+        # session's longest serial chain: from here on, this process and all it starts yield
+        # the CPU to them.
+        os.nice(TEST_NICENESS)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
