@@ -221,6 +221,7 @@ class BackgroundSnakemake:
         self.workdir = root / name
         self.log = root / f"{name}.log"
         self.rc = root / f"{name}.rc"
+        self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.proc: subprocess.Popen | None = None
         self.args: tuple[str, ...] = ()
@@ -245,25 +246,25 @@ class BackgroundSnakemake:
         while not self.rc.exists() and time.monotonic() < self.deadline:
             time.sleep(0.5)
         if not self.rc.exists():
-            self.stop()
-            status = "timed out"
-        else:
-            status = self.rc.read_text().strip()
-            if status == "0":
-                return self.workdir
+            self.stop(f"timed out after {self.timeout_s:.0f} s")
+        status = self.rc.read_text().strip() if self.rc.exists() else "timed out"
+        if status == "0":
+            return self.workdir
+        if status.isdigit():
             status = f"exited {status}"
         tail = "\n".join(self.log.read_text().splitlines()[-60:]) if self.log.exists() else ""
         raise AssertionError(f"snakemake in {self.workdir} {status}:\n{tail}")
 
-    def stop(self) -> None:
-        """Kill the run's whole process group if this worker started it and it still runs."""
+    def stop(self, reason: str = "stopped: no test waited for it") -> None:
+        """Kill the run's whole process group if this worker started it and it still runs; the
+        waiters read ``reason`` instead of an exit status."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.proc.wait()
-            self.rc.write_text("killed")
+            self.rc.write_text(reason)
 
 
 INDUCTION_SUITE = "toy-induction"
