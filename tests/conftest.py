@@ -7,7 +7,9 @@ scores the default toy suite's ``small`` size, seed 1 (tests/test_toy_induction.
 
 Both runs start in the background as soon as the tests are collected, if a selected test uses
 them (:func:`pytest_collection_finish`), and their fixtures wait for them: the training runs on
-the cores the tests before their first user leave idle (most tests use one core).
+the cores the tests before their first user leave idle (most tests use one core), and the tests
+run at a lower CPU priority than these runs (the induction run's training is the longest serial
+chain of the session).
 ``toy_test_run_later`` starts the same run but hands out a function that waits for it, so that
 a test can do its own work first and wait only where it compares with the run.
 
@@ -219,6 +221,7 @@ class BackgroundSnakemake:
         self.workdir = root / name
         self.log = root / f"{name}.log"
         self.rc = root / f"{name}.rc"
+        self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self.proc: subprocess.Popen | None = None
         self.args: tuple[str, ...] = ()
@@ -243,25 +246,25 @@ class BackgroundSnakemake:
         while not self.rc.exists() and time.monotonic() < self.deadline:
             time.sleep(0.5)
         if not self.rc.exists():
-            self.stop()
-            status = "timed out"
-        else:
-            status = self.rc.read_text().strip()
-            if status == "0":
-                return self.workdir
+            self.stop(f"timed out after {self.timeout_s:.0f} s")
+        status = self.rc.read_text().strip() if self.rc.exists() else "timed out"
+        if status == "0":
+            return self.workdir
+        if status.isdigit():
             status = f"exited {status}"
         tail = "\n".join(self.log.read_text().splitlines()[-60:]) if self.log.exists() else ""
         raise AssertionError(f"snakemake in {self.workdir} {status}:\n{tail}")
 
-    def stop(self) -> None:
-        """Kill the run's whole process group if this worker started it and it still runs."""
+    def stop(self, reason: str = "stopped: no test waited for it") -> None:
+        """Kill the run's whole process group if this worker started it and it still runs; the
+        waiters read ``reason`` instead of an exit status."""
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.proc.wait()
-            self.rc.write_text("killed")
+            self.rc.write_text(reason)
 
 
 INDUCTION_SUITE = "toy-induction"
@@ -298,6 +301,9 @@ _BACKGROUND_RUNS = {
     "induction_run": (_prepare_induction_run, 2400),
 }
 """name: (prepare, timeout in s) of each background run."""
+TEST_NICENESS = 5
+"""How much nicer than the background runs the tests run (a CPU share about 3 times smaller
+each)."""
 _FIXTURE_RUNS = {"toy_test_run": "toy_test_run", "toy_test_run_later": "toy_test_run",
                  "induction_run": "induction_run"}  # fmt: skip
 """Which background run each fixture waits for."""
@@ -315,9 +321,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the trained runs that the selected tests use (see the module docstring)."""
     used = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     factory = session.config._tmp_path_factory  # the factory behind tmp_path_factory
-    for fixture, name in _FIXTURE_RUNS.items():
-        if fixture in used:
-            _start(name, factory)
+    runs = {name for fixture, name in _FIXTURE_RUNS.items() if fixture in used}
+    for name in runs:
+        _start(name, factory)
+    if runs:
+        # Tests wait for these runs, and the induction run's one-thread training is the
+        # session's longest serial chain: from here on, this process and all it starts yield
+        # the CPU to them.
+        os.nice(TEST_NICENESS)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

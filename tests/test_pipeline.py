@@ -20,6 +20,7 @@ import yaml
 
 from conftest import TOY_TEST_CONFIGFILES, copy_workflow, run_snakemake
 
+from mechgen import mechanisms
 from mechgen.evaltext import read_sentence_file
 
 SUITE = "toy-test"
@@ -127,7 +128,12 @@ def test_report_embeds_every_figure(toy_test_run, tmp_path):
     figures = sorted((work / "results" / SUITE / "figures").glob("*.png"))
     # 6 of the analyses, 4 of the relational axes, the mechanism profile
     assert len(figures) == 11
-    for fig in figures:
+    # One figure per catalog mechanism, each in its own report section.
+    per_mechanism = sorted((work / "results" / SUITE / "figures" / "mechanisms").glob("*.png"))
+    assert sorted(p.stem for p in per_mechanism) == sorted(mechanisms.names())
+    for name in mechanisms.names():
+        assert f"Mechanism: {name}" in html, name
+    for fig in figures + per_mechanism:
         # Snakemake embeds each registered result base64-encoded: the exact bytes must be there.
         encoded = base64.b64encode(fig.read_bytes()).decode()
         assert encoded[:2000] in html, f"{fig.name} is not embedded in the report"

@@ -45,7 +45,7 @@ RES = f"results/{TOY_TEST_SUITE}"
 RUNS = TOY_TEST_RUNS
 STEPS = TOY_TEST_STEPS
 CHECKPOINTS_PER_JOB = 2
-TIMEOUT_S = 600
+TIMEOUT_S = 900
 """Hard limit of the SLURM run (timeout -k 30): a status query that never sees jobs end hangs.
 (The run shares the cores with the local toy-test run and the other tests.)"""
 TEST_FLAGS = (
