@@ -307,9 +307,9 @@ def positional_controls(
     scores as high here. Both [n_layers, n_heads], probability.
     """
     from mechgen.relational import (
-        _forward_with_attention,
-        _shape,
+        forward_with_attention,
         make_repeated_sequences,
+        model_shape,
         repeat_offset_attention,
     )
 
@@ -318,7 +318,7 @@ def positional_controls(
         sequences.lo, sequences.hi, sequences.n_sequences, half, sequences.seed + 1
     )
     ids = torch.from_numpy(np.concatenate([sequences.first_half, other.first_half], axis=1))
-    n_layers, n_heads, _, _ = _shape(model)
+    n_layers, n_heads, _, _ = model_shape(model)
     sums = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     duplicate_sums = torch.zeros(n_layers, n_heads, dtype=torch.float64)
 
@@ -331,7 +331,7 @@ def positional_controls(
     try:
         with torch.inference_mode():
             for start in range(0, ids.shape[0], batch_size):
-                _forward_with_attention(
+                forward_with_attention(
                     model, ids[start : start + batch_size], on_attention, need_hidden=False
                 )
     finally:

@@ -50,12 +50,12 @@ from mechgen.model.base import attention_hooks
 from mechgen.relational import (
     HeadId,
     HeadWeights,
-    _check_head,
-    _eval_mode,
-    _model_body,
-    _r_factor,
+    check_head,
+    eval_mode,
     finite_svdvals,
     head_weights,
+    model_body,
+    r_factor,
     real_queries_from_attention_mask,
 )
 
@@ -126,8 +126,8 @@ def head_spectra(
     if normalise not in ("l2", "sum"):
         raise ValueError(f"normalise must be 'l2' or 'sum'; got {normalise!r}")
     weights = model if isinstance(model, HeadWeights) else head_weights(model, fold_layernorm)
-    qk_factor = _r_factor(weights.w_q.transpose(-1, -2)) @ weights.w_k
-    ov_factor = weights.w_o @ _r_factor(weights.w_v.transpose(-1, -2)).transpose(-1, -2)
+    qk_factor = r_factor(weights.w_q.transpose(-1, -2)) @ weights.w_k
+    ov_factor = weights.w_o @ r_factor(weights.w_v.transpose(-1, -2)).transpose(-1, -2)
     return HeadSpectra(
         qk=_normalise_spectrum(finite_svdvals(qk_factor).numpy(), normalise),
         ov=_normalise_spectrum(finite_svdvals(ov_factor).numpy(), normalise),
@@ -301,11 +301,11 @@ def offset_profiles(
     See :func:`offset_profile` for the definition. Cheaper inside the 1-back scoring pass:
     wrap ``score_heads`` in :func:`offset_profile_hooks` instead.
     """
-    body = _model_body(model, need_attention=True)
+    body = model_body(model, need_attention=True)
     device = next(model.parameters()).device
     input_ids = torch.as_tensor(input_ids).to(device)
     mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(device)
-    with offset_profile_hooks(model, max_offset) as accumulator, _eval_mode(model):
+    with offset_profile_hooks(model, max_offset) as accumulator, eval_mode(model):
         for start in range(0, input_ids.shape[0], batch_size):
             body(
                 input_ids=input_ids[start : start + batch_size],
@@ -497,7 +497,7 @@ def head_outputs(
     adapter = architectures.for_model(model)
     body = adapter.body(model, need_attention=False)
     _, _, head_dim, _ = adapter.shape(model)
-    heads = [_check_head(model, head, "head") for head in heads]
+    heads = [check_head(model, head, "head") for head in heads]
     if not heads:
         raise ValueError("heads is empty")
     device = next(model.parameters()).device
@@ -534,7 +534,7 @@ def head_outputs(
         for layer, indices in by_layer.items()
     ]
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             for start in range(0, input_ids.shape[0], batch_size):
                 current[:] = [mask[start : start + batch_size]]
                 body(

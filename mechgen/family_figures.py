@@ -20,12 +20,12 @@ from mechgen.figures import (
     PROFILE_LABELS,
     TICK_PT,
     TITLE_PT,
-    _legend,
-    _panel_grid,
-    _save,
-    _style_axes,
+    figure_legend,
+    panel_grid,
     placeholder_figure,
     profile_colour_values,
+    save_figure,
+    style_axes,
 )
 
 TOKENS_AXIS_LABEL = "tokens seen + one step's tokens, (step + 1) x tokens_per_step (log scale)"
@@ -51,7 +51,7 @@ def plot_family_trajectories(
     if not names:
         return placeholder_figure(path, "no mechanism has a trajectory in the study's members")
     colours = family_colours(families)
-    fig, axes, spare = _panel_grid(len(names), width, 2.3, default_panel_width=2.6)
+    fig, axes, spare = panel_grid(len(names), width, 2.3, default_panel_width=2.6)
     for ax, name in zip(axes, names):
         table = trajectories[name]
         x = (table["step"] + 1) * table["tokens_per_step"]
@@ -78,13 +78,13 @@ def plot_family_trajectories(
                 )
         ax.set_xscale("log")
         ax.set_title(name, fontsize=TITLE_PT)
-        _style_axes(ax)
+        style_axes(ax)
     fig.supxlabel(TOKENS_AXIS_LABEL, fontsize=LABEL_PT)
     fig.supylabel("max over heads, normalised score", fontsize=LABEL_PT)
     handles = [Line2D([], [], color=colours[f], lw=2.0, label=f) for f in families]
     handles.append(Line2D([], [], color="0.3", lw=0.6, alpha=0.6, label="one run"))
-    _legend(fig, handles, spare)
-    return _save(fig, path)
+    figure_legend(fig, handles, spare)
+    return save_figure(fig, path)
 
 
 def plot_family_profiles(
@@ -94,7 +94,7 @@ def plot_family_profiles(
     panel per family: rows mechanisms, columns the axes, over all sizes of the family's runs."""
     rows_all = profiles[profiles["size"] == crossmech.ALL_SIZES]
     n_mech = rows_all["mechanism"].nunique()
-    fig, axes, _ = _panel_grid(len(families), None, 1.4 + 0.22 * max(n_mech, 1), 4.0, sharey=True)
+    fig, axes, _ = panel_grid(len(families), None, 1.4 + 0.22 * max(n_mech, 1), 4.0, sharey=True)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     image = None
     for ax, family in zip(axes, families):
@@ -145,4 +145,4 @@ def plot_family_profiles(
         bar = fig.colorbar(image, ax=axes, location="bottom", shrink=0.6, aspect=40)
         bar.ax.tick_params(labelsize=TICK_PT)
         bar.set_label("generalises: 0 (no) .. 1 (yes)", fontsize=LABEL_PT)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -127,7 +127,7 @@ def size_styles(models: list[str]) -> dict[str, tuple[str, str]]:
     }
 
 
-def _save(fig: Figure, path: str | Path) -> Figure:
+def save_figure(fig: Figure, path: str | Path) -> Figure:
     # The temporary name hides the extension, so the format is named.
     with atomic_path(path) as tmp:
         fig.savefig(
@@ -137,7 +137,7 @@ def _save(fig: Figure, path: str | Path) -> Figure:
     return fig
 
 
-def _panel_grid(
+def panel_grid(
     n: int,
     width: float | None,
     panel_height: float,
@@ -171,7 +171,7 @@ def _panel_grid(
     return fig, flat[:n], flat[n:]
 
 
-def _style_axes(ax: Axes) -> None:
+def style_axes(ax: Axes) -> None:
     ax.tick_params(labelsize=TICK_PT, which="both")
     ax.grid(alpha=0.25, lw=0.5)
 
@@ -183,7 +183,7 @@ def _size_title(group: pd.DataFrame, model: str) -> str:
     )
 
 
-def _legend(fig: Figure, handles: list, spare: list[Axes] | None = None) -> None:
+def figure_legend(fig: Figure, handles: list, spare: list[Axes] | None = None) -> None:
     """The figure's legend in a spare panel slot if there is one, else above the panels."""
     if spare:
         spare[0].legend(handles=handles, fontsize=LEGEND_PT, frameon=False, loc="center")
@@ -200,7 +200,7 @@ def placeholder_figure(path: str | Path, message: str, width: float | None = Non
     fig, ax = plt.subplots(figsize=(width or 6, 1.6))
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=8, gid="message")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_trajectories(
@@ -219,7 +219,7 @@ def plot_trajectories(
     """
     models = size_order(trajectories)
     styles = size_styles(models)
-    fig, axes, spare = _panel_grid(len(models), width, 2.3)
+    fig, axes, spare = panel_grid(len(models), width, 2.3)
     for ax, model in zip(axes, models):
         colour = styles[model][0]
         group = trajectories[trajectories["model"] == model]
@@ -238,7 +238,7 @@ def plot_trajectories(
             ax.axhline(baseline, color="0.35", ls="--", lw=1.0, gid="baseline")
         ax.set_xscale("log")
         ax.set_title(_size_title(group, model), fontsize=TITLE_PT)
-        _style_axes(ax)
+        style_axes(ax)
     fig.supxlabel(STEP_AXIS_LABEL, fontsize=LABEL_PT)
     fig.supylabel(f"max over heads of {metric_label(metric)}", fontsize=LABEL_PT)
     handles = [
@@ -251,8 +251,8 @@ def plot_trajectories(
                 [], [], color="0.35", ls="--", lw=1.0, label=f"uniform attention ({baseline:.3f})"
             )
         )
-    _legend(fig, handles, spare)
-    return _save(fig, path)
+    figure_legend(fig, handles, spare)
+    return save_figure(fig, path)
 
 
 def layer_max_matrices(
@@ -380,7 +380,7 @@ def plot_layer_heatmap(
     colourbar.set_label(
         f"max over the layer's heads\n{metric_label(metric)}, {where}", fontsize=LABEL_PT
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 SIZE_EFFECT_QUANTITIES = {
@@ -421,7 +421,7 @@ def plot_size_effects(
     """
     models = size_order(per_seed)
     styles = size_styles(models)
-    fig, axes, spare = _panel_grid(
+    fig, axes, spare = panel_grid(
         len(SIZE_EFFECT_QUANTITIES), width, 2.2, default_panel_width=3.5, sharey=False, spare=1
     )
     units = {
@@ -488,7 +488,7 @@ def plot_size_effects(
             units[quantity] += ", log"
         ax.set_xlabel("parameters (log scale)", fontsize=LABEL_PT)
         ax.set_ylabel(f"{name}\n({units[quantity]})", fontsize=LABEL_PT)
-        _style_axes(ax)
+        style_axes(ax)
         if len(sizes_n_params) > 3:
             ax.tick_params(axis="x", labelrotation=45)
     handles = [
@@ -508,8 +508,8 @@ def plot_size_effects(
         Line2D([], [], ls="", marker="o", color="0.4", alpha=0.75, ms=3, label="one seed"),
         Line2D([], [], color="0.4", marker="|", ms=8, ls="", label="mean, CI"),
     ]
-    _legend(fig, handles, spare)
-    return _save(fig, path)
+    figure_legend(fig, handles, spare)
+    return save_figure(fig, path)
 
 
 def correlation_from_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -587,7 +587,7 @@ def plot_correlation_matrix(
     colourbar = fig.colorbar(image, ax=ax, shrink=0.8, aspect=25)
     colourbar.ax.tick_params(labelsize=TICK_PT)
     colourbar.set_label("Pearson r of the\nmax-over-heads trajectories", fontsize=LABEL_PT)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_mds(
@@ -633,7 +633,7 @@ def plot_mds(
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_xlabel("MDS dimension 1 (units of 1 - r)", fontsize=LABEL_PT)
     ax.set_ylabel("MDS dimension 2 (units of 1 - r)", fontsize=LABEL_PT)
-    _style_axes(ax)
+    style_axes(ax)
     ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=5))
     fig.legend(
         loc="outside lower center",
@@ -641,7 +641,7 @@ def plot_mds(
         fontsize=LEGEND_PT,
         frameon=False,
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_functional_heads(
@@ -658,7 +658,7 @@ def plot_functional_heads(
     models = size_order(counts)
     styles = size_styles(models)
     # Own y range per size: the sizes' head counts differ by an order of magnitude.
-    fig, axes, spare = _panel_grid(len(models), width, 2.4, sharey=False)
+    fig, axes, spare = panel_grid(len(models), width, 2.4, sharey=False)
     for ax, model in zip(axes, models):
         colour = styles[model][0]
         group = counts[counts["model"] == model]
@@ -692,14 +692,14 @@ def plot_functional_heads(
         ax.set_title(title, fontsize=TITLE_PT)
         ax.set_xscale("log")
         ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-        _style_axes(ax)
+        style_axes(ax)
     first = counts.iloc[0]
     fig.supxlabel(STEP_AXIS_LABEL, fontsize=LABEL_PT)
     fig.supylabel(
         f"heads with one_back > {first['multiple']:g} x uniform ({first['threshold']:.3f})",
         fontsize=LABEL_PT,
     )
-    _legend(
+    figure_legend(
         fig,
         [
             Line2D([], [], color="0.3", lw=0.8, alpha=0.7, marker="o", ms=2, label="one seed"),
@@ -707,7 +707,7 @@ def plot_functional_heads(
         ],
         spare,
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,7 +734,7 @@ def plot_relational_trajectories(
     ``mean:induction``, ``baseline``. y: attention weight.
     """
     models = size_order(one_back)
-    fig, axes, spare = _panel_grid(len(models), width, 2.3)
+    fig, axes, spare = panel_grid(len(models), width, 2.3)
     styles = {"one_back": (OKABE_ITO[0], "-"), "induction": (OKABE_ITO[1], "--")}
     for ax, model in zip(axes, models):
         for metric, table in (("one_back", one_back), ("induction", induction)):
@@ -768,7 +768,7 @@ def plot_relational_trajectories(
             ax.axhline(induction_baseline, color="0.4", ls=":", lw=1.0, gid="baseline")
         ax.set_xscale("log")
         ax.set_title(_size_title(one_back[one_back["model"] == model], model), fontsize=TITLE_PT)
-        _style_axes(ax)
+        style_axes(ax)
     fig.supxlabel(STEP_AXIS_LABEL, fontsize=LABEL_PT)
     fig.supylabel("max over heads (attention weight)", fontsize=LABEL_PT)
     handles = [
@@ -786,8 +786,8 @@ def plot_relational_trajectories(
                 [], [], color="0.4", ls=":", label=f"uniform induction ({induction_baseline:.3f})"
             )
         )
-    _legend(fig, handles, spare)
-    return _save(fig, path)
+    figure_legend(fig, handles, spare)
+    return save_figure(fig, path)
 
 
 def _per_size_strip(
@@ -861,9 +861,9 @@ def plot_onset_lags(
         f"Onset lag per seed; bar: mean\n({n_missing} run(s) without both onsets)",
         fontsize=TITLE_PT,
     )
-    _style_axes(ax)
+    style_axes(ax)
     ax.grid(False, axis="x")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ablation(relational: pd.DataFrame, path: str | Path, width: float | None = None) -> Figure:
@@ -916,9 +916,9 @@ def plot_ablation(relational: pd.DataFrame, path: str | Path, width: float | Non
         fontsize=LEGEND_PT,
         frameon=False,
     )
-    _style_axes(ax)
+    style_axes(ax)
     ax.grid(False, axis="x")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 CONFIGURATIONAL_PANELS = (
@@ -1024,7 +1024,7 @@ def plot_configurational(
         "z = (observed - null mean) / null SD\ndot: one-sided permutation p < 0.05",
         fontsize=LABEL_PT,
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 PROFILE_LABELS = {
@@ -1112,4 +1112,4 @@ def plot_profile(profile: pd.DataFrame, path: str | Path, width: float | None = 
     colourbar = fig.colorbar(image, ax=ax, location="bottom", shrink=0.8, aspect=30)
     colourbar.ax.tick_params(labelsize=TICK_PT)
     colourbar.set_label("generalises: 0 (no) .. 1 (yes)", fontsize=LABEL_PT)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -103,13 +103,13 @@ HeadId = tuple[int, int]
 # Model access
 
 
-def _model_body(model: torch.nn.Module, need_attention: bool = True) -> torch.nn.Module:
+def model_body(model: torch.nn.Module, need_attention: bool = True) -> torch.nn.Module:
     """The transformer body of ``model`` (any family :mod:`mechgen.model.adapter` knows),
     validated by its adapter."""
     return architectures.for_model(model).body(model, need_attention)
 
 
-def _shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
+def model_shape(model: torch.nn.Module) -> tuple[int, int, int, int]:
     """(n_layers, n_heads, head_dim, d_model) of the model, from its adapter."""
     return architectures.for_model(model).shape(model)
 
@@ -119,7 +119,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
@@ -129,8 +129,8 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _check_head(model: torch.nn.Module, head: HeadId, name: str) -> HeadId:
-    n_layers, n_heads, _, _ = _shape(model)
+def check_head(model: torch.nn.Module, head: HeadId, name: str) -> HeadId:
+    n_layers, n_heads, _, _ = model_shape(model)
     try:
         layer, index = (int(head[0]), int(head[1]))
     except (TypeError, ValueError, IndexError):
@@ -305,7 +305,7 @@ def repeat_offset_attention(attention: torch.Tensor, half: int, offset: int) -> 
     return attention[:, :, queries, queries - offset].sum(dim=(0, 2), dtype=torch.float64)
 
 
-def _forward_with_attention(
+def forward_with_attention(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     on_attention: Callable[[int, torch.Tensor], None],
@@ -423,7 +423,7 @@ def score_induction(
     adapter = architectures.for_model(model)
     adapter.body(model, need_attention=True)
     input_ids, half = _repeated_input_ids(sequences, adapter.vocab_size(model))
-    n_layers, n_heads, _, _ = _shape(model)
+    n_layers, n_heads, _, _ = model_shape(model)
     device = _device(model)
     input_ids = input_ids.to(device)
     n_sequences = input_ids.shape[0]
@@ -439,10 +439,10 @@ def score_induction(
 
     hits = 0
     has_lm_head = copying and adapter.lm_head(model) is not None
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, n_sequences, batch_size):
             batch = input_ids[start : start + batch_size]
-            hidden = _forward_with_attention(model, batch, on_attention, need_hidden=has_lm_head)
+            hidden = forward_with_attention(model, batch, on_attention, need_hidden=has_lm_head)
             if has_lm_head:
                 hits += _copying_hits(model, hidden, batch, half)
     induction = (sums / (n_sequences * half)).cpu().numpy()
@@ -534,7 +534,7 @@ def _fold_gain_and_centre(read: torch.Tensor, gain: torch.Tensor) -> torch.Tenso
     return scaled - scaled.mean(dim=-1, keepdim=True)
 
 
-def _r_factor(matrix_t: torch.Tensor) -> torch.Tensor:
+def r_factor(matrix_t: torch.Tensor) -> torch.Tensor:
     """R of the reduced QR of ``matrix_t`` [..., d, head_dim]: ``matrix_t = Q R``, R [..., hd, hd].
 
     Used to shrink a d x d circuit to head_dim x d without changing Frobenius norms: if
@@ -562,12 +562,12 @@ def _composition_factors(weights: HeadWeights, kinds: Sequence[str]) -> _Composi
     # W_OV = W_O W_V = W_O R_V^T Q_V^T -> writer:  W_O R_V^T
     readers: dict[str, torch.Tensor] = {}
     if "K" in kinds:
-        readers["K"] = _r_factor(weights.w_q.transpose(-1, -2)) @ weights.w_k
+        readers["K"] = r_factor(weights.w_q.transpose(-1, -2)) @ weights.w_k
     if "Q" in kinds:
-        readers["Q"] = _r_factor(weights.w_k.transpose(-1, -2)) @ weights.w_q
+        readers["Q"] = r_factor(weights.w_k.transpose(-1, -2)) @ weights.w_q
     if "V" in kinds:
-        readers["V"] = _r_factor(weights.w_o) @ weights.w_v
-    writer = weights.w_o @ _r_factor(weights.w_v.transpose(-1, -2)).transpose(-1, -2)
+        readers["V"] = r_factor(weights.w_o) @ weights.w_v
+    writer = weights.w_o @ r_factor(weights.w_v.transpose(-1, -2)).transpose(-1, -2)
     return _CompositionFactors(readers=readers, writer=writer)
 
 
@@ -916,7 +916,7 @@ def mean_head_outputs(
     one position-independent vector per head. float64, on the model's device. To get it for
     free during 1-back scoring, wrap ``score_heads`` in :func:`mean_head_output_hooks`.
     """
-    body = _model_body(model, need_attention=False)
+    body = model_body(model, need_attention=False)
     device = _device(model)
     input_ids = torch.as_tensor(input_ids).to(device)
     if input_ids.ndim != 2:
@@ -931,7 +931,7 @@ def mean_head_outputs(
             f"attention_mask shape {tuple(mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
         )
     batch_size = input_ids.shape[0] if batch_size is None else int(batch_size)
-    with mean_head_output_hooks(model) as accumulator, _eval_mode(model):
+    with mean_head_output_hooks(model) as accumulator, eval_mode(model):
         for start in range(0, input_ids.shape[0], batch_size):
             body(
                 input_ids=input_ids[start : start + batch_size],
@@ -963,7 +963,7 @@ def mean_ablated(
         )
     by_layer: dict[int, list[int]] = {}
     for head in heads:
-        layer, index = _check_head(model, head, "ablated head")
+        layer, index = check_head(model, head, "ablated head")
         by_layer.setdefault(layer, []).append(index)
 
     def pre_hook_for(layer_index: int, indices: list[int]) -> Callable[..., tuple[torch.Tensor]]:
@@ -1080,8 +1080,8 @@ def causal_dependence(
     ``copying=False`` skips the LM head (copying values NaN). Cost: 2 (or 3 without
     ``baseline``) forward passes over the sequences.
     """
-    source = _check_head(model, source, "source")
-    _, n_heads, _, _ = _shape(model)
+    source = check_head(model, source, "source")
+    _, n_heads, _, _ = model_shape(model)
     before = (
         baseline if baseline is not None else score_induction(model, sequences, batch_size, copying)
     )
@@ -1091,7 +1091,7 @@ def causal_dependence(
             flat = int(np.nanargmax(later))  # first maximum: lowest layer, then head
             target = (source[0] + 1 + flat // n_heads, flat % n_heads)
     else:
-        target = _check_head(model, target, "target")
+        target = check_head(model, target, "target")
     with mean_ablated(model, [source], mean_z):
         after_source = score_induction(model, sequences, batch_size, copying)
     others = [head for head in range(n_heads) if head != source[1]]
