@@ -21,14 +21,16 @@ Everything here works offline on any machine with Python:
   clipping at norm 1.0), learning rate warmed up linearly then decayed by a cosine to
   :data:`MIN_LR_FRACTION` of the peak at the last step (Pythia's schedule shape). A batch is
   ``batch_size`` windows of ``seq_len`` tokens at uniformly random offsets of the token stream,
-  drawn from a ``torch.Generator`` seeded with the run's seed; optionally a fraction of each
+  drawn from a ``torch.Generator`` seeded with the run's data seed; optionally a fraction of each
   batch's rows (``repeat_fraction``) holds repeated content so that in-context copying (an
   induction circuit) pays off: a random or corpus half placed twice (``repeat_source``
   ``random``/``corpus``, :func:`repeated_rows`), or a span of varying length and position of
   the row's own text repeated in place (``window``, :func:`window_repeats`; the default toy
   suite's choice, the only one with which content-based induction heads formed). The
-  initialisation uses the global torch RNG seeded with the same seed. Same seed and same thread count on one machine
-  give bitwise-identical checkpoints.
+  initialisation uses the global torch RNG seeded with the weight seed. The data seed (batch
+  order, window positions, repeated spans) and the weight seed both default to the run's seed;
+  a decoupled suite sets one of them apart (``variation`` in config.yaml). Same seeds and same
+  thread count on one machine give bitwise-identical checkpoints.
 * **Checkpoints.** ``out_dir/step{N}/`` holds ``config.json``, ``model.safetensors``,
   ``generation_config.json`` and the tokenizer files, i.e. one hub revision; step 0 is the
   initialisation before any update. ``out_dir/manifest.json`` is written last. Each checkpoint
@@ -661,6 +663,8 @@ def train_run(
     threads: int = 1,
     progress: bool = True,
     progress_label: str | None = None,
+    data_seed: int | None = None,
+    weight_seed: int | None = None,
 ) -> dict[str, Any]:
     """Train one toy run and save ``out_dir/step{N}/`` for every N in ``schedule``.
 
@@ -669,11 +673,12 @@ def train_run(
     ``repeat_source``, default ``"random"``, ``repeat_vocab`` and ``repeat_min_half``). Each
     update: a batch of
     ``batch_size`` windows of ``seq_len`` tokens at offsets ~ Uniform{0..len(stream)-seq_len}
-    (seeded ``torch.Generator``), of which the first ``round(batch_size x repeat_fraction)``
+    (a ``torch.Generator`` seeded with ``data_seed``, default ``seed``; the initialisation uses
+    ``weight_seed``, default ``seed``), of which the first ``round(batch_size x repeat_fraction)``
     rows get repeated content (:func:`repeated_rows`, or :func:`window_repeats` for
     ``window``), mean next-token cross-entropy in nats, backward, gradient
     clip at norm 1.0, AdamW step with :func:`lr_at_step`'s rate. Writes ``manifest.json`` last
-    and returns it: steps, seed, size_spec, n_params, training, tokens_per_step,
+    and returns it: steps, seed, data_seed, weight_seed, size_spec, n_params, training, tokens_per_step,
     vocab_size, wall_seconds, cpu_seconds, final_loss (mean loss of the last 50 updates, nats/token),
     checkpoint_losses (the loss of the update at each saved step, step 0 = loss of the
     initialisation on the first batch), and the torch/transformers/tokenizers versions.
@@ -692,8 +697,11 @@ def train_run(
     training = _validate_training(training)
     steps_total = training["steps"]
     schedule_steps = _validate_schedule(schedule, steps_total)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    data_seed = seed if data_seed is None else data_seed
+    weight_seed = seed if weight_seed is None else weight_seed
+    for name, value in (("seed", seed), ("data_seed", data_seed), ("weight_seed", weight_seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     _positive_int("threads", threads)
     tokenizer_json = _tokenizer_json(tokenizer_dir)
     tokenizer_dir = tokenizer_json.parent
@@ -721,9 +729,9 @@ def train_run(
             f"training.seq_len ({seq_len}) must be shorter than the token stream ({len(stream)})"
         )
 
-    model = init_model(size_spec, vocab_size, seq_len, seed)
+    model = init_model(size_spec, vocab_size, seq_len, weight_seed)
     model.train()
-    data_generator = torch.Generator().manual_seed(seed)
+    data_generator = torch.Generator().manual_seed(data_seed)
     optimizer = torch.optim.AdamW(
         _param_groups(model, float(training["weight_decay"])),
         lr=float(training["learning_rate"]),
@@ -796,6 +804,8 @@ def train_run(
     manifest = {
         "steps": schedule_steps,
         "seed": seed,
+        "data_seed": data_seed,
+        "weight_seed": weight_seed,
         "size_spec": dict(size_spec),
         "n_params": n_parameters(model),
         "vocab_size": vocab_size,

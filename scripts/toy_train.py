@@ -2,7 +2,8 @@
 
 Snakemake: input.tokenizer (or input[0]) = the suite's ``tokenizer.json``; output.manifest (or
 output[0]) = ``<run dir>/manifest.json``, whose directory receives ``step{N}/``; params:
-size_spec ({n_layers, n_heads, d_model[, d_ff]}), seed (int), training ({steps, batch_size,
+size_spec ({n_layers, n_heads, d_model[, d_ff]}), seed (int), data_seed and weight_seed (ints:
+batch order and init; mechgen.variation), training ({steps, batch_size,
 seq_len, learning_rate, warmup_steps, weight_decay[, threads]}), schedule (list of steps, each
 <= training.steps), vocab_size (int); threads = torch threads; log[0] optional.
 
@@ -38,6 +39,8 @@ if "snakemake" in globals():
         manifest_path.parent,
         size_spec=dict(sm.params.size_spec),
         seed=int(sm.params.seed),
+        data_seed=int(sm.params.data_seed),
+        weight_seed=int(sm.params.weight_seed),
         training=dict(sm.params.training),
         schedule=[int(s) for s in sm.params.schedule],
         vocab_size=int(sm.params.vocab_size),

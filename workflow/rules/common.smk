@@ -13,6 +13,7 @@ from mechgen.config import (
     suite_runs,
     suite_steps,
     tokens_per_step,
+    toy_training,
     validate_config,
 )
 
