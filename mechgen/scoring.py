@@ -46,6 +46,7 @@ import pandas as pd
 from mechgen.atomic import atomic_path
 from mechgen.config import Run
 from mechgen.mechanisms import get as get_mechanism
+from mechgen.model.fingerprint import weight_fingerprint
 from mechgen.schema import (
     ATTENTION_METRICS,
     FLAG_COLUMNS,
@@ -421,6 +422,7 @@ def score_checkpoint(
                 if hit is None:
                     model = sources.load_model(files)
                     n_params = sources.count_parameters(model)
+                    fingerprint = weight_fingerprint(model)  # for the lineage check
                     cfg = model.config
                     ride = (
                         circuit.ride_along(model, circuit_settings)
@@ -465,6 +467,7 @@ def score_checkpoint(
                 "n_sentences": int(result.attrs.get("n_sentences", len(token_ids))),
                 "n_tokens": int(result.attrs.get("n_tokens", sum(len(t) for t in token_ids))),
                 "n_sentences_too_short": int(result.attrs.get("n_sentences_too_short", 0)),
+                "weight_fingerprint": fingerprint,
             }
             if cache is not None and key is not None:
                 if circuit_result is not None:
@@ -504,6 +507,8 @@ def score_checkpoint(
         n_tokens=meta["n_tokens"],
         n_params=meta["n_params"],
         nonfinite_heads=int(table["nonfinite"].sum()),
+        # None from a cache entry written before fingerprints existed.
+        weight_fingerprint=meta.get("weight_fingerprint"),
     )
     if hit is None:
         checkpoint = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(files).items()}
