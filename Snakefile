@@ -20,6 +20,7 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/seeds.smk"
 
 
 rule all:
@@ -27,5 +28,6 @@ rule all:
         final_targets(),
         relational_targets(),  # workflow/rules/relational.smk
         mechanism_targets(),  # workflow/rules/mechanisms.smk
+        seeds_targets(),  # workflow/rules/seeds.smk (suites with `variation`)
         f"{RES}/summary.rst",  # workflow/rules/report.smk: the report opens with it
     default_target: True

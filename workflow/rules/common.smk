@@ -249,3 +249,30 @@ def summary_inputs(wildcards):
     if RELATIONAL_ENABLED:
         inputs["relational_sizes"] = f"{RES}/stats/relational_sizes.csv"
     return inputs
+
+
+# ---- data order or initialisation (rules in seeds.smk)
+
+SEEDS_ENABLED = SOURCE != "table" and bool(SPEC.get("variation"))
+
+
+def seed_sources_inputs(wildcards):
+    inputs = {
+        "heads": f"{RES}/heads.parquet",
+        "tokens": eval_token_files(wildcards),
+        "per_seed": [f"{RES}/stats/{name}/per_seed.csv" for name in MECHANISMS],
+        "lineage": f"{RES}/stats/lineage.csv",
+    }
+    if RELATIONAL_ENABLED:
+        inputs["relational"] = f"{RES}/stats/relational.csv"
+    return inputs
+
+
+def seeds_targets():
+    if not SEEDS_ENABLED:
+        return []
+    return [
+        f"{RES}/stats/seed_sources.csv",
+        f"{RES}/stats/lineage.csv",
+        f"{RES}/figures/seed_sources.png",
+    ]
