@@ -136,3 +136,13 @@ def test_convergence_rows_match_numpy():
     across = [r.loc[a, b] for a in ("r-d1", "r-d2") for b in ("r-w1", "r-w2")]
     assert conv["across_value"] == pytest.approx(np.mean(across))
     assert conv["across_n"] == 4 and conv["data_n"] == 1
+
+
+def test_columns_are_documented():
+    from test_outputs import documented_columns
+
+    from mechgen import lineage
+
+    sections = documented_columns()
+    assert set(ss.COLUMNS) == sections["stats/seed_sources.csv"]
+    assert set(lineage.COLUMNS) == sections["stats/lineage.csv"]
