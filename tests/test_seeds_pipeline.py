@@ -62,8 +62,9 @@ def test_seeds_and_lineage(decoupled_run):
     assert not lineage["flagged"].astype(str).eq("True").any(), lineage[["run", "step", "flags"]]
     first = lineage[lineage["step"] == 0].set_index("run")
     assert first.at["toy-tiny-data-seed11", "identical_runs"] == "toy-tiny-data-seed12;toy-tiny-data-seed13"
-    later = lineage[lineage["step"] == 32]
-    assert (later["cos_own_init"].astype(float) > 0.5).all()
+    # Every checkpoint is closer to its own init than to any init of another group.
+    later = lineage[lineage["step"] > 0]
+    assert (later["cos_own_init"].astype(float) > later["best_init_cos"].astype(float)).all()
 
 
 def test_seed_sources_matches_pandas(decoupled_run):
