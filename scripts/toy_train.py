@@ -64,6 +64,8 @@ else:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--size", required=True, help="JSON size spec")
     parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--data-seed", type=int, help="batch order (default: --seed)")
+    parser.add_argument("--weight-seed", type=int, help="initialisation (default: --seed)")
     parser.add_argument("--training", required=True, help="JSON training config")
     parser.add_argument("--schedule", type=int, nargs="+", required=True)
     parser.add_argument("--vocab-size", type=int, default=2048)
@@ -74,6 +76,8 @@ else:
         args.out_dir,
         size_spec=json.loads(args.size),
         seed=args.seed,
+        data_seed=args.data_seed,
+        weight_seed=args.weight_seed,
         training=json.loads(args.training),
         schedule=args.schedule,
         vocab_size=args.vocab_size,
