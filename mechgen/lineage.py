@@ -98,7 +98,11 @@ def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Identical weights: equal sha256 when both have one, else equal fingerprints."""
     if a["sha256"] and b["sha256"]:
         return bool(a["sha256"] == b["sha256"])
-    return a["sample"] is not None and b["sample"] is not None and list(a["sample"]) == list(b["sample"])
+    return (
+        a["sample"] is not None
+        and b["sample"] is not None
+        and list(a["sample"]) == list(b["sample"])
+    )
 
 
 def _cos(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:

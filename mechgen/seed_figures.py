@@ -45,7 +45,14 @@ def plot_seed_sources(
     for i in range(values.shape[0]):
         for j in range(3):
             v = values[i, j]
-            ax.text(j, i, f"{v:.2f}" if np.isfinite(v) else "\u2013", ha="center", va="center", fontsize=7)
+            ax.text(
+                j,
+                i,
+                f"{v:.2f}" if np.isfinite(v) else "\u2013",
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
     ax.set_xticks(range(3), ["data", "weight", "interaction"])
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_title("share of the full-seed variance", fontsize=9)

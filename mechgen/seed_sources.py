@@ -243,7 +243,9 @@ def _row(
         row[f"{kind}_chi2_low"], row[f"{kind}_chi2_high"] = chi2_interval(finite, confidence)
         if len(finite) < len(x):
             notes.append(f"{kind}: {len(x) - len(finite)} run(s) without a value")
-    p, n_splits, min_p = variance_permutation_test(by_kind.get("data", []), by_kind.get("weight", []))
+    p, n_splits, min_p = variance_permutation_test(
+        by_kind.get("data", []), by_kind.get("weight", [])
+    )
     row.update(perm_p=p, perm_n_splits=n_splits, perm_min_p=min_p)
     s = shares(row["data_value"], row["weight_value"], row["full_value"])  # type: ignore[arg-type]
     row.update(s)
@@ -354,7 +356,9 @@ def seed_sources(
                 }
                 rows.append(
                     {
-                        **_row(base, mechanism, quantity, unit, by_kind, confidence, n_resamples, seed),
+                        **_row(
+                            base, mechanism, quantity, unit, by_kind, confidence, n_resamples, seed
+                        ),
                         "excluded_runs": ";".join(out_runs),
                         "exclusion_reason": reason,
                     }

@@ -84,7 +84,9 @@ def run_variation(spec: Mapping[str, Any], size: str, seed: int, run: str) -> Va
     return Variation(kind, base, data_seed, weight_seed, group)
 
 
-def variation_problem(spec: Mapping[str, Any], key: str, toy_sizes: Mapping[str, Any]) -> str | None:
+def variation_problem(
+    spec: Mapping[str, Any], key: str, toy_sizes: Mapping[str, Any]
+) -> str | None:
     """Why a suite's ``variation`` is invalid (the message names the key), or None.
 
     Every size of ``sizes`` needs an entry and every entry a size; a toy suite's ``base`` must

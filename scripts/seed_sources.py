@@ -55,7 +55,9 @@ def main(sm: Any) -> None:
         n_resamples=int(sm.params.n_resamples),
         seed=int(sm.params.seed),
     )
-    excluded = sorted({r for cell in table["excluded_runs"].dropna() for r in str(cell).split(";") if r})
+    excluded = sorted(
+        {r for cell in table["excluded_runs"].dropna() for r in str(cell).split(";") if r}
+    )
     log.info(
         "seed_sources: %d rows, %d mechanisms; excluded runs: %s",
         len(table),

@@ -27,7 +27,9 @@ def _load(step_dir: Path):
     return GPTNeoXForCausalLM.from_pretrained(step_dir)
 
 
-def _train_like(run_dir: Path, init_seed: int, noise_seed: int, init_dir: Path | None = None) -> None:
+def _train_like(
+    run_dir: Path, init_seed: int, noise_seed: int, init_dir: Path | None = None
+) -> None:
     """step0 = a random init (or a copy of ``init_dir``); step k = step0 + k x 0.002 x noise,
     noise from ``noise_seed``: a run that drifts slowly from its own init, like early training."""
     config = tiny_gpt_neox_config()
@@ -128,7 +130,10 @@ def decoupled_hub(tmp_path):
     runs = tmp_path / "runs"
     _train_like(runs / "pythia-160m-data-seed1", init_seed=7, noise_seed=1)
     _train_like(
-        runs / "pythia-160m-data-seed2", 0, noise_seed=2, init_dir=runs / "pythia-160m-data-seed1" / "step0"
+        runs / "pythia-160m-data-seed2",
+        0,
+        noise_seed=2,
+        init_dir=runs / "pythia-160m-data-seed1" / "step0",
     )
     _train_like(runs / "pythia-160m-weight-seed1", init_seed=8, noise_seed=3)
     repos = {p.name: p for p in sorted(runs.iterdir())}

@@ -26,7 +26,13 @@ def decoupled_run(tmp_path_factory) -> Path:
     workdir = copy_workflow(tmp_path_factory.mktemp("decoupled"))
     run_snakemake(workdir, "--cores", "2", "--configfile", *CONFIGFILES, timeout_s=2400)
     run_snakemake(
-        workdir, "--cores", "1", "--configfile", *CONFIGFILES, "--report", "report.html",
+        workdir,
+        "--cores",
+        "1",
+        "--configfile",
+        *CONFIGFILES,
+        "--report",
+        "report.html",
         timeout_s=600,
     )
     return workdir
@@ -61,7 +67,10 @@ def test_seeds_and_lineage(decoupled_run):
     lineage = pd.read_csv(res / "stats" / "lineage.csv", keep_default_na=False)
     assert not lineage["flagged"].astype(str).eq("True").any(), lineage[["run", "step", "flags"]]
     first = lineage[lineage["step"] == 0].set_index("run")
-    assert first.at["toy-tiny-data-seed11", "identical_runs"] == "toy-tiny-data-seed12;toy-tiny-data-seed13"
+    assert (
+        first.at["toy-tiny-data-seed11", "identical_runs"]
+        == "toy-tiny-data-seed12;toy-tiny-data-seed13"
+    )
     # Every checkpoint is closer to its own init than to any init of another group.
     later = lineage[lineage["step"] > 0]
     assert (later["cos_own_init"].astype(float) > later["best_init_cos"].astype(float)).all()
@@ -83,7 +92,12 @@ def test_seed_sources_matches_pandas(decoupled_run):
                 assert row[f"{kind}_n"] == 3
             full, data, weight = by_kind["full"], by_kind["data"], by_kind["weight"]
             if full > 0:
-                assert row["share_data"] == pytest.approx((full - weight) / full, rel=1e-4, abs=1e-6)
+                assert row["share_data"] == pytest.approx(
+                    (full - weight) / full, rel=1e-4, abs=1e-6
+                )
+                assert row["share_weight"] == pytest.approx(
+                    (full - data) / full, rel=1e-4, abs=1e-6
+                )
             assert row["perm_n_splits"] == 20
     relational = table[table["mechanism"] == "relational"]
     assert set(relational["quantity"]) == {"lag_steps", "induction_drop"}

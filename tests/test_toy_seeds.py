@@ -26,7 +26,16 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _train(tokenizer_dir: Path, out: Path, seed: int, **seeds: int) -> dict:
     torch.set_num_threads(1)
     return toy.train_run(
-        tokenizer_dir, out, SIZE, seed, TRAINING, SCHEDULE, VOCAB, threads=1, progress=False, **seeds
+        tokenizer_dir,
+        out,
+        SIZE,
+        seed,
+        TRAINING,
+        SCHEDULE,
+        VOCAB,
+        threads=1,
+        progress=False,
+        **seeds,
     )
 
 
@@ -84,17 +93,30 @@ def test_decoupled_suites_expand_with_their_kinds() -> None:
     assert len({r.init_group for r in pythia if r.kind == "data"}) == 1
     # The default suite: every run a full seed with both seeds = its seed.
     assert all(
-        r.kind == "full" and r.data_seed == r.weight_seed == r.seed for r in suite_runs(config, "toy")
+        r.kind == "full" and r.data_seed == r.weight_seed == r.seed
+        for r in suite_runs(config, "toy")
     )
 
 
 @pytest.mark.parametrize(
     "mutate, key, allowed",
     [
-        (lambda v: v["tiny-data"].update(kind="both"), "suites.toy-decoupled.variation.tiny-data.kind", "weight"),
+        (
+            lambda v: v["tiny-data"].update(kind="both"),
+            "suites.toy-decoupled.variation.tiny-data.kind",
+            "weight",
+        ),
         (lambda v: v.pop("tiny"), "suites.toy-decoupled.variation", "full"),
-        (lambda v: v["tiny-data"].pop("weight_seed"), "suites.toy-decoupled.variation.tiny-data.weight_seed", ""),
-        (lambda v: v["tiny-weight"].update(base="huge"), "suites.toy-decoupled.variation.tiny-weight.base", "tiny"),
+        (
+            lambda v: v["tiny-data"].pop("weight_seed"),
+            "suites.toy-decoupled.variation.tiny-data.weight_seed",
+            "",
+        ),
+        (
+            lambda v: v["tiny-weight"].update(base="huge"),
+            "suites.toy-decoupled.variation.tiny-weight.base",
+            "tiny",
+        ),
         (lambda v: v["tiny"].update(data_seed=3), "suites.toy-decoupled.variation.tiny", ""),
     ],
 )

@@ -33,9 +33,7 @@ def weight_fingerprint(model: Any) -> dict[str, Any]:
     L2 norm of all N entries; ``sample_sha256``: sha256 of the float32 sample's bytes (equal
     samples: almost surely equal weights).
     """
-    params = sorted(
-        (name, p) for name, p in model.named_parameters() if p.ndim >= 2
-    )
+    params = sorted((name, p) for name, p in model.named_parameters() if p.ndim >= 2)
     sizes = [p.numel() for _, p in params]
     total = int(sum(sizes))
     positions = np.sort(
