@@ -74,7 +74,7 @@ def test_fingerprint_matches_brute_force(tmp_path):
     )
     np.testing.assert_allclose(fp["sample"], flat[positions], rtol=1e-6)
     assert fp["n_entries"] == len(flat)
-    assert fp["norm"] == pytest.approx(float(np.linalg.norm(flat.astype(np.float64))), rel=1e-9)
+    assert fp["norm"] == pytest.approx(float(np.linalg.norm(flat.astype(np.float64))), rel=1e-5)
     # Independent inits: near-orthogonal samples; the same init: cosine 1.
     assert abs(cosine(fp["sample"], weight_fingerprint(b)["sample"])) < 0.15
     assert cosine(fp["sample"], fp["sample"]) == pytest.approx(1.0)

@@ -18,6 +18,7 @@ import hashlib
 from typing import Any
 
 import numpy as np
+import torch
 
 N_SAMPLE = 1024
 """Entries in a fingerprint."""
@@ -26,12 +27,14 @@ SAMPLE_SEED = 0
 
 
 def weight_fingerprint(model: Any) -> dict[str, Any]:
-    """``{"n_entries", "sample", "norm", "sample_sha256"}`` of ``model``'s matrices.
+    """``{"n_entries", "n_sample", "sample_seed", "sample", "norm", "sample_sha256"}`` of
+    ``model``'s matrices.
 
-    ``n_entries``: N, the entries of every ndim >= 2 parameter; ``sample``: the N_SAMPLE values
-    at the sampled positions (float32 rounded to 7 significant digits, as a list); ``norm``: the
-    L2 norm of all N entries; ``sample_sha256``: sha256 of the float32 sample's bytes (equal
-    samples: almost surely equal weights).
+    ``n_entries``: N, the entries of every ndim >= 2 parameter; ``sample``: the
+    min(N_SAMPLE, N) values at the sampled positions (float32, printed to 7 significant digits,
+    as a list); ``norm``: the L2 norm of all N entries (float32 per parameter, relative error
+    ~1e-6); ``sample_sha256``: sha256 of the float32 sample's bytes (equal samples: almost surely
+    equal weights).
     """
     params = sorted((name, p) for name, p in model.named_parameters() if p.ndim >= 2)
     sizes = [p.numel() for _, p in params]
@@ -44,7 +47,8 @@ def weight_fingerprint(model: Any) -> dict[str, Any]:
     sq = 0.0
     for i, (_, p) in enumerate(params):
         flat = p.detach().reshape(-1).float()
-        sq += float((flat.double() ** 2).sum())
+        # float32 norm per parameter: no float64 copy of a 50k x 1024 embedding in the job.
+        sq += float(torch.linalg.vector_norm(flat)) ** 2
         lo, hi = np.searchsorted(positions, [offsets[i], offsets[i + 1]])
         if hi > lo:
             idx = positions[lo:hi] - offsets[i]
