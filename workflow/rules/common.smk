@@ -256,6 +256,11 @@ def summary_inputs(wildcards):
 SEEDS_ENABLED = SOURCE != "table" and bool(SPEC.get("variation"))
 
 
+def seed_runs(fields):
+    """Per run its id and the Run fields ``fields`` (kind, init_group, base_size), for params."""
+    return [{f: getattr(r, f) for f in ("run", *fields)} for r in RUNS.values()]
+
+
 def seed_sources_inputs(wildcards):
     inputs = {
         "heads": f"{RES}/heads.parquet",

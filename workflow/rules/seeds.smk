@@ -1,9 +1,6 @@
 # Data order or initialisation (issue 13): for a suite with `variation` (mechgen.variation), the
 # lineage check of every run's checkpoints and the split of the seed variance by source.
-
-
-def seed_runs(fields):
-    return [{f: getattr(r, f) for f in ("run", *fields)} for r in RUNS.values()]
+# SEEDS_ENABLED, seed_runs(), seed_sources_inputs() and seeds_targets() are in common.smk.
 
 
 rule lineage:
