@@ -85,8 +85,8 @@ def read_sidecars(paths: Iterable[str | Path]) -> pd.DataFrame:
         fp = record.get("weight_fingerprint") or {}
         rows.append(
             {
-                "run": path.parent.name,
-                "step": int(path.stem.removeprefix("step")),
+                "run": record.get("run") or path.parent.name,
+                "step": int(record.get("step", path.stem.removeprefix("step"))),
                 "sha256": record.get("sha256") or "",
                 "sample": fp.get("sample"),
             }
