@@ -166,3 +166,19 @@ def test_wrong_expectations_are_flagged(decoupled_hub):
         "pythia-160m-data-seed2": "init_differs_from_group;shares_init_unexpectedly",
         "pythia-160m-weight-seed1": "init_differs_from_group",
     }
+
+
+def test_read_sidecars(tmp_path):
+    import json
+
+    folder = tmp_path / "scores" / "toy-tiny-seed1"
+    folder.mkdir(parents=True)
+    ok = {"run": "toy-tiny-seed1", "step": 32, "status": "ok", "sha256": "ab"}
+    ok["weight_fingerprint"] = {"sample": [0.5, -0.25]}
+    (folder / "step32.json").write_text(json.dumps(ok))
+    (folder / "step64.json").write_text(json.dumps({"status": "missing"}))
+    (folder / "step0.json").write_text(json.dumps({"status": "ok", "sha256": "cd"}))
+    table = lineage.read_sidecars(sorted(folder.glob("*.json"))).sort_values("step")
+    assert table["step"].tolist() == [0, 32]
+    assert table["run"].tolist() == ["toy-tiny-seed1"] * 2
+    assert table["sample"].iloc[0] is None and table["sample"].iloc[1] == [0.5, -0.25]
