@@ -26,12 +26,14 @@ if STUDY is None:
     include: "workflow/rules/aggregate.smk"
     include: "workflow/rules/analysis.smk"
     include: "workflow/rules/report.smk"
+    include: "workflow/rules/seeds.smk"
 
     rule all:
         input:
             final_targets(),
             relational_targets(),  # workflow/rules/relational.smk
             mechanism_targets(),  # workflow/rules/mechanisms.smk
+            seeds_targets(),  # workflow/rules/seeds.smk (suites with `variation`)
             f"{RES}/summary.rst",  # workflow/rules/report.smk: the report opens with it
         default_target: True
 

@@ -32,6 +32,7 @@ from mechgen.settings import (
     CircuitSettings,
     HubSettings,
 )
+from mechgen.variation import VARIATION_KINDS, run_variation, size_seeds, variation_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
@@ -63,6 +64,13 @@ class Run:
     source: str
     repo_id: str
     architecture: str = DEFAULT_ARCHITECTURE
+    # What varies against the other runs of its base size (mechgen.variation): full, data or
+    # weight; the toy trainer's two seeds; runs with one init_group share their initialisation.
+    kind: str = "full"
+    base_size: str = ""
+    data_seed: int | None = None
+    weight_seed: int | None = None
+    init_group: str = ""
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -132,6 +140,12 @@ def _config_schema() -> dict[str, Any]:
     mechanisms = schema["$defs"]["suite"]["properties"]["mechanisms"]
     mechanisms["items"] = {"enum": mechanism_names()}
     mechanisms["default"] = mechanism_names()
+    schema["$defs"]["suite"]["properties"]["training"]["properties"] = {
+        k: {c: v for c, v in entry.items() if c != "default"}
+        for k, entry in toy["training"]["properties"].items()
+    }
+    variation = schema["$defs"]["suite"]["properties"]["variation"]
+    variation["additionalProperties"]["properties"]["kind"]["enum"] = list(VARIATION_KINDS)
     props["hub"]["properties"] = _dataclass_properties(HubSettings)
     constraints = schema["$defs"]["relational_scoring"]
     # `detail` is decided per scoring job from `detail_steps`, not a config key.
@@ -257,6 +271,22 @@ def validate_config(config: dict[str, Any], check_files: bool = True) -> dict[st
                 raise ConfigError(f"config key 'relational' (suite {name!r}): {exc}") from None
     if "training" in config["toy"]:
         _validate_toy_training(config["toy"]["training"])
+    for name, spec in suites.items():
+        if "training" in spec and spec["source"] != "toy":
+            raise ConfigError(
+                f"config key 'suites.{name}.training': only a toy suite trains (source 'toy')"
+            )
+        if "training" in spec:
+            problem = repeat_min_half_problem(toy_training(config, name))
+            if problem:
+                raise ConfigError(f"config key 'suites.{name}.training': {problem}")
+            steps = toy_training(config, name)["steps"]
+            late = [s for s in suite_steps(config, name) if s > steps]
+            if late:
+                raise ConfigError(
+                    f"config key 'suites.{name}.schedule': steps {late} exceed its training "
+                    f"steps ({steps})"
+                )
     for name in studies:
         _validate_study(config, name)
     return config
@@ -372,7 +402,7 @@ def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], che
             raise ConfigError(f"config key 'toy.training' is required by suite {name!r} (source 'toy')")
         toy_sizes = config["toy"].get("sizes", {})
         for size in spec["sizes"]:
-            if size not in toy_sizes:
+            if size not in toy_sizes and size not in (spec.get("variation") or {}):
                 raise ConfigError(
                     f"config key '{key}.sizes': unknown toy size {size!r}; allowed: {', '.join(toy_sizes)}"
                 )
@@ -409,6 +439,9 @@ def _validate_suite(config: dict[str, Any], name: str, spec: dict[str, Any], che
             raise ConfigError(f"config key '{key}.path': a local suite needs its checkpoint directory")
         if check_files:
             _check_local_runs(config, name, key)
+    problem = variation_problem(spec, key, config.get("toy", {}).get("sizes", {}))
+    if problem:
+        raise ConfigError(problem)
     try:
         resolve_schedule(spec["schedule"], named)
     except KeyError as exc:
@@ -479,9 +512,16 @@ def tokens_per_step(config: dict[str, Any], suite: str | None = None) -> int:
     if "tokens_per_step" in spec:
         return int(spec["tokens_per_step"])
     if spec["source"] == "toy":
-        tr = config["toy"]["training"]
+        tr = toy_training(config, suite)
         return int(tr["batch_size"]) * int(tr["seq_len"])
     return family(spec.get("architecture")).tokens_per_step
+
+
+def toy_training(config: Mapping[str, Any], suite: str | None = None) -> dict[str, Any]:
+    """The toy training settings of ``suite``: ``toy.training`` with the suite's ``training``
+    overrides on top."""
+    spec = config["suites"][suite or config["suite"]]
+    return {**config["toy"].get("training", {}), **spec.get("training", {})}
 
 
 def run_id(model: str, seed: int) -> str:
@@ -490,8 +530,9 @@ def run_id(model: str, seed: int) -> str:
 
 def suite_runs(config: dict[str, Any], suite: str | None = None) -> list[Run]:
     """Every run of ``suite`` (default: the selected one) of a validated config, sizes outer,
-    seeds inner. A run's id is ``<model_prefix><size>-seed<seed>``. An hf ``repo_template``
-    may use ``{name}``, the family's run name of (size, seed) (the CRFM GPT-2 runs)."""
+    seeds inner (a size's ``variation`` entry may give its own seeds). A run's id is
+    ``<model_prefix><size>-seed<seed>``. An hf ``repo_template`` may use ``{name}``, the family's
+    run name of (size, seed) (the CRFM GPT-2 runs)."""
     name = suite or config["suite"]
     spec = config["suites"][name]
     source = spec["source"]
@@ -499,7 +540,7 @@ def suite_runs(config: dict[str, Any], suite: str | None = None) -> list[Run]:
     runs = []
     for size in spec.get("sizes", []):
         model = f"{spec['model_prefix']}{size}"
-        for seed in spec.get("seeds", []):
+        for seed in size_seeds(spec, size):
             rid = run_id(model, seed)
             if source == "hf":
                 template = spec["seed0_repo_template"] if seed == 0 else spec["repo_template"]
@@ -513,7 +554,11 @@ def suite_runs(config: dict[str, Any], suite: str | None = None) -> list[Run]:
                 repo = str(Path(spec["path"]) / rid)
             else:
                 repo = ""
-            runs.append(Run(name, rid, model, size, int(seed), source, repo, architecture))
+            v = run_variation(spec, size, int(seed), rid)
+            runs.append(
+                Run(name, rid, model, size, int(seed), source, repo, architecture,
+                    v.kind, v.base_size, v.data_seed, v.weight_seed, v.init_group)
+            )
     return runs
 
 

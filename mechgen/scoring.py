@@ -46,6 +46,7 @@ import pandas as pd
 from mechgen.atomic import atomic_path
 from mechgen.config import Run
 from mechgen.mechanisms import get as get_mechanism
+from mechgen.model.fingerprint import weight_fingerprint
 from mechgen.schema import (
     ATTENTION_METRICS,
     FLAG_COLUMNS,
@@ -402,8 +403,11 @@ def _score_model(job: _Job, model: Any) -> tuple[pd.DataFrame, dict[str, int]]:
     return result, size
 
 
-def _cache_metadata(job: _Job, files: Any, result: pd.DataFrame, size: dict[str, int]) -> dict:
-    """The metadata a cache entry (and this job's sidecar) keeps of a freshly scored blob."""
+def _cache_metadata(
+    job: _Job, files: Any, result: pd.DataFrame, size: dict[str, int], fingerprint: Any
+) -> dict:
+    """The metadata a cache entry (and this job's sidecar) keeps of a freshly scored blob,
+    ``fingerprint`` the weights' (:func:`mechgen.model.fingerprint.weight_fingerprint`)."""
     token_ids = job.token_ids
     return {
         "origin": {
@@ -419,6 +423,7 @@ def _cache_metadata(job: _Job, files: Any, result: pd.DataFrame, size: dict[str,
         "n_sentences": int(result.attrs.get("n_sentences", len(token_ids))),
         "n_tokens": int(result.attrs.get("n_tokens", sum(len(t) for t in token_ids))),
         "n_sentences_too_short": int(result.attrs.get("n_sentences_too_short", 0)),
+        "weight_fingerprint": fingerprint,
     }
 
 
@@ -457,13 +462,14 @@ def _download_and_score(job: _Job, ref: Any, delete_weights: bool) -> _Scored:
                 if hit is None:
                     model = sources.load_model(files)
                     result, size = _score_model(job, model)
+                    fingerprint = weight_fingerprint(model)  # for the lineage check
                     del model
             finally:
                 freed = sources.release(files) if delete_weights else 0
         if hit is not None:
             scores, meta = hit
             return _Scored(scores, meta, key, True, files, freed)
-        meta = _cache_metadata(job, files, result, size)
+        meta = _cache_metadata(job, files, result, size, fingerprint)
         if cache is not None and key is not None:
             if job.circuit_result is not None:
                 job.circuit_result.save(job.circuit_cache_path(key))
@@ -493,6 +499,8 @@ def _finish_sidecar(job: _Job, ref: Any, scored: _Scored, table: pd.DataFrame) -
         n_tokens=meta["n_tokens"],
         n_params=meta["n_params"],
         nonfinite_heads=int(table["nonfinite"].sum()),
+        # None from a cache entry written before fingerprints existed.
+        weight_fingerprint=meta.get("weight_fingerprint"),
     )
     files = scored.files
     if not scored.hit:

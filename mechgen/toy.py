@@ -24,14 +24,16 @@ Everything here works offline on any machine with Python:
   clipping at norm 1.0), learning rate warmed up linearly then decayed by a cosine to
   :data:`MIN_LR_FRACTION` of the peak at the last step (Pythia's schedule shape). A batch is
   ``batch_size`` windows of ``seq_len`` tokens at uniformly random offsets of the token stream,
-  drawn from a ``torch.Generator`` seeded with the run's seed; optionally a fraction of each
+  drawn from a ``torch.Generator`` seeded with the run's data seed; optionally a fraction of each
   batch's rows (``repeat_fraction``) holds repeated content so that in-context copying (an
   induction circuit) pays off: a random or corpus half placed twice (``repeat_source``
   ``random``/``corpus``, :func:`repeated_rows`), or a span of varying length and position of
   the row's own text repeated in place (``window``, :func:`window_repeats`; the default toy
   suite's choice, the only one with which content-based induction heads formed). The
-  initialisation uses the global torch RNG seeded with the same seed. Same seed and same thread count on one machine
-  give bitwise-identical checkpoints.
+  initialisation uses the global torch RNG seeded with the weight seed. The data seed (batch
+  order, window positions, repeated spans) and the weight seed both default to the run's seed;
+  a decoupled suite sets one of them apart (``variation`` in config.yaml). Same seeds and same
+  thread count on one machine give bitwise-identical checkpoints.
 * **Checkpoints.** ``out_dir/<revision>/`` holds ``config.json``, ``model.safetensors``,
   ``generation_config.json`` and the tokenizer files, i.e. one hub revision named as the family
   names it (``step{N}`` for gpt_neox, ``checkpoint-{N}`` for gpt2); step 0 is the
@@ -58,9 +60,9 @@ from typing import Any
 
 import torch
 
+from mechgen.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, family
 from mechgen.atomic import atomic_dir, write_json
 from mechgen.config import repeat_min_half_problem
-from mechgen.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, family
 from mechgen.progress import Progress
 from mechgen.settings import (
     REPEAT_SOURCES,
@@ -733,6 +735,8 @@ def train_run(
     progress: bool = True,
     progress_label: str | None = None,
     architecture: str = DEFAULT_ARCHITECTURE,
+    data_seed: int | None = None,
+    weight_seed: int | None = None,
 ) -> dict[str, Any]:
     """Train one toy run and save ``out_dir/<revision>/`` for every N in ``schedule``, the
     revision named by ``architecture``'s family (``step{N}``, or ``checkpoint-{N}`` for gpt2;
@@ -743,11 +747,12 @@ def train_run(
     ``repeat_source``, default ``"random"``, ``repeat_vocab`` and ``repeat_min_half``). Each
     update: a batch of
     ``batch_size`` windows of ``seq_len`` tokens at offsets ~ Uniform{0..len(stream)-seq_len}
-    (seeded ``torch.Generator``), of which the first ``round(batch_size x repeat_fraction)``
+    (a ``torch.Generator`` seeded with ``data_seed``, default ``seed``; the initialisation uses
+    ``weight_seed``, default ``seed``), of which the first ``round(batch_size x repeat_fraction)``
     rows get repeated content (:func:`repeated_rows`, or :func:`window_repeats` for
     ``window``), mean next-token cross-entropy in nats, backward, gradient
     clip at norm 1.0, AdamW step with :func:`lr_at_step`'s rate. Writes ``manifest.json`` last
-    and returns it: steps, seed, size_spec, n_params, training, tokens_per_step,
+    and returns it: steps, seed, data_seed, weight_seed, size_spec, n_params, training, tokens_per_step,
     vocab_size, wall_seconds, cpu_seconds, final_loss (mean loss of the last 50 updates, nats/token),
     checkpoint_losses (the loss of the update at each saved step, step 0 = loss of the
     initialisation on the first batch), and the torch/transformers/tokenizers versions.
@@ -767,8 +772,11 @@ def train_run(
     training = _validate_training(training)
     steps_total = training["steps"]
     schedule_steps = _validate_schedule(schedule, steps_total)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    data_seed = seed if data_seed is None else data_seed
+    weight_seed = seed if weight_seed is None else weight_seed
+    for name, value in (("seed", seed), ("data_seed", data_seed), ("weight_seed", weight_seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     _positive_int("threads", threads)
     revision = family(_check_architecture(architecture)).revision_name
     tokenizer_json = _tokenizer_json(tokenizer_dir)
@@ -799,9 +807,9 @@ def train_run(
             f"training.seq_len ({seq_len}) must be shorter than the token stream ({len(stream)})"
         )
 
-    model = init_model(size_spec, vocab_size, seq_len, seed, architecture)
+    model = init_model(size_spec, vocab_size, seq_len, weight_seed, architecture)
     model.train()
-    data_generator = torch.Generator().manual_seed(seed)
+    data_generator = torch.Generator().manual_seed(data_seed)
     optimizer = torch.optim.AdamW(
         _param_groups(model, float(training["weight_decay"])),
         lr=float(training["learning_rate"]),
@@ -875,6 +883,8 @@ def train_run(
         "architecture": architecture,
         "steps": schedule_steps,
         "seed": seed,
+        "data_seed": data_seed,
+        "weight_seed": weight_seed,
         "size_spec": dict(size_spec),
         "n_params": n_parameters(model),
         "vocab_size": vocab_size,

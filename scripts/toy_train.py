@@ -3,7 +3,8 @@
 Snakemake: input.tokenizer (or input[0]) = the suite's ``tokenizer.json``; output.manifest (or
 output[0]) = ``<run dir>/manifest.json``, whose directory receives ``step{N}/`` (``checkpoint-{N}/``
 for params.architecture gpt2); params:
-size_spec ({n_layers, n_heads, d_model[, d_ff]}), seed (int), training ({steps, batch_size,
+size_spec ({n_layers, n_heads, d_model[, d_ff]}), seed (int), data_seed and weight_seed (ints:
+batch order and init; mechgen.variation), training ({steps, batch_size,
 seq_len, learning_rate, warmup_steps, weight_decay[, threads]}), schedule (list of steps, each
 <= training.steps), vocab_size (int); threads = torch threads; log[0] optional.
 
@@ -39,6 +40,8 @@ if "snakemake" in globals():
         manifest_path.parent,
         size_spec=dict(sm.params.size_spec),
         seed=int(sm.params.seed),
+        data_seed=int(sm.params.data_seed),
+        weight_seed=int(sm.params.weight_seed),
         training=dict(sm.params.training),
         schedule=[int(s) for s in sm.params.schedule],
         vocab_size=int(sm.params.vocab_size),
@@ -63,6 +66,8 @@ else:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--size", required=True, help="JSON size spec")
     parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--data-seed", type=int, help="batch order (default: --seed)")
+    parser.add_argument("--weight-seed", type=int, help="initialisation (default: --seed)")
     parser.add_argument("--training", required=True, help="JSON training config")
     parser.add_argument("--schedule", type=int, nargs="+", required=True)
     parser.add_argument("--vocab-size", type=int, default=2048)
@@ -74,6 +79,8 @@ else:
         args.out_dir,
         size_spec=json.loads(args.size),
         seed=args.seed,
+        data_seed=args.data_seed,
+        weight_seed=args.weight_seed,
         training=json.loads(args.training),
         schedule=args.schedule,
         vocab_size=args.vocab_size,

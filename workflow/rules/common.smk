@@ -15,6 +15,7 @@ from mechgen.config import (
     suite_runs,
     suite_steps,
     tokens_per_step,
+    toy_training,
     validate_config,
 )
 
@@ -286,3 +287,35 @@ def summary_inputs(wildcards):
     if RELATIONAL_ENABLED:
         inputs["relational_sizes"] = f"{RES}/stats/relational_sizes.csv"
     return inputs
+
+
+# ---- data order or initialisation (rules in seeds.smk)
+
+SEEDS_ENABLED = SOURCE != "table" and bool(SPEC.get("variation"))
+
+
+def seed_runs(fields):
+    """Per run its id and the Run fields ``fields`` (kind, init_group, base_size), for params."""
+    return [{f: getattr(r, f) for f in ("run", *fields)} for r in RUNS.values()]
+
+
+def seed_sources_inputs(wildcards):
+    inputs = {
+        "heads": f"{RES}/heads.parquet",
+        "tokens": eval_token_files(wildcards),
+        "per_seed": [f"{RES}/stats/{name}/per_seed.csv" for name in MECHANISMS],
+        "lineage": f"{RES}/stats/lineage.csv",
+    }
+    if RELATIONAL_ENABLED:
+        inputs["relational"] = f"{RES}/stats/relational.csv"
+    return inputs
+
+
+def seeds_targets():
+    if not SEEDS_ENABLED:
+        return []
+    return [
+        f"{RES}/stats/seed_sources.csv",
+        f"{RES}/stats/lineage.csv",
+        f"{RES}/figures/seed_sources.png",
+    ]

@@ -28,9 +28,11 @@ rule toy_train:
     output:
         manifest=f"{RES}/hub/{{run}}/manifest.json",
     params:
-        size_spec=lambda wc: TOY["sizes"][RUNS[wc.run].size],
+        size_spec=lambda wc: TOY["sizes"][RUNS[wc.run].base_size],
         seed=lambda wc: RUNS[wc.run].seed,
-        training=lambda wc: TOY["training"],
+        data_seed=lambda wc: RUNS[wc.run].data_seed,
+        weight_seed=lambda wc: RUNS[wc.run].weight_seed,
+        training=lambda wc: toy_training(config),
         schedule=STEPS,
         vocab_size=TOY["vocab_size"],
         # Only when not GPT-NeoX: a new param is a rerun trigger, and GPT-NeoX runs trained
