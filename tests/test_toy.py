@@ -372,6 +372,8 @@ def test_scripts_under_snakemake(tmp_path: Path) -> None:
             params=_FakeNamedList(
                 size_spec=size,
                 seed=4,
+                data_seed=4,
+                weight_seed=4,
                 training={**TRAINING, "steps": 2, "threads": 1},
                 schedule=[0, 1, 2],
                 vocab_size=300,
