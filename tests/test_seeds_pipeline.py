@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_workflow, run_snakemake
+from conftest import build_once, copy_workflow, run_snakemake
 
 from mechgen.config import suite_runs
 
@@ -23,19 +23,23 @@ CONFIGFILES = ("config.yaml", "tests/configs/toy-decoupled-test.yaml")
 
 @pytest.fixture(scope="module")
 def decoupled_run(tmp_path_factory) -> Path:
-    workdir = copy_workflow(tmp_path_factory.mktemp("decoupled"))
-    run_snakemake(workdir, "--cores", "2", "--configfile", *CONFIGFILES, timeout_s=2400)
-    run_snakemake(
-        workdir,
-        "--cores",
-        "1",
-        "--configfile",
-        *CONFIGFILES,
-        "--report",
-        "report.html",
-        timeout_s=600,
-    )
-    return workdir
+    """The cut-down decoupled suite run once per session (xdist workers share it, read-only)."""
+
+    def build(path: Path) -> None:
+        workdir = copy_workflow(path)
+        run_snakemake(workdir, "--cores", "2", "--configfile", *CONFIGFILES, timeout_s=2400)
+        run_snakemake(
+            workdir,
+            "--cores",
+            "1",
+            "--configfile",
+            *CONFIGFILES,
+            "--report",
+            "report.html",
+            timeout_s=600,
+        )
+
+    return build_once(tmp_path_factory, "decoupled", build)
 
 
 def _kinds(workdir: Path) -> dict[str, str]:
