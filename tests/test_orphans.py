@@ -244,13 +244,15 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
         text=True,
         start_new_session=True,
     )
-    # 0.3 s per update (a test hook that changes no checkpoint): 60 updates take >= 18 s, so the
-    # kill lands mid-training.
+    # 3 s per update (a test hook that changes no checkpoint): 60 updates take >= 180 s, so the
+    # kill lands mid-training and the orphans are still training when resume looks for them,
+    # however loaded the machine (with 0.3 s they could finish first under a parallel test run).
+    # resume stops them, so the delay costs no test time.
     log = (tmp_path / "killed.log").open("w")
     first = subprocess.Popen(
         ["./mechgen.sh", "run", TARGET, *CONFIG_ARGS],
         cwd=killed,
-        env=_env(**{STEP_DELAY_ENV: "0.3"}),
+        env=_env(**{STEP_DELAY_ENV: "3"}),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
