@@ -379,17 +379,11 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def model_config(size_spec: Mapping[str, int], vocab_size: int, seq_len: int) -> Any:
-    """A ``GPTNeoXConfig`` for the size ``{n_layers, n_heads, d_model[, d_ff]}``.
-
-    Head dimension = d_model / n_heads (must divide); d_ff defaults to 4 x d_model;
-    max_position_embeddings = max(seq_len, 512); rotary on every head dimension
-    (partial_rotary_factor 1.0, base 10,000); untied embeddings, parallel residual and no
-    dropout as in Pythia; initializer_range 0.02; ``<|endoftext|>`` (0) is BOS/EOS and
-    ``<|padding|>`` (1) pads.
-    """
-    from transformers import GPTNeoXConfig
-
+def _checked_size(
+    size_spec: Mapping[str, int], vocab_size: int, seq_len: int
+) -> tuple[int, int, int, int]:
+    """(n_layers, n_heads, d_model, d_ff) of a size spec, checked for both families: positive
+    ints, known keys, d_model a multiple of n_heads; d_ff defaults to 4 x d_model."""
     _check_keys("size_spec", size_spec, SIZE_KEYS_REQUIRED, SIZE_KEYS_OPTIONAL)
     n_layers = _positive_int("size_spec.n_layers", size_spec["n_layers"])
     n_heads = _positive_int("size_spec.n_heads", size_spec["n_heads"])
@@ -401,6 +395,21 @@ def model_config(size_spec: Mapping[str, int], vocab_size: int, seq_len: int) ->
         raise ValueError(
             f"size_spec.d_model ({d_model}) must be a multiple of size_spec.n_heads ({n_heads})"
         )
+    return n_layers, n_heads, d_model, d_ff
+
+
+def model_config(size_spec: Mapping[str, int], vocab_size: int, seq_len: int) -> Any:
+    """A ``GPTNeoXConfig`` for the size ``{n_layers, n_heads, d_model[, d_ff]}``.
+
+    Head dimension = d_model / n_heads (must divide); d_ff defaults to 4 x d_model;
+    max_position_embeddings = max(seq_len, 512); rotary on every head dimension
+    (partial_rotary_factor 1.0, base 10,000); untied embeddings, parallel residual and no
+    dropout as in Pythia; initializer_range 0.02; ``<|endoftext|>`` (0) is BOS/EOS and
+    ``<|padding|>`` (1) pads.
+    """
+    from transformers import GPTNeoXConfig
+
+    n_layers, n_heads, d_model, d_ff = _checked_size(size_spec, vocab_size, seq_len)
     if (d_model // n_heads) % 2:
         raise ValueError(
             f"head dimension d_model/n_heads = {d_model // n_heads} must be even for rotary"
@@ -441,17 +450,7 @@ def gpt2_model_config(size_spec: Mapping[str, int], vocab_size: int, seq_len: in
     """
     from transformers import GPT2Config
 
-    _check_keys("size_spec", size_spec, SIZE_KEYS_REQUIRED, SIZE_KEYS_OPTIONAL)
-    n_layers = _positive_int("size_spec.n_layers", size_spec["n_layers"])
-    n_heads = _positive_int("size_spec.n_heads", size_spec["n_heads"])
-    d_model = _positive_int("size_spec.d_model", size_spec["d_model"])
-    d_ff = _positive_int("size_spec.d_ff", size_spec.get("d_ff", 4 * d_model))
-    _positive_int("vocab_size", vocab_size)
-    _positive_int("seq_len", seq_len)
-    if d_model % n_heads:
-        raise ValueError(
-            f"size_spec.d_model ({d_model}) must be a multiple of size_spec.n_heads ({n_heads})"
-        )
+    n_layers, n_heads, d_model, d_ff = _checked_size(size_spec, vocab_size, seq_len)
     return GPT2Config(
         vocab_size=vocab_size,
         n_positions=max(seq_len, MIN_POSITIONS),
