@@ -6,7 +6,7 @@ file per running job (plus config/tokenizer files and, during a download, its te
 which is renamed, not copied). This benchmark checks that on a simulated grid:
 
 1. random GPT-NeoX checkpoints (default 2 runs x 8 steps, ~12.6 MB each; step index 1 is a
-   byte copy of step index 0, as Pythia's step0/step1) are served by mechgen.fakehub on
+   byte copy of step index 0, as Pythia's step0/step1) are served by tests/support/fakehub.py on
    127.0.0.1 as ``EleutherAI/pythia-14m-seed{1..runs}`` (throttled to ``--mb-per-s``);
 2. the real Snakemake DAG runs an ``hf`` suite over them with ``--cores N`` (HF_HOME in tmp,
    HF_ENDPOINT at the fake hub), target ``results/<suite>/heads.parquet``;
@@ -37,13 +37,16 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+# The fake hub and the offline cache builder are test support code (tests/support/).
+sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from mechgen.fakehub import (
+from support.fakehub import (
     FakeHub,
     save_random_checkpoint,
     tiny_gpt_neox_config,
     train_tiny_tokenizer,
 )
+
 from mechgen.hubcache import directory_bytes
 
 SUITE = "diskbench"

@@ -46,6 +46,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+# The fake hub and the offline cache builder are test support code (tests/support/).
+sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 SUITE = "killtest"
 EVAL_SENTENCES = (
@@ -62,7 +64,7 @@ RESUME_STEPS = (("--unlock",), ("--rerun-incomplete",))
 def build_local_suite(root: Path, n_runs: int, steps: list[int]) -> Path:
     """Random tiny checkpoints ``root/ckpt/tiny-a-seed{k}/step{N}`` (tokenizer files in each),
     an evaluation text, and a config overlay for a ``local`` suite over them; returns the overlay."""
-    from mechgen.fakehub import save_random_checkpoint, tiny_gpt_neox_config, train_tiny_tokenizer
+    from support.fakehub import save_random_checkpoint, tiny_gpt_neox_config, train_tiny_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tiny_tokenizer(root / "tokenizer")

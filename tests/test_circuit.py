@@ -462,9 +462,10 @@ def test_stability_table_hand_worked() -> None:
 
 
 def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch) -> None:
+    from support.fakehub import save_random_checkpoint, tiny_gpt_neox_config, train_tiny_tokenizer
+
     from mechgen import scoring
     from mechgen.config import Run
-    from mechgen.fakehub import save_random_checkpoint, tiny_gpt_neox_config, train_tiny_tokenizer
 
     tokenizer = train_tiny_tokenizer(tmp_path / "tokenizer")
     config = tiny_gpt_neox_config()

@@ -1,7 +1,7 @@
 """Identical weight blobs are scored once: the score cache of mechgen.scoring.
 
 Pythia branches such as ``step0`` and ``step1`` can hold byte-identical weights. The fake hub
-(mechgen.fakehub, on 127.0.0.1, reached by huggingface_hub through its endpoint constants)
+(tests/support/fakehub.py, on 127.0.0.1, reached by huggingface_hub through its endpoint constants)
 serves ``step0`` and ``step1`` with the same ``model.safetensors`` and ``step1000`` with other
 weights; the tests count the GETs it answers and the forward passes (calls of
 ``mechgen.metrics.score_heads``) to show that a duplicate costs neither, and compare its rows
@@ -21,17 +21,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from mechgen import metrics, scoring
-from mechgen.aggregate import concat_head_tables, read_sidecars
-from mechgen.config import Run
-from mechgen.fakehub import (
+from support.fakehub import (
     FakeHub,
     save_random_checkpoint,
     tiny_gpt_neox_config,
     train_tiny_tokenizer,
 )
-from mechgen.hubcache import build_offline_cache
+from support.offline_hub import build_offline_cache
+
+from mechgen import metrics, scoring
+from mechgen.aggregate import concat_head_tables, read_sidecars
+from mechgen.config import Run
 from mechgen.schema import ATTENTION_METRICS, HEAD_COLUMNS
 from mechgen.scoring import (
     ScoreCache,

@@ -1,6 +1,6 @@
 """Fault tolerance of the scoring sweep: hub errors, bad files, non-finite heads, kill -9.
 
-Hub faults come from mechgen.fakehub (a fake hub on 127.0.0.1 that huggingface_hub reaches
+Hub faults come from tests/support/fakehub.py (a fake hub on 127.0.0.1 that huggingface_hub reaches
 through its endpoint: patched constants in this process, ``HF_ENDPOINT`` in Snakemake's). The
 waits of every retry are observed by replacing ``time.sleep`` (huggingface_hub's and ours both
 call it), so the tests see who retried what, without waiting.
@@ -29,16 +29,16 @@ import pytest
 import torch
 import yaml
 from conftest import logged_jobs
-
-from mechgen import developmental
-from mechgen.config import Run
-from mechgen.fakehub import (
+from support.fakehub import (
     FakeHub,
     Fault,
     save_random_checkpoint,
     tiny_gpt_neox_config,
     train_tiny_tokenizer,
 )
+
+from mechgen import developmental
+from mechgen.config import Run
 from mechgen.hubcache import DownloadSlots, file_sha256
 from mechgen.scoring import score_checkpoint
 from mechgen.sources import HubSettings, HubUnavailable, fetch_checkpoint, retry_wait_s

@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.fakehub import FakeHub
+from support.offline_hub import build_offline_cache, run_revisions
 
 from mechgen import toy
 from mechgen.config import Run
-from mechgen.fakehub import FakeHub
-from mechgen.hubcache import build_offline_cache, file_sha256, repo_cache_dir, run_revisions
+from mechgen.hubcache import file_sha256, repo_cache_dir
 from mechgen.sources import (
     MissingCheckpoint,
     fetch_checkpoint,

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support.fakehub import save_random_checkpoint, tiny_gpt_neox_config
+from support.offline_hub import build_offline_cache
 
 from mechgen import lineage
-from mechgen.fakehub import save_random_checkpoint, tiny_gpt_neox_config
-from mechgen.hubcache import build_offline_cache
 from mechgen.model.fingerprint import N_SAMPLE, SAMPLE_SEED, cosine, weight_fingerprint
 
 STEPS = (0, 1, 2, 4)

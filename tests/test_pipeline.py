@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import TOY_TEST_CONFIGFILES, copy_workflow, run_snakemake
 
 from mechgen import mechanisms
@@ -142,7 +141,7 @@ def test_report_embeds_every_figure(toy_test_run, tmp_path):
 def test_hf_source_resolves_toy_checkpoints_from_an_offline_cache(toy_test_run, tmp_path, monkeypatch):
     """The real download code (huggingface_hub, revision="stepN", HF_HUB_OFFLINE=1) on a cache
     built from the toy checkpoints gives the same scores as reading them from disk."""
-    from mechgen.hubcache import build_offline_cache
+    from support.offline_hub import build_offline_cache
 
     res = _results(toy_test_run)
     hub_run = res / "hub" / "toy-tiny-seed1"

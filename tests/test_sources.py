@@ -26,9 +26,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import
 
 import pytest
 import torch
+from support.offline_hub import build_offline_cache
 
 from mechgen.config import Run
-from mechgen.hubcache import build_offline_cache, git_blob_sha1, repo_cache_dir
+from mechgen.hubcache import git_blob_sha1, repo_cache_dir
 from mechgen.sources import (
     CorruptCheckpoint,
     HubUnavailable,

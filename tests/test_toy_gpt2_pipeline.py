@@ -108,7 +108,7 @@ def test_toy_gpt2_end_to_end_through_the_hf_path(trained, tmp_path, monkeypatch)
     hub_run = work / "results" / SUITE / "hub" / RUN
     steps = sorted(overlay["toy"]["schedule"])
 
-    from mechgen.hubcache import build_offline_cache, run_revisions
+    from support.offline_hub import build_offline_cache, run_revisions
 
     hf_home = tmp_path / "hf"
     absent = steps[1]

@@ -283,9 +283,10 @@ def test_scoring_job_adds_the_weight_columns_and_caches_them(tmp_path: Path, mon
     """score_checkpoint with weight tasks: the columns equal an independent
     score_weight_mechanisms on the checkpoint loaded by transformers, the sidecar records the
     tasks, and a byte-identical checkpoint reads them from the score cache (no forward pass)."""
+    from support.fakehub import save_random_checkpoint, tiny_gpt_neox_config
+
     from mechgen import metrics
     from mechgen.config import Run
-    from mechgen.fakehub import save_random_checkpoint, tiny_gpt_neox_config
     from mechgen.scoring import score_checkpoint
 
     run_dir = tmp_path / "tiny-a-seed1"
@@ -332,7 +333,8 @@ def test_scoring_job_adds_the_weight_columns_and_caches_them(tmp_path: Path, mon
 def test_per_block_scores_equal_the_scores_of_the_full_logit_matrix() -> None:
     """score_weight_mechanisms (head outputs once per layer, logits per block) equals the
     mechanism scores of each block cut from ov_logits over all tokens, on a random model."""
-    from mechgen.fakehub import tiny_gpt_neox_config
+    from support.fakehub import tiny_gpt_neox_config
+
     from mechgen.model.weight_scores import ov_logits
 
     torch.manual_seed(4)

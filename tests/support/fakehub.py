@@ -53,7 +53,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
-from mechgen.hubcache import build_offline_cache, is_lfs_file
+from mechgen.hubcache import is_lfs_file
+from support.offline_hub import build_offline_cache
 
 FAULT_KINDS = ("status", "truncate", "short", "corrupt", "replace")
 _sleep = time.sleep  # bound at import: tests that stub time.sleep must not unthrottle the server

@@ -1,0 +1,43 @@
+"""The installed package ships no test fixtures: the fake hub and the offline hub-cache builder are
+test support code (tests/support/), used by the tests and the benchmarks only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mechgen"
+SUPPORT_NAMES = {
+    "FakeHub",
+    "Fault",
+    "build_offline_cache",
+    "run_revisions",
+    "save_random_checkpoint",
+}
+"""Names defined by tests/support/ that a module of the package must neither define nor import."""
+
+
+def test_no_test_support_in_the_package() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            defined = (
+                {node.name}
+                if isinstance(node, ast.FunctionDef | ast.ClassDef)
+                else {alias.asname or alias.name for alias in node.names}
+                if isinstance(node, ast.ImportFrom)
+                else set()
+            )
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("support"):
+                offenders.append(f"{path.name}: imports {node.module}")
+            offenders += [f"{path.name}: {name}" for name in sorted(defined & SUPPORT_NAMES)]
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                modules = (
+                    [node.module]
+                    if isinstance(node, ast.ImportFrom)
+                    else [a.name for a in node.names]
+                )
+                offenders += [f"{path.name}: imports {m}" for m in modules if m == "http.server"]
+    assert offenders == []
+    assert (PACKAGE.parent / "tests" / "support" / "fakehub.py").is_file()
