@@ -387,6 +387,26 @@ def sidecar_first_halves(sequences: dict) -> np.ndarray:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The SLURM tests first: most of their time is waiting for the cluster's scheduling, which
-    then overlaps the other tests instead of ending the session."""
-    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # stable
+    """Order the session so that no worker waits while there is work (longest first within each
+    group; the sort is stable):
+
+    1. tests that need no background run, the slow ones (own Snakemake runs, trainings) first;
+    2. the SLURM tests: most of their time is waiting for the cluster's scheduling, which then
+       overlaps the other tests instead of ending the session;
+    3. the users of ``toy_test_run``, which by then has been built beside groups 1 and 2;
+    4. the users of ``induction_run``, whose one-thread training is the session's longest chain.
+    """
+
+    def group(item: pytest.Item) -> tuple[int, bool]:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "induction_run" in fixtures:
+            rank = 3
+        elif item.get_closest_marker("slurm") is not None:
+            rank = 1
+        elif fixtures & {"toy_test_run", "toy_test_run_later"}:
+            rank = 2
+        else:
+            rank = 0
+        return rank, item.get_closest_marker("slow") is None
+
+    items.sort(key=group)
