@@ -233,7 +233,7 @@ def _checkpoint_digests(workdir: Path) -> dict[str, str]:
 KILLED_STEP_DELAY_S = "600"
 """Seconds of sleep after every training update of the run that gets killed (a test hook that
 changes no checkpoint): its orphaned trainer cannot finish before resume looks for it, however
-loaded the machine (0.3 s per update once let it finish first). Resume stops it, so the delay
+loaded the machine (with a delay of a fraction of a second it can). Resume stops it, so the delay
 costs no test time; if the test fails first, it stops what is left of the run itself."""
 
 
@@ -267,7 +267,7 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
         os.kill(state["supervisor_pid"], signal.SIGKILL)
         os.kill(state["head_pid"], signal.SIGKILL)
         first.wait(30)
-        assert all(_alive(pid) for pid in trainers)  # orphans, still training: the bug's setup
+        assert all(_alive(pid) for pid in trainers)  # orphans, still running: the bug's setup
 
         resumed = subprocess.run(
             ["./mechgen.sh", "resume", TARGET, *CONFIG_ARGS],
