@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, copy_workflow
+from conftest import REPO_ROOT, copy_run, copy_workflow, logged_jobs, run_snakemake
 from mechgen import atomic, runguard
 from mechgen.toy import STEP_DELAY_ENV
 
@@ -230,49 +230,44 @@ def _checkpoint_digests(workdir: Path) -> dict[str, str]:
     }
 
 
+KILLED_STEP_DELAY_S = "600"
+"""Seconds of sleep after every training update of the run that gets killed (a test hook that
+changes no checkpoint): its orphaned trainer cannot finish before resume looks for it, however
+loaded the machine (with a delay of a fraction of a second it can). Resume stops it, so the delay
+costs no test time; if the test fails first, it stops what is left of the run itself."""
+
+
 @pytest.mark.slow
 def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
-    reference = _workdir(tmp_path / "reference")
     killed = _workdir(tmp_path / "killed")
-    # The uninterrupted run, in parallel with the one that gets killed.
-    ref = subprocess.Popen(
-        [PYTHON, "-m", "snakemake", "--cores", "1", TARGET, *CONFIG_ARGS],
-        cwd=reference,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    # 3 s per update (a test hook that changes no checkpoint): 60 updates take >= 180 s, so the
-    # kill lands mid-training and the orphans are still training when resume looks for them,
-    # however loaded the machine (with 0.3 s they could finish first under a parallel test run).
-    # resume stops them, so the delay costs no test time.
     log = (tmp_path / "killed.log").open("w")
     first = subprocess.Popen(
         ["./mechgen.sh", "run", TARGET, *CONFIG_ARGS],
         cwd=killed,
-        env=_env(**{STEP_DELAY_ENV: "3"}),
+        env=_env(**{STEP_DELAY_ENV: KILLED_STEP_DELAY_S}),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    train_log = killed / "results" / "toy-orphans" / "logs" / "toy_train" / f"{RUN}.log"
+    state: dict = {}
+
+    def run_processes() -> list[runguard.Proc]:
+        return runguard.find_run_processes(state["run_id"], state["sid"], state["head_start"])
+
+    def training_started() -> bool:
+        state.update(runguard.read_state(killed / runguard.STATE_FILE) or {})
+        return bool(state) and any("toy_train" in p.args for p in run_processes())
+
     try:
-        _wait_for(
-            lambda: train_log.exists() and f"train {RUN}: 1/60 steps" in train_log.read_text(),
-            timeout_s=300,
-            what="training to start",
-        )
-        state = _state(killed)
-        procs = runguard.find_run_processes(state["run_id"], state["sid"], state["head_start"])
+        # Kill as soon as the training job is alive: it is the orphan that resume must stop.
+        _wait_for(training_started, timeout_s=300, what="the training job to start")
+        procs = run_processes()
         trainers = [p.pid for p in procs if "toy_train" in p.args]
-        assert trainers, [p.args for p in procs]
         # The head dies, and with it its supervisor (the harder case: nobody is left to clean up).
         os.kill(state["supervisor_pid"], signal.SIGKILL)
         os.kill(state["head_pid"], signal.SIGKILL)
         first.wait(30)
-        assert all(_alive(pid) for pid in trainers)  # orphans, still training: the bug's setup
+        assert all(_alive(pid) for pid in trainers)  # orphans, still running: the bug's setup
 
         resumed = subprocess.run(
             ["./mechgen.sh", "resume", TARGET, *CONFIG_ARGS],
@@ -289,30 +284,41 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
         for pid in trainers:
             assert f"pid {pid}: " in output
         assert stopped_at < output.index("Building DAG of jobs")
-        assert runguard.find_run_processes(state["run_id"], state["sid"], state["head_start"]) == []
+        assert run_processes() == []
         assert not any(_alive(p.pid) for p in procs)
         assert f"train {RUN}: 60/60 steps (100%)" in output  # progress reached the main output
-
-        _, ref_err = ref.communicate(timeout=900)
-        assert ref.returncode == 0, ref_err[-4000:]
     finally:
-        for proc in (ref, first):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        if state:  # a failure left the killed run's jobs behind: stop them
+            runguard.stop_processes(run_processes(), grace_s=1)
         log.close()
-
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(killed / TARGET), pd.read_parquet(reference / TARGET)
-    )
-    digests = _checkpoint_digests(killed)
-    assert sorted(digests) == ["step0/model.safetensors", "step30/model.safetensors",
-                               "step60/model.safetensors"]  # fmt: skip
-    assert digests == _checkpoint_digests(reference)
     leftovers = [p for p in (killed / "results").rglob("*") if atomic.is_temporary(p)]
     assert leftovers == []
     # The resume asked for heads.parquet only: no summary, so no report, and it says why.
     assert not (killed / "results" / "toy-orphans" / "report.html").exists()
     assert "report: not built, results/toy-orphans/summary.rst is missing" in output
+
+    # The uninterrupted reference: a copy of the resumed work directory that keeps only what was
+    # finished before the kill (the tokenizer and the evaluation text) trains and scores again
+    # from scratch, without the score cache.
+    reference = copy_run(killed, tmp_path / "reference")
+    results = reference / "results" / "toy-orphans"
+    for path in results.iterdir():
+        if path.name not in ("tokenizer", "eval", "logs"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    ran = run_snakemake(reference, "--cores", "2", TARGET, *CONFIG_ARGS)
+    jobs = logged_jobs(ran.stdout + ran.stderr)
+    assert f"toy_train[run={RUN}]" in jobs and "aggregate" in jobs, jobs
+    assert not {"toy_tokenizer", "eval_sentences"} & set(jobs), jobs
+
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(killed / TARGET), pd.read_parquet(reference / TARGET), check_exact=True
+    )
+    digests = _checkpoint_digests(killed)
+    assert sorted(digests) == ["step0/model.safetensors", "step30/model.safetensors",
+                               "step60/model.safetensors"]  # fmt: skip
+    assert digests == _checkpoint_digests(reference)
 
 
 def test_stop_refuses_while_slurm_jobs_of_this_checkout_remain(

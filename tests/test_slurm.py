@@ -1,4 +1,13 @@
-"""The toy-test suite on a real SLURM cluster (profiles/slurm) gives exactly the local results.
+"""What a cluster runs for users, on a real SLURM (profiles/slurm), gives exactly the local results.
+
+On a cluster the SLURM jobs are the scoring of checkpoints, in groups of up to N checkpoints of
+one run (`groups: score=score_{run}`, `group-components`), and the analysis group (`analyze` and
+`figures` in one job); the light rules run on the submitting host. The test scores the last 3
+checkpoints of each run of the finished local toy-test run (conftest.toy_test_run) on the
+cluster, through a `local` suite that reads a copy of its hub directory with its evaluation text
+as a file, and builds the analysis. Then each SLURM job's own log must show what it ran, SLURM
+must report every job COMPLETED, and the per-head table and the trajectories must equal the
+local run's at those steps exactly (but for the suite's name).
 
 Needs the single-node cluster of .ci/slurm_up.sh and MECHGEN_SLURM=1 (.ci/run does both).
 Without MECHGEN_SLURM=1 the test is skipped; with it but no answering cluster, it fails, since
@@ -11,26 +20,27 @@ checkpoints, and kept SLURM logs so that the test can read what each SLURM job r
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from conftest import (
-    TOY_TEST_CONFIGFILES,
     TOY_TEST_RUNS,
+    TOY_TEST_SPEC,
     TOY_TEST_STEPS,
     TOY_TEST_SUITE,
     copy_workflow,
     logged_jobs,
     run_snakemake,
 )
+
+from mechgen.evaltext import read_sentence_file
 
 pytestmark = [
     pytest.mark.slurm,
@@ -41,14 +51,19 @@ pytestmark = [
     ),
 ]
 
-RES = f"results/{TOY_TEST_SUITE}"
+TOY_RES = f"results/{TOY_TEST_SUITE}"
+SUITE = "toy-test-on-slurm"
+RES = f"results/{SUITE}"
 RUNS = TOY_TEST_RUNS
-STEPS = TOY_TEST_STEPS
 CHECKPOINTS_PER_JOB = 2
-TIMEOUT_S = 900
-"""Hard limit of the SLURM run (timeout -k 30): a status query that never sees jobs end hangs.
-(The run shares the cores with the local toy-test run and the other tests.)"""
-TEST_FLAGS = (
+STEPS = TOY_TEST_STEPS[-3:]
+"""The checkpoints scored: per run one full group of 2 and one of 1 (each a SLURM job)."""
+TARGETS = (f"{RES}/trajectories.csv", f"{RES}/figures/trajectories.png")
+"""The per-head table, the trajectories and the analysis group (`figures` needs `analyze`);
+the mechanism catalog, the relational analysis and the summary add only local jobs."""
+TIMEOUT_S = 600
+"""Hard limit of the SLURM run (timeout -k 30): a status query that never sees jobs end hangs."""
+TEST_FLAGS = (  # after the targets: --group-components takes every following word
     "--slurm-status-command", "squeue",
     "--slurm-init-seconds-before-status-checks", "2",
     "--seconds-between-status-checks", "2",
@@ -88,16 +103,36 @@ def squeue_states(job_ids: list[str]) -> dict[str, str]:
     return dict(line.split() for line in out.stdout.splitlines() if line.strip())
 
 
-def test_toy_suite_on_slurm_equals_the_local_run(
-    slurm_cluster: None, toy_test_run_later: Callable[[], Path], tmp_path: Path
+def local_suite(workdir: Path, toy_test_run: Path) -> str:
+    """Write into ``workdir`` a `local` suite over a copy of the toy-test run's checkpoints
+    (``hub/<run>/step<N>/``, the tokenizer saved with each run) and its evaluation text as a
+    file, with the toy-test suite's other settings; return the overlay's name."""
+    shutil.copytree(toy_test_run / TOY_RES / "hub", workdir / "hub")
+    sentences = read_sentence_file(toy_test_run / TOY_RES / "eval" / "sentences.json")
+    (workdir / "eval.txt").write_text("\n".join(sentences) + "\n")
+    spec = {
+        **TOY_TEST_SPEC,
+        "source": "local",
+        "path": "hub",
+        "schedule": STEPS,
+        "eval": {"kind": "file", "path": "eval.txt"},
+    }
+    (workdir / "slurm-suite.yaml").write_text(
+        yaml.safe_dump({"suite": SUITE, "suites": {SUITE: spec}})
+    )
+    return "slurm-suite.yaml"
+
+
+def test_scoring_and_analysis_on_slurm_equal_the_local_run(
+    slurm_cluster: None, toy_test_run: Path, tmp_path: Path
 ) -> None:
-    # The SLURM run does not need the local one until the comparison: they run side by side.
     workdir = copy_workflow(tmp_path / "slurm-run")
+    suite = local_suite(workdir, toy_test_run)
     started = time.monotonic()
     result = run_snakemake(
         workdir,
-        "--profile", "profiles/slurm", *TEST_FLAGS,
-        "--configfile", *TOY_TEST_CONFIGFILES,
+        *TARGETS, "--profile", "profiles/slurm", *TEST_FLAGS,
+        "--configfile", "config.yaml", suite,
         wrapper=("timeout", "-k", "30", str(TIMEOUT_S)),
         timeout_s=TIMEOUT_S,
         check=False,
@@ -105,7 +140,7 @@ def test_toy_suite_on_slurm_equals_the_local_run(
     wall_s = time.monotonic() - started
     log = result.stdout + result.stderr
     submitted = {m["jobid"]: Path(m["log"]) for m in _SUBMITTED.finditer(log)}
-    print(f"SLURM run of the toy-test suite: {wall_s:.0f} s wall, {len(submitted)} SLURM jobs")
+    print(f"SLURM run: {wall_s:.0f} s wall, {len(submitted)} SLURM jobs")
     if result.returncode != 0:
         if submitted:  # leave nothing of ours queued on the cluster
             subprocess.run(["scancel", *submitted], check=False, capture_output=True, timeout=30)
@@ -116,38 +151,42 @@ def test_toy_suite_on_slurm_equals_the_local_run(
         )
 
     # What each SLURM job ran, from its own log (the inner Snakemake announces its jobs). The
-    # light rules (tokenizer, eval text, aggregation) run on the submitting host by design.
+    # light rules (eval text, tokens, aggregation) run on the submitting host by design.
     ran_by_slurm_job = {
         jobid: logged_jobs(path.read_text(), executed_here=True)
         for jobid, path in submitted.items()
     }
     assert all(ran_by_slurm_job.values()), f"a SLURM job ran no rule: {ran_by_slurm_job}"
-    toy_train_jobs = [jobs for jobs in ran_by_slurm_job.values() if jobs[0].startswith("toy_train")]
     score_groups = [jobs for jobs in ran_by_slurm_job.values() if jobs[0].startswith("score")]
     analysis_groups = [jobs for jobs in ran_by_slurm_job.values() if jobs[0].startswith("analyze")]
-    assert sorted(j for jobs in toy_train_jobs for j in jobs) == [
-        f"toy_train[run={r}]" for r in RUNS
-    ]
     assert analysis_groups == [["analyze", "figures"]]
-    assert len(ran_by_slurm_job) == len(toy_train_jobs) + len(score_groups) + len(analysis_groups)
-    # Scoring: every (run, step) exactly once; each SLURM job <= CHECKPOINTS_PER_JOB steps of one run.
-    assert len(score_groups) == len(RUNS) * math.ceil(len(STEPS) / CHECKPOINTS_PER_JOB)
+    assert len(ran_by_slurm_job) == len(score_groups) + len(analysis_groups), ran_by_slurm_job
+    # Scoring: every (run, step) exactly once; each SLURM job scores checkpoints of one run, and
+    # each run's are cut into chunks of CHECKPOINTS_PER_JOB and a remainder.
     assert sorted(j for jobs in score_groups for j in jobs) == sorted(
         f"score[run={r},step={s}]" for r in RUNS for s in STEPS
     )
-    # (With at most N per job, that many jobs in all can only be ceil(steps / N) per run.)
+    sizes_by_run: dict[str, list[int]] = {}
     for jobs in score_groups:
-        assert 1 <= len(jobs) <= CHECKPOINTS_PER_JOB, jobs
-        assert len({re.search(r"run=([^,\]]+)", j)[1] for j in jobs}) == 1, jobs
+        (run,) = {re.search(r"run=([^,\]]+)", j)[1] for j in jobs}
+        sizes_by_run.setdefault(run, []).append(len(jobs))
+    full, rest = divmod(len(STEPS), CHECKPOINTS_PER_JOB)
+    assert full and rest, "STEPS must make a full and a partial group per run"
+    chunks = sorted([CHECKPOINTS_PER_JOB] * full + [rest])
+    sizes_by_run = {run: sorted(sizes) for run, sizes in sizes_by_run.items()}
+    assert sizes_by_run == dict.fromkeys(RUNS, chunks), sizes_by_run
     # SLURM itself knows these jobs as completed (squeue keeps finished jobs MinJobAge seconds).
     states = squeue_states(list(submitted))
     assert states, "squeue no longer lists any of the submitted jobs"
     assert set(states.values()) == {"COMPLETED"}, states
 
-    # The cluster run computed exactly what the local run did.
-    toy_test_run = toy_test_run_later()
+    # The cluster scored exactly what the local run did at these steps: same weights, same text,
+    # same code (rows are per run and step, so the other steps' rows do not enter).
     for table in ("heads.parquet", "trajectories.csv"):
         read = pd.read_parquet if table.endswith(".parquet") else pd.read_csv
+        ours, local = read(workdir / RES / table), read(toy_test_run / TOY_RES / table)
+        local = local[local["step"].isin(STEPS)].reset_index(drop=True)
+        assert set(ours["suite"]) == {SUITE} and set(local["suite"]) == {TOY_TEST_SUITE}
         pd.testing.assert_frame_equal(
-            read(workdir / RES / table), read(toy_test_run / RES / table), check_exact=True
+            ours.drop(columns="suite"), local.drop(columns="suite"), check_exact=True
         )
