@@ -18,11 +18,14 @@ import torch
 import yaml
 from conftest import (
     TOY_TEST_CONFIGFILES,
+    TOY_TEST_SPEC,
     copy_run,
     logged_jobs,
     run_snakemake,
     sidecar_first_halves,
 )
+
+from mechgen.evaltext import read_sentence_file
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -211,9 +214,46 @@ def test_analysis_params_plan_no_scoring_and_detail_steps_only_their_checkpoints
     )
     planned = logged_jobs(dry.stdout + dry.stderr)
     assert "relational" in planned and not any(job.startswith("score") for job in planned)
-    overlay.write_text(yaml.safe_dump({"relational": {"detail_steps": ["final", 128]}}))
+
+    # Adding a detail step flips `detail` for that step only. A toy suite scores a run's
+    # checkpoints in one job (rule score_run), so each run's job is planned again.
+    detail = {"relational": {"detail_steps": ["final", 128]}}
+    overlay.write_text(yaml.safe_dump(detail))
     dry = run_snakemake(
         workdir, "-n", "--cores", "1", "--configfile", *TOY_TEST_CONFIGFILES, str(overlay)
     )
-    scores = [job for job in logged_jobs(dry.stdout + dry.stderr) if job.startswith("score[")]
-    assert scores == ["score[run=toy-tiny-seed1,step=128]", "score[run=toy-tiny-seed2,step=128]"]
+    scores = [job for job in logged_jobs(dry.stdout + dry.stderr) if job.startswith("score")]
+    assert scores == ["score_run[run=toy-tiny-seed1]", "score_run[run=toy-tiny-seed2]"]
+
+    # A `local` suite (one `score` job per checkpoint) over the toy-test run's hub directory,
+    # <path>/<run>/step<N>/, with the toy's evaluation text as a file: only the flipped
+    # checkpoint is planned again, not the final step (a detail step before and after).
+    (workdir / "local-eval.txt").write_text(
+        "\n".join(read_sentence_file(_results(workdir) / "eval" / "sentences.json")) + "\n"
+    )
+    steps = [128, _final_step(workdir)]
+    spec = {
+        **TOY_TEST_SPEC,
+        "source": "local",
+        "path": f"results/{SUITE}/hub",
+        "seeds": TOY_TEST_SPEC["seeds"][:1],
+        "schedule": steps,
+        "eval": {"kind": "file", "path": "local-eval.txt"},
+    }
+    local = workdir / "local.yaml"
+    local.write_text(yaml.safe_dump({"suite": "toy-local", "suites": {"toy-local": spec}}))
+    run = f"{TOY_TEST_SPEC['model_prefix']}{TOY_TEST_SPEC['sizes'][0]}-seed{spec['seeds'][0]}"
+    tables = [f"results/toy-local/scores/{run}/step{step}.parquet" for step in steps]
+    built = run_snakemake(
+        workdir, "--cores", "2", *tables, "--configfile", "config.yaml", str(local)
+    )
+    assert sorted(j for j in logged_jobs(built.stdout + built.stderr) if j.startswith("score")) == [
+        f"score[run={run},step={step}]" for step in sorted(steps)
+    ]
+
+    def local_scores(*overlays: str) -> list[str]:
+        dry = run_snakemake(workdir, "-n", *tables, "--configfile", "config.yaml", *overlays)
+        return [job for job in logged_jobs(dry.stdout + dry.stderr) if job.startswith("score")]
+
+    assert local_scores(str(local)) == []
+    assert local_scores(str(local), str(overlay)) == [f"score[run={run},step=128]"]

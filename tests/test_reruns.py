@@ -2,10 +2,13 @@
 
 Each claim is shown twice. The plan (``snakemake -n``: the job blocks it prints, cross-checked
 against its job-stats table) must equal a job list written out here from the DAG's shape:
-toy_tokenizer, eval_sentences -> eval_tokens and toy_train per run -> score per (run, step) ->
-the suite-level jobs that read every score (aggregate, trajectories, the statistics, the
-figures, ``all``). Then a real run must start exactly the planned jobs and leave every result it
-was not meant to touch byte-for-byte and mtime-identical.
+toy_tokenizer, eval_sentences -> eval_tokens and toy_train per run -> score_run per run (a toy
+suite scores a run's checkpoints in one job; hf and local suites have one `score` job per
+(run, step)) -> the suite-level jobs that read every score (aggregate, trajectories, the
+statistics, the figures, ``all``). Then a real run must start exactly the planned jobs and leave
+every result it was not meant to touch byte-for-byte and mtime-identical. The real runs stop at
+the per-head table, except one (test_changing_an_analysis_parameter_rescores_nothing, for
+functional_multiple) that runs the suite-level analyses; the other plans still check them.
 
 All tests start from one finished toy-test run (conftest.toy_test_run) and work in a copy.
 """
@@ -18,6 +21,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -33,6 +37,7 @@ from conftest import (
     run_snakemake,
 )
 
+from mechgen.circuit import load_circuit
 from mechgen.evaltext import read_sentence_file
 
 pytestmark = pytest.mark.slow
@@ -48,11 +53,17 @@ ANALYSES = {"analyze", "figures", "all"}
 
 
 def score_jobs(runs: list[str], steps: list[int]) -> list[str]:
+    """The per-checkpoint scoring jobs of an hf or local suite."""
     return [f"score[run={run},step={step}]" for run in runs for step in steps]
 
 
 def per_run(rule: str, runs: list[str]) -> list[str]:
     return [f"{rule}[run={run}]" for run in runs]
+
+
+def score_run_jobs(runs: list[str]) -> list[str]:
+    """The scoring jobs of a toy suite: one per run, all its checkpoints."""
+    return per_run("score_run", runs)
 
 
 def overlay(workdir: Path, name: str, content: dict) -> str:
@@ -133,17 +144,15 @@ def test_adding_a_seed_scores_only_the_new_run(workdir: Path, downstream: list[s
         workdir, "seed.yaml", {"suites": {TOY_TEST_SUITE: {"seeds": [*SEEDS, new_seed]}}}
     )
     new = [f"{PREFIX}{size}-seed{new_seed}" for size in SIZES]
-    expected = sorted(
-        per_run("toy_train", new)
-        + per_run("eval_tokens", new)
-        + score_jobs(new, STEPS)
-        + downstream
-    )
-    assert planned(workdir, *TOY_TEST_CONFIGFILES, more) == expected
+    new_run_jobs = per_run("toy_train", new) + per_run("eval_tokens", new) + score_run_jobs(new)
+    assert planned(workdir, *TOY_TEST_CONFIGFILES, more) == sorted(new_run_jobs + downstream)
 
+    # The real run stops at the per-head table (the analysis-parameter test runs the analyses).
+    target = (f"{RES}/heads.parquet",)
     heads_before = pd.read_parquet(workdir / RES / "heads.parquet")
     scores_before = snapshot(workdir, f"{RES}/scores/*/*")
-    assert run(workdir, *TOY_TEST_CONFIGFILES, more) == expected
+    expected_run = sorted(new_run_jobs + ["aggregate"])
+    assert run(workdir, *TOY_TEST_CONFIGFILES, more, targets=target) == expected_run
 
     scores_after = snapshot(workdir, f"{RES}/scores/*/*")
     assert {p: scores_after[p] for p in scores_before} == scores_before  # nothing rescored
@@ -165,22 +174,12 @@ def test_adding_a_size_scores_only_the_new_runs(workdir: Path, downstream: list[
         },
     )
     new = [f"{PREFIX}micro-seed{seed}" for seed in SEEDS]
-    expected = sorted(
-        per_run("toy_train", new)
-        + per_run("eval_tokens", new)
-        + score_jobs(new, STEPS)
-        + downstream
-    )
-    assert planned(workdir, *TOY_TEST_CONFIGFILES, more) == expected
+    new_run_jobs = per_run("toy_train", new) + per_run("eval_tokens", new) + score_run_jobs(new)
+    assert planned(workdir, *TOY_TEST_CONFIGFILES, more) == sorted(new_run_jobs + downstream)
 
-    # The real run stops at the per-head table (the seed test runs the analyses too).
+    # The real run stops at the per-head table (the analysis-parameter test runs the analyses).
     target = (f"{RES}/heads.parquet",)
-    expected_run = sorted(
-        per_run("toy_train", new)
-        + per_run("eval_tokens", new)
-        + score_jobs(new, STEPS)
-        + ["aggregate"]
-    )
+    expected_run = sorted(new_run_jobs + ["aggregate"])
     scores_before = snapshot(workdir, f"{RES}/scores/*/*")
     assert run(workdir, *TOY_TEST_CONFIGFILES, more, targets=target) == expected_run
     scores_after = snapshot(workdir, f"{RES}/scores/*/*")
@@ -231,34 +230,50 @@ def test_adding_checkpoints_scores_only_the_new_checkpoints(
     assert score_tables(workdir, res) == expected_tables(runs, first_steps, res)
 
     more = local_suite("local-all.yaml", STEPS)
-    expected = sorted(score_jobs(runs, added_steps) + downstream)
-    assert planned(workdir, "config.yaml", more) == expected
-    assert run(workdir, "config.yaml", more) == expected
+    added = score_jobs(runs, added_steps)
+    assert planned(workdir, "config.yaml", more) == sorted(added + downstream)
+    # The real run stops at the per-head table (the analysis-parameter test runs the analyses).
+    target = (f"{res}/heads.parquet",)
+    assert run(workdir, "config.yaml", more, targets=target) == sorted(added + ["aggregate"])
     scores_after = snapshot(workdir, f"{res}/scores/*/*")
     assert {p: scores_after[p] for p in scores_before} == scores_before
     assert score_tables(workdir, res) == expected_tables(runs, STEPS, res)
-    # The local suite scored the same weights with the same text as the toy suite did.
+    # The local suite scored the same weights with the same text as the toy suite did, one
+    # `score` job per checkpoint where the toy suite's `score_run` scored each run in one job
+    # (each suite has its own score cache, so neither read the other's scores): the tables and
+    # the relational arrays are the same, exactly.
     local = pd.read_parquet(workdir / res / "heads.parquet").drop(columns=["suite"])
     toy = pd.read_parquet(workdir / RES / "heads.parquet").drop(columns=["suite"])
     toy = toy[toy["run"].isin(runs)].reset_index(drop=True)
     pd.testing.assert_frame_equal(local, toy, check_exact=True)
+    for run_id in runs:
+        for step in STEPS:
+            name = f"scores/{run_id}/step{step}.circuit.npz"
+            a = load_circuit(workdir / res / name).arrays
+            b = load_circuit(workdir / RES / name).arrays
+            assert a.keys() == b.keys() and a, name
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "real_run"),
     [
-        {"analysis": {"onset_thresholds": {"start": 0.02, "stop": 0.30, "step": 0.01}}},
-        {"analysis": {"functional_multiple": 3.0}},
+        ({"analysis": {"onset_thresholds": {"start": 0.02, "stop": 0.30, "step": 0.01}}}, False),
+        # The one real run of the suite-level analyses in this file.
+        ({"analysis": {"functional_multiple": 3.0}}, True),
     ],
     ids=["onset_thresholds", "functional_multiple"],
 )
 def test_changing_an_analysis_parameter_rescores_nothing(
-    workdir: Path, downstream: list[str], change: dict
+    workdir: Path, downstream: list[str], change: dict, real_run: bool
 ) -> None:
     changed = overlay(workdir, "analysis.yaml", change)
     jobs = planned(workdir, *TOY_TEST_CONFIGFILES, changed)
     # Only suite-level analysis jobs: no scoring, no aggregation, no per-run job.
     assert ANALYSES <= set(jobs) <= set(downstream) - {"aggregate", "trajectories"}, jobs
+    if not real_run:
+        return
 
     def scored() -> dict:
         # Scores and the tables aggregated from them (rules aggregate and trajectories); the
@@ -291,7 +306,7 @@ def test_changing_the_evaluation_text_rescores_everything(
         "eval.yaml",
         {"suites": {TOY_TEST_SUITE: {"eval": {"kind": "toy_heldout", "n_sentences": n_sentences}}}},
     )
-    every_score = score_jobs(RUNS, STEPS)
+    every_score = score_run_jobs(RUNS)
     upstream = ["eval_sentences"] + per_run("eval_tokens", RUNS)
     assert planned(workdir, *TOY_TEST_CONFIGFILES, changed) == sorted(
         upstream + every_score + downstream
@@ -301,7 +316,7 @@ def test_changing_the_evaluation_text_rescores_everything(
     # them all); the other run, not asked for, must stay as it was.
     one, other = RUNS[0], RUNS[1:]
     target = tuple(f"{RES}/scores/{one}/step{step}.parquet" for step in STEPS)
-    expected_run = sorted(["eval_sentences", f"eval_tokens[run={one}]"] + score_jobs([one], STEPS))
+    expected_run = sorted(["eval_sentences", f"eval_tokens[run={one}]"] + score_run_jobs([one]))
     assert planned(workdir, *TOY_TEST_CONFIGFILES, changed, targets=target) == expected_run
     before = snapshot(workdir, f"{RES}/scores/*/*")
     assert run(workdir, *TOY_TEST_CONFIGFILES, changed, targets=target) == expected_run
@@ -323,13 +338,13 @@ def test_changing_a_scoring_parameter_rescores_everything(
 ) -> None:
     window = 2
     changed = overlay(workdir, "scoring.yaml", {"scoring": {"clipped_window": window}})
-    every_score = score_jobs(RUNS, STEPS)
+    every_score = score_run_jobs(RUNS)
     assert planned(workdir, *TOY_TEST_CONFIGFILES, changed) == sorted(every_score + downstream)
 
     # The real run rescores one run's checkpoints (the plan for all of them is checked above).
     one = RUNS[-1]
     tables = tuple(f"{RES}/scores/{one}/step{step}.parquet" for step in STEPS)
-    expected_run = score_jobs([one], STEPS)
+    expected_run = score_run_jobs([one])
     assert planned(workdir, *TOY_TEST_CONFIGFILES, changed, targets=tables) == sorted(expected_run)
 
     def read_tables() -> pd.DataFrame:
@@ -352,3 +367,60 @@ def test_changing_how_scoring_runs_rescores_nothing(workdir: Path, change: dict)
     # one sets threads to match the nodes and must not lose every finished checkpoint to it.
     changed = overlay(workdir, "how.yaml", {"scoring": change})
     assert planned(workdir, *TOY_TEST_CONFIGFILES, changed) == []
+
+
+def test_a_failed_score_run_rerun_rescores_only_the_unfinished_checkpoints(workdir: Path) -> None:
+    # A toy run's checkpoints are scored in one score_run job; Snakemake deletes all its outputs
+    # when it fails (or reruns it whole after a kill). What it had finished survives in the score
+    # cache, entry by entry, so the rerun scores only the rest. Here the job fails on a corrupt
+    # weight file in its second checkpoint; the others are scored (and cached) all the same.
+    one = RUNS[0]
+    broken = STEPS[1]
+    tables = tuple(f"{RES}/scores/{one}/step{step}.parquet" for step in STEPS)
+    heads_before = {t: pd.read_parquet(workdir / t) for t in tables}
+    # This run's cache entries (named in its sidecars) go, so that only the failed job's count.
+    entries = {}
+    for step in STEPS:
+        sidecar = json.loads((workdir / RES / "scores" / one / f"step{step}.json").read_text())
+        entries[step] = workdir / sidecar["score_cache"]["path"]
+        entries[step].unlink()
+        entries[step].with_suffix(".circuit.npz").unlink()
+    weights = workdir / RES / "hub" / one / f"step{broken}" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file")
+
+    failed = run_snakemake(
+        workdir, "--cores", "2", *tables, "--forcerun", "score_run",
+        "--configfile", *TOY_TEST_CONFIGFILES, check=False,
+    )  # fmt: skip
+    log = failed.stdout + failed.stderr
+    assert failed.returncode != 0, log[-3000:]
+    assert logged_jobs(log) == [f"score_run[run={one}]"]
+    assert any(
+        line.startswith("mechgen: corrupt checkpoint: ")
+        and f"{one}/step{broken}/model.safetensors" in line
+        for line in log.splitlines()
+    ), log[-3000:]
+    assert not any((workdir / t).exists() for t in tables)  # Snakemake removed the outputs
+    assert {s for s in STEPS if entries[s].is_file()} == set(STEPS) - {broken}
+
+    weights.write_bytes(good)
+    assert run(workdir, *TOY_TEST_CONFIGFILES, targets=tables) == [f"score_run[run={one}]"]
+    for step in STEPS:
+        sidecar = json.loads((workdir / RES / "scores" / one / f"step{step}.json").read_text())
+        assert sidecar["status"] == "ok"
+        # A hit is read from the cache: no forward pass (mechgen.scoring).
+        assert sidecar["score_cache"] == {
+            "key": entries[step].stem,
+            "hit": step != broken,
+            "path": str(entries[step].relative_to(workdir)),
+        }
+    for t in tables:
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(workdir / t), heads_before[t], check_exact=True
+        )
+    # One log for the run's job, one progress line per checkpoint.
+    score_log = (workdir / RES / "logs" / "score" / f"{one}.log").read_text()
+    for step in STEPS:
+        assert f"{one} step {step}: ok, " in score_log, score_log
+    assert f"{len(STEPS)}/{len(STEPS)} checkpoints of {one} scored" in score_log

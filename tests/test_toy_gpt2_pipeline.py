@@ -73,13 +73,28 @@ def test_toy_train_rule_saves_gpt2_checkpoint_revisions(trained, tmp_path) -> No
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_dry_run_plans_one_scoring_job_per_checkpoint(trained) -> None:
+def test_dry_run_plans_one_scoring_job_per_run(trained) -> None:
+    # A toy suite (GPT-2 too) scores all the checkpoints of a run in one score_run job.
     work, overlay = trained
     result = run_snakemake(work, "-n", "--configfile", "config.yaml", "gpt2.yaml")
     log = result.stdout + result.stderr
     table = log.split("Job stats:")[-1]
-    score = next(line.split() for line in table.splitlines() if line.startswith("score "))
-    assert int(score[1]) == len(overlay["toy"]["schedule"])
+    counts = {
+        fields[0]: int(fields[1])
+        for fields in (line.split() for line in table.splitlines())
+        if len(fields) == 2 and fields[1].isdigit()
+    }
+    spec = overlay["suites"][SUITE]
+    assert counts["score_run"] == len(spec["sizes"]) * len(spec["seeds"]) == 1
+    assert "score" not in counts
+    scored = [p for p in log.splitlines() if p.strip().startswith("output:") and ".parquet" in p]
+    run_outputs = [line for line in scored if f"scores/{RUN}/step" in line]
+    assert len(run_outputs) == 1  # one job's output line names every checkpoint's table
+    assert sorted(
+        int(part.split("/step")[1].split(".")[0])
+        for part in run_outputs[0].split(": ", 1)[1].split(", ")
+        if part.endswith(".parquet")
+    ) == sorted(overlay["toy"]["schedule"])
 
 
 def _brute_force_one_back(checkpoint: Path, token_ids: list[list[int]]) -> np.ndarray:

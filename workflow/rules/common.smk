@@ -188,9 +188,11 @@ def relational_detail_steps():
 
 
 def relational_job_params(step):
-    """The relational settings of one scoring job: the suite's overrides over `relational:`,
-    and `detail` for this step only, so changing detail_steps reruns only the steps whose
-    `detail` flips (Snakemake's params trigger), not every checkpoint."""
+    """The relational settings of one checkpoint's scoring: the suite's overrides over
+    `relational:`, and `detail` for this step only, so changing detail_steps reruns only the
+    `score` jobs of the steps whose `detail` flips (Snakemake's params trigger), not every
+    checkpoint. A toy suite's `score_run` job carries the list of its steps' settings: it reruns
+    when any of them flips, and reads its other checkpoints back from the score cache."""
     if not RELATIONAL_ENABLED:
         return {}
     settings = relational_settings(config)

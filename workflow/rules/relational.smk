@@ -1,7 +1,7 @@
 # The relational (1-back head -> induction head) and configurational (head shape across runs)
-# axes. Their per-checkpoint scores come from the scoring job (rule `score`, which writes
-# scores/<run>/step<N>.circuit.npz next to the per-head table); the rules here only analyse,
-# so changing `relational.analysis` plans no scoring job.
+# axes. Their per-checkpoint scores come from scoring (rule `score`, or `score_run` for toy
+# suites, which write scores/<run>/step<N>.circuit.npz next to the per-head table); the rules
+# here only analyse, so changing `relational.analysis` plans no scoring job.
 
 # RELATIONAL settings, targets and input functions are defined in common.smk.
 
