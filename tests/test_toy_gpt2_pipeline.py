@@ -134,7 +134,7 @@ def test_toy_gpt2_end_to_end_through_the_hf_path(trained, tmp_path, monkeypatch)
             "repo_template": "toy-org/toy-gpt2-{size}-seed{seed}",
             "sizes": ["tiny"],
             "seeds": [1],
-            "schedule": steps,
+            "schedule": [absent, steps[-1]],  # the checked step and the absent one
             "tokens_per_step": 512,
             "eval": {"kind": "file", "path": str(sentences)},
             "relational": {"half_length": 32, "token_hi": 66, "n_sequences": 8},
