@@ -274,12 +274,18 @@ INDUCTION_RUN = f"toy-{INDUCTION_SIZE}-seed{INDUCTION_SEED}"
 
 
 def _induction_overlay() -> dict:
-    """config.yaml's `toy` suite (same models, training, schedule, relational settings) with
-    only the larger size and one seed, under its own suite name."""
+    """config.yaml's `toy` suite (same models, training, relational settings) with only the
+    larger size and one seed, under its own suite name, saving and scoring (a job each) only
+    some checkpoints of the default schedule: the first and the last, and enough between them to
+    place the 1-back rise (done by about step 500 in toy-small) before the induction rise (after
+    step 1000). The schedule only picks which steps are saved: the training is the same."""
     base = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
     spec = dict(base["suites"]["toy"])
     assert INDUCTION_SIZE in spec["sizes"], "the test follows the default suite's larger size"
-    spec.update(sizes=[INDUCTION_SIZE], seeds=[INDUCTION_SEED])
+    steps = [0, 256, 512, 1000, 2000, 2500]
+    assert spec["schedule"] == "toy" and set(steps) <= set(base["toy"]["schedule"])
+    assert steps[-1] == base["toy"]["training"]["steps"], "the checkpoints span the whole training"
+    spec.update(sizes=[INDUCTION_SIZE], seeds=[INDUCTION_SEED], schedule=steps)
     return {"suite": INDUCTION_SUITE, "suites": {INDUCTION_SUITE: spec}}
 
 

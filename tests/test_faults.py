@@ -453,7 +453,7 @@ def _overlay(path: Path, schedule: list[int], corpus: Path) -> Path:
                 "seeds": [1],
                 "schedule": schedule,
                 "tokens_per_step": 1000,
-                "tokenizer_revision": "step3",
+                "tokenizer_revision": "step4",
                 "eval": {"kind": "file", "path": str(corpus)},
             }
         },
@@ -463,8 +463,9 @@ def _overlay(path: Path, schedule: list[int], corpus: Path) -> Path:
 
 
 def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
-    """The real DAG on an hf suite: step2 absent, step1 = step0's weights, step3 behind a 429, a
-    500 and a corrupt download, step4 with an inf head; then a step5 whose pickle runs code."""
+    """The real DAG on an hf suite: step2 absent, step1 = step0's weights, step4 with an inf head
+    behind a 429, a 500 and a corrupt download (one checkpoint, one scoring job, for both
+    faults); then a step5 whose pickle runs code."""
     run_dir = checkpoints["run_dir"]
     fake = FakeHub(max_seconds=900)  # a watchdog only: the sweep may share the cores
     built = fake.add_checkpoints(
@@ -473,7 +474,6 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
         {
             "step0": run_dir / "step0",
             "step1": run_dir / "step0",
-            "step3": run_dir / "step3",
             "step4": run_dir / "step4",
         },
         tokenizer_dir=checkpoints["tokenizer"],
@@ -483,7 +483,7 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
         Fault(
             "status",
             method="HEAD",
-            revision=commits["step3"],
+            revision=commits["step4"],
             filename="model.safetensors",
             status=429,
         )
@@ -492,13 +492,13 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
         Fault(
             "status",
             method="GET",
-            revision=commits["step3"],
+            revision=commits["step4"],
             filename="model.safetensors",
             status=500,
         )
     )
     fake.inject(
-        Fault("corrupt", method="GET", revision=commits["step3"], filename="model.safetensors")
+        Fault("corrupt", method="GET", revision=commits["step4"], filename="model.safetensors")
     )
     corpus = tmp_path / "eval.txt"
     corpus.write_text(EVAL_TEXT)
@@ -507,13 +507,13 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
     res = workdir / "results" / "fakehf"
     with fake:
         env = fake.client_env(hf_home)
-        overlay = _overlay(tmp_path / "overlay.yaml", [0, 1, 2, 3, 4], corpus)
+        overlay = _overlay(tmp_path / "overlay.yaml", [0, 1, 2, 4], corpus)
         result = _snakemake(workdir, [overlay], "results/fakehf/heads.parquet", env=env)
         assert result.returncode == 0, result.stderr[-4000:]
 
         heads = pd.read_parquet(res / "heads.parquet")
-        assert sorted(heads["step"].unique()) == [0, 1, 3, 4]
-        assert len(heads) == 4 * N_LAYERS * N_HEADS
+        assert sorted(heads["step"].unique()) == [0, 1, 4]
+        assert len(heads) == 3 * N_LAYERS * N_HEADS
         assert not heads.duplicated(["run", "step", "layer", "head"]).any()
         missing = pd.read_csv(res / "missing.csv")
         assert (
@@ -540,24 +540,23 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
         )
         assert fake.count("GET", "model.safetensors", revision=commits[f"step{duplicate}"]) == 0
         assert fake.count("GET", "model.safetensors", revision=commits[f"step{1 - duplicate}"]) == 1
-        # step3: 429 (HEAD) and 500 (GET) retried, the corrupt download caught by its hash and
+        # step4: 429 (HEAD) and 500 (GET) retried, the corrupt download caught by its hash and
         # fetched again; its scores come from the true weights.
         assert [
             r.status
             for r in fake.requests
             if r.method == "GET"
-            and r.revision == commits["step3"]
+            and r.revision == commits["step4"]
             and r.filename == "model.safetensors"
         ] == [500, 200, 200]
-        sidecar3 = json.loads((res / "scores" / "pythia-14m-seed1" / "step3.json").read_text())
-        assert sidecar3["sha256"] == _true_sha(checkpoints, 3)
-        log3 = (res / "logs" / "score" / "pythia-14m-seed1" / "step3.log").read_text()
-        assert "HTTP 429 on HEAD; retry 1/5" in log3 and "HTTP 500 on GET; retry 1/5" in log3
-        assert "does not match the hub's etag" in log3
+        sidecar4 = json.loads((res / "scores" / "pythia-14m-seed1" / "step4.json").read_text())
+        assert sidecar4["sha256"] == _true_sha(checkpoints, 4)
+        log4 = (res / "logs" / "score" / "pythia-14m-seed1" / "step4.log").read_text()
+        assert "HTTP 429 on HEAD; retry 1/5" in log4 and "HTTP 500 on GET; retry 1/5" in log4
+        assert "does not match the hub's etag" in log4
         # step4's inf head: flagged in the table, counted in the sidecar.
         flagged = heads[heads["nonfinite"]]
         assert flagged[["step", "layer", "head"]].values.tolist() == [[4, 1, 1]]
-        sidecar4 = json.loads((res / "scores" / "pythia-14m-seed1" / "step4.json").read_text())
         assert sidecar4["nonfinite_heads"] == 1
         # Streamed: no weight file is left in the client's cache.
         assert [p for p in hf_home.rglob("*") if p.is_file() and p.stat().st_size > 50_000] == []
@@ -570,7 +569,7 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
         state = {"gpt_neox.embed_in.weight": torch.zeros(2, 2), "payload": _WritesMarker(marker)}
         torch.save(state, evil / "pytorch_model.bin")
         fake.add_checkpoints(tmp_path / "server", REPO, {"step5": evil}, weight_format="pytorch")
-        overlay5 = _overlay(tmp_path / "overlay5.yaml", [0, 1, 2, 3, 4, 5], corpus)
+        overlay5 = _overlay(tmp_path / "overlay5.yaml", [0, 1, 2, 4, 5], corpus)
         result = _snakemake(
             workdir, [overlay5], "results/fakehf/scores/pythia-14m-seed1/step5.parquet", env=env
         )

@@ -26,11 +26,16 @@ RUN = "toy-gpt2-tiny-seed1"
 
 
 def _overlay() -> dict:
-    """tests/configs/toy-test.yaml's toy settings, one GPT-2 run."""
+    """tests/configs/toy-test.yaml's toy settings, one GPT-2 run, trained 40 steps with 3
+    checkpoints: the tests compare the rule's training with a direct one bit for bit and the
+    scores of a checkpoint with a brute-force forward, neither of which needs a trained model;
+    the middle checkpoint is the one left out of the hub cache."""
     base = yaml.safe_load((Path(__file__).parent / "configs" / "toy-test.yaml").read_text())
     spec = dict(base["suites"]["toy-test"])
     spec.update(architecture="gpt2", model_prefix="toy-gpt2-", seeds=[1])
-    return {"suite": SUITE, "suites": {SUITE: spec}, "toy": base["toy"]}
+    toy_settings = dict(base["toy"], schedule=[0, 10, 40])
+    toy_settings["training"] = dict(base["toy"]["training"], steps=40, warmup_steps=4)
+    return {"suite": SUITE, "suites": {SUITE: spec}, "toy": toy_settings}
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +149,15 @@ def test_toy_gpt2_end_to_end_through_the_hf_path(trained, tmp_path, monkeypatch)
             "repo_template": "toy-org/toy-gpt2-{size}-seed{seed}",
             "sizes": ["tiny"],
             "seeds": [1],
-            "schedule": steps,
+            "schedule": [absent, steps[-1]],  # the checked step and the absent one
             "tokens_per_step": 512,
             "eval": {"kind": "file", "path": str(sentences)},
-            "relational": {"half_length": 32, "token_hi": 66, "n_sequences": 32},
+            "relational": {"half_length": 32, "token_hi": 66, "n_sequences": 8},
         }},
     }))
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    run_snakemake(work, "results/offline-gpt2/trajectories.csv", "--cores", "2",
+    run_snakemake(work, "results/offline-gpt2/heads.parquet", "--cores", "2",
                   "--configfile", "config.yaml", str(hf_overlay))
     out = work / "results" / "offline-gpt2"
     assert pd.read_csv(out / "missing.csv")["step"].tolist() == [absent]
