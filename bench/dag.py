@@ -45,6 +45,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from mechgen import mechanisms
 from mechgen.config import load_yaml, suite_runs, suite_steps, validate_config
 
 SECONDS_TARGET = 60.0
@@ -248,6 +249,10 @@ def check_planned(p: Plan) -> None:
                 f"{p.suite}/{p.state}: {p.planned.get(rule, 0)} {rule} jobs, expected {expected}"
             )
     suite_level = {rule: n for rule, n in p.planned.items() if rule not in per_checkpoint}
+    # One figure per mechanism of the catalog: the only suite-level rule with a wildcard.
+    per_mechanism = suite_level.pop("mechanism_figure", None)
+    if per_mechanism not in (None, len(mechanisms.catalog())):
+        raise SystemExit(f"{p.suite}/{p.state}: {per_mechanism} mechanism_figure jobs")
     if set(suite_level.values()) != {1} or not {"aggregate", "analyze", "all"} <= set(suite_level):
         raise SystemExit(f"{p.suite}/{p.state}: unexpected suite-level jobs {suite_level}")
 
