@@ -393,8 +393,8 @@ def sidecar_first_halves(sequences: dict) -> np.ndarray:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Order the session so that no worker waits while there is work (longest first within each
-    group; the sort is stable):
+    """Order the session so that no worker waits while there is work (within each group the
+    `slow` tests first; the sort is stable):
 
     1. tests that need no background run, the slow ones (own Snakemake runs, trainings) first;
     2. the SLURM tests: most of their time is waiting for the cluster's scheduling, which then
