@@ -676,14 +676,14 @@ def relational_table(
 def uniform_induction_level(
     circuits: Mapping[tuple[str, int], CircuitResult], run: str, step: Any
 ) -> float:
-    """:func:`mechgen.functional.uniform_induction_baseline` with L the ``half_length`` recorded
+    """:func:`mechgen.baselines.uniform_induction_baseline` with L the ``half_length`` recorded
     in the run's circuit result at ``step`` (probability; NaN when that result or its settings
     record is missing)."""
     try:
         result = circuits.get((run, int(step)))
     except (TypeError, ValueError):
         return math.nan
-    from mechgen.functional import uniform_induction_baseline
+    from mechgen.baselines import uniform_induction_baseline
 
     half = (result.record.get("settings") or {}).get("half_length") if result else None
     return uniform_induction_baseline(int(half)) if half else math.nan

@@ -53,9 +53,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from mechgen.atomic import atomic_path
-
-# uniform_induction_baseline is re-exported for scripts/relational_figures.py.
-from mechgen.functional import finite_heads, uniform_induction_baseline  # noqa: F401
+from mechgen.functional import finite_heads
 
 DPI = 300
 

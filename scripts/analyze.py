@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import functional, positional, stats
+from mechgen import baselines, functional, positional, stats
 from mechgen.developmental import onset_thresholds
 from mechgen.outputs import write_declared_csvs
 
@@ -38,9 +38,9 @@ def uniform_baseline(
     or, without token files, the step-0 median head of the table; and which of the two it is."""
     if token_files:
         return {
-            Path(p).stem: functional.token_file_baseline(p) for p in token_files
+            Path(p).stem: baselines.token_file_baseline(p) for p in token_files
         }, "token_lengths"
-    return functional.step0_median_baseline(heads), "step0_median"
+    return baselines.step0_median_baseline(heads), "step0_median"
 
 
 def main(sm: Any) -> None:

@@ -35,7 +35,7 @@ from _common import setup_logging
 from mechgen import circuit, crossmech, links, mechanisms
 from mechgen.circuit import read_circuits
 from mechgen.developmental import onset_thresholds
-from mechgen.functional import read_token_lengths
+from mechgen.baselines import read_token_lengths
 from mechgen.mechanisms import NullContext
 from mechgen.outputs import read_csv, write_declared_csvs
 

@@ -18,6 +18,7 @@ import pandas as pd
 from _common import setup_logging
 
 from mechgen import figures
+from mechgen.baselines import uniform_induction_baseline
 from mechgen.outputs import read_csv
 
 
@@ -32,7 +33,7 @@ def main(sm: Any) -> None:
         by_metric["one_back"],
         by_metric["induction"],
         sm.output.relational_trajectories,
-        figures.uniform_induction_baseline(int(sm.params.half_length)),
+        uniform_induction_baseline(int(sm.params.half_length)),
         by_metric.get("induction_control"),
     )
     if relational.empty:

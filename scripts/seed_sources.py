@@ -21,7 +21,7 @@ import pandas as pd
 from _common import setup_logging
 
 from mechgen import crossmech, mechanisms, seed_figures, seed_sources
-from mechgen.functional import read_token_lengths
+from mechgen.baselines import read_token_lengths
 from mechgen.mechanisms import NullContext
 from mechgen.outputs import read_csv, write_csv
 

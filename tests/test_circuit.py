@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from mechgen.baselines import uniform_induction_baseline
 from mechgen import circuit, metrics
 from mechgen.developmental import onset_thresholds, threshold_onset
 
@@ -538,7 +539,7 @@ def test_relational_figures_draw_the_tables(tmp_path) -> None:
         trajectories(heads, "one_back"),
         trajectories(heads, "induction"),
         tmp_path / "t.png",
-        figures.uniform_induction_baseline(2),
+        uniform_induction_baseline(2),
         trajectories(heads, "induction_control"),
     )
     lines = {line.get_gid(): line for line in fig.axes[0].get_lines()}
@@ -546,7 +547,7 @@ def test_relational_figures_draw_the_tables(tmp_path) -> None:
     # have risen; at step 100 only r1 has (0.32 and 0.02).
     np.testing.assert_allclose(lines["mean:induction"].get_ydata(), [0.02, 0.02, 0.17, 0.32])
     np.testing.assert_allclose(lines["mean:induction"].get_xdata(), np.array(STEPS) + 1)
-    assert figures.uniform_induction_baseline(2) == pytest.approx((1 / 3 + 1 / 4) / 2)
+    assert uniform_induction_baseline(2) == pytest.approx((1 / 3 + 1 / 4) / 2)
     relational = pd.DataFrame(
         {
             "model": ["toy-a", "toy-a", "toy-b"],

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mechgen import circuit, mechanisms
-from mechgen.functional import uniform_induction_baseline
+from mechgen.baselines import uniform_induction_baseline
 from mechgen.mechanisms import NullContext, meets_criterion_in_table
 from mechgen.mechanisms.base import strongest_rows
 from mechgen.relational import make_repeated_sequences, repeat_offset_attention, score_induction

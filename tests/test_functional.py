@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechgen import functional
+from mechgen import baselines, functional
 
 
 def synthetic_heads(seed: int = 0) -> pd.DataFrame:
@@ -50,13 +50,13 @@ def synthetic_heads(seed: int = 0) -> pd.DataFrame:
 
 def test_baseline_hand_worked() -> None:
     # L = 3: query positions 1 and 2 put 1/2 and 1/3 on the previous token.
-    assert functional.uniform_one_back_baseline([3]) == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert baselines.uniform_one_back_baseline([3]) == pytest.approx((1 / 2 + 1 / 3) / 2)
     # L = 2: one query position with weight 1/2; L = 1 and 0 have no query position.
-    assert functional.uniform_one_back_baseline([2, 1, 0]) == pytest.approx(0.5)
+    assert baselines.uniform_one_back_baseline([2, 1, 0]) == pytest.approx(0.5)
     # The mean over sentences is unweighted: (b(2) + b(4)) / 2 with b(4) = (1/2 + 1/3 + 1/4) / 3.
     b4 = Fraction(1, 2) + Fraction(1, 3) + Fraction(1, 4)
     expected = (Fraction(1, 2) + b4 / 3) / 2
-    assert functional.uniform_one_back_baseline([2, 4]) == pytest.approx(float(expected))
+    assert baselines.uniform_one_back_baseline([2, 4]) == pytest.approx(float(expected))
 
 
 def test_baseline_matches_uniform_attention_matrix() -> None:
@@ -68,33 +68,33 @@ def test_baseline_matches_uniform_attention_matrix() -> None:
         attention = np.tril(np.ones((length, length)))
         attention /= attention.sum(axis=1, keepdims=True)
         per_sentence.append(np.diagonal(attention, offset=-1).mean())
-    assert functional.uniform_one_back_baseline(lengths) == pytest.approx(np.mean(per_sentence))
+    assert baselines.uniform_one_back_baseline(lengths) == pytest.approx(np.mean(per_sentence))
 
 
 def test_baseline_rejects_no_usable_sentence() -> None:
     with pytest.raises(ValueError, match="2 or more tokens"):
-        functional.uniform_one_back_baseline([1, 1, 0])
+        baselines.uniform_one_back_baseline([1, 1, 0])
     with pytest.raises(ValueError, match=">= 0"):
-        functional.uniform_one_back_baseline([-1, 4])
+        baselines.uniform_one_back_baseline([-1, 4])
 
 
 def test_token_file_baseline(tmp_path) -> None:
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"run": "x", "token_ids": [[5, 6, 7], [1, 2]]}))
-    assert functional.token_file_baseline(path) == pytest.approx(((1 / 2 + 1 / 3) / 2 + 1 / 2) / 2)
+    assert baselines.token_file_baseline(path) == pytest.approx(((1 / 2 + 1 / 3) / 2 + 1 / 2) / 2)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"ids": []}))
     with pytest.raises(ValueError, match="token_ids"):
-        functional.token_file_baseline(bad)
+        baselines.token_file_baseline(bad)
 
 
 def test_step0_median_baseline() -> None:
     heads = synthetic_heads()
     at_step0 = heads[(heads["step"] == 0) & ~heads["nonfinite"] & heads["one_back"].notna()]
     expected = float(np.median(at_step0["one_back"]))
-    assert functional.step0_median_baseline(heads) == pytest.approx(expected)
+    assert baselines.step0_median_baseline(heads) == pytest.approx(expected)
     with pytest.raises(ValueError, match="step-0"):
-        functional.step0_median_baseline(heads[heads["step"] > 0])
+        baselines.step0_median_baseline(heads[heads["step"] > 0])
 
 
 def test_counts_match_brute_force_loop() -> None:

@@ -6,7 +6,7 @@ A[p, p-L+1] (:mod:`mechgen.relational`; attention probability). Control:
 ``induction_control``, the same positions on sequences whose halves differ, so a head that
 attends to the fixed offset L-1 whatever the content scores as high there (a positional head,
 not an induction head). Null: uniform causal attention at those positions,
-(1/L) sum_{p=L}^{2L-1} 1/(p+1) (:func:`mechgen.functional.uniform_induction_baseline`).
+(1/L) sum_{p=L}^{2L-1} 1/(p+1) (:func:`mechgen.baselines.uniform_induction_baseline`).
 Criterion: induction >= 2 x null and control < 0.5 x induction.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechgen.functional import uniform_induction_baseline
+from mechgen.baselines import uniform_induction_baseline
 from mechgen.mechanisms.base import Mechanism, NullContext
 
 

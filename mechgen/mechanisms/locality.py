@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from mechgen.functional import step0_median_baseline
+from mechgen.baselines import step0_median_baseline
 from mechgen.mechanisms.base import Mechanism, NullContext
 
 SCORE_COLUMN = "received_concentration"

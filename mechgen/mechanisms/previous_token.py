@@ -5,7 +5,7 @@ sentences, then the unweighted mean over sentences (:mod:`mechgen.metrics`; atte
 probability). Null: uniform causal attention on the same sentences,
 b = mean_s (1/(L_s-1)) sum_{i=1}^{L_s-1} 1/(i+1) (:func:`mechgen.functional.
 uniform_one_back_baseline`); for a suite imported from published tables, whose sentence lengths
-are unknown, the median step-0 head (:func:`mechgen.functional.step0_median_baseline`).
+are unknown, the median step-0 head (:func:`mechgen.baselines.step0_median_baseline`).
 Criterion: one_back >= 2 x b. Onsets may also use the study's absolute thresholds (0.01..0.30
 per decade of steps on the raw score), so the reproduction prints every published number.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechgen.functional import step0_median_baseline, uniform_one_back_baseline
+from mechgen.baselines import step0_median_baseline, uniform_one_back_baseline
 from mechgen.mechanisms.base import Link, Mechanism, NullContext
 
 
