@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mechgen.baselines import uniform_induction_baseline
 from mechgen import circuit, metrics
+from mechgen.baselines import uniform_induction_baseline
 from mechgen.developmental import onset_thresholds, threshold_onset
 
 VOCAB = 64
