@@ -1,11 +1,12 @@
-"""The decoupled toy suite end to end (Snakemake, 9 tiny runs): the trainer's two seeds, the
-lineage check of genuine runs, and stats/seed_sources.csv against a pandas recomputation from the
-per-run tables; the report gets the section."""
+"""The decoupled toy suite end to end (Snakemake, 6 tiny runs: 2 of each kind): the trainer's
+two seeds, the lineage check of genuine runs, and stats/seed_sources.csv against a pandas
+recomputation from the per-run tables; the report gets the section."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,23 +31,23 @@ figures, which the toy-test run covers."""
 
 @pytest.fixture(scope="module")
 def decoupled_run(tmp_path_factory) -> Path:
-    """The cut-down decoupled suite run once per session (xdist workers share it, read-only)."""
+    """The cut-down decoupled suite run once per session (xdist workers share it, read-only),
+    its report.html built by the same Snakemake invocation (``--report-after-run``: no second
+    start, workflow parse and DAG)."""
 
     def build(path: Path) -> None:
         workdir = copy_workflow(path)
         run_snakemake(
-            workdir, *TARGETS, "--cores", "2", "--configfile", *CONFIGFILES, timeout_s=2400
-        )
-        run_snakemake(
             workdir,
             *TARGETS,
             "--cores",
-            "1",
+            "2",
             "--configfile",
             *CONFIGFILES,
             "--report",
             "report.html",
-            timeout_s=600,
+            "--report-after-run",
+            timeout_s=2400,
         )
 
     return build_once(tmp_path_factory, "decoupled", build)
@@ -85,10 +86,9 @@ def test_seeds_and_lineage(decoupled_run):
     lineage = pd.read_csv(res / "stats" / "lineage.csv", keep_default_na=False)
     assert not lineage["flagged"].astype(str).eq("True").any(), lineage[["run", "step", "flags"]]
     first = lineage[lineage["step"] == 0].set_index("run")
-    assert (
-        first.at["toy-tiny-data-seed11", "identical_runs"]
-        == "toy-tiny-data-seed12;toy-tiny-data-seed13"
-    )
+    # Each data variant's step 0 is identical to those of the other data variants, and only them.
+    for run in data_runs:
+        assert first.at[run, "identical_runs"] == ";".join(sorted(set(data_runs) - {run}))
     # Every checkpoint is closer to its own init than to any init of another group.
     later = lineage[lineage["step"] > 0]
     assert (later["cos_own_init"].astype(float) > later["best_init_cos"].astype(float)).all()
@@ -101,6 +101,10 @@ def test_seed_sources_matches_pandas(decoupled_run):
     assert table["excluded_runs"].isna().all()
     mechanisms = _mechanisms(decoupled_run)
     assert set(table["mechanism"]) == {*mechanisms, "relational"}
+    n_runs = {kind: list(kinds.values()).count(kind) for kind in ("data", "weight", "full")}
+    # 2 runs of each kind: a sample variance each, and C(4, 2) = 6 splits of data vs weight.
+    assert n_runs == {"data": 2, "weight": 2, "full": 2}, n_runs
+    n_splits = math.comb(n_runs["data"] + n_runs["weight"], n_runs["data"])
     for mechanism in mechanisms:
         per_seed = pd.read_csv(res / "stats" / mechanism / "per_seed.csv")
         per_seed["kind"] = per_seed["run"].map(kinds)
@@ -109,7 +113,7 @@ def test_seed_sources_matches_pandas(decoupled_run):
             by_kind = per_seed.groupby("kind")[quantity].var(ddof=1)
             for kind in ("data", "weight", "full"):
                 assert row[f"{kind}_value"] == pytest.approx(by_kind[kind], abs=1e-6)
-                assert row[f"{kind}_n"] == 3
+                assert row[f"{kind}_n"] == n_runs[kind]
             full, data, weight = by_kind["full"], by_kind["data"], by_kind["weight"]
             if full > 0:
                 assert row["share_data"] == pytest.approx(
@@ -118,11 +122,14 @@ def test_seed_sources_matches_pandas(decoupled_run):
                 assert row["share_weight"] == pytest.approx(
                     (full - data) / full, rel=1e-4, abs=1e-6
                 )
-            assert row["perm_n_splits"] == 20
+            assert row["perm_n_splits"] == n_splits
     relational = table[table["mechanism"] == "relational"]
     assert set(relational["quantity"]) == {"lag_steps", "induction_drop"}
+    # Pairs of runs: within a kind, and of different kinds.
     conv = table[table["quantity"] == "convergence_r"]
-    assert (conv["data_n"] <= 3).all() and (conv["across_n"] <= 27).all()
+    pairs = {kind: math.comb(n, 2) for kind, n in n_runs.items()}
+    across = math.comb(len(kinds), 2) - sum(pairs.values())
+    assert (conv["data_n"] <= pairs["data"]).all() and (conv["across_n"] <= across).all()
 
 
 def test_figure_and_report_section(decoupled_run):
