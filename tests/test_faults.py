@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -602,13 +603,33 @@ def _bench_faults():
 def test_kill9_then_resume_redoes_only_unfinished_jobs(tmp_path):
     """kill -9 of the whole sweep while a scoring job runs and another has finished (the group
     is stopped first and killed only in such a state); the resume redoes exactly the unfinished
-    jobs, keeps the finished ones and gives the uninterrupted run's table."""
+    jobs, keeps the finished ones and gives the uninterrupted run's table.
+
+    Two checkpoints, and the killed sweep runs on one core: the second scoring job starts when
+    the first ends, so the sweep is in that state for the whole of the second job (on 2 cores
+    the two jobs would run side by side and end within moments of each other). The killed
+    sweep starts from the reference's evaluation text and token ids (a copy of its work
+    directory without the scores and the table): the kill comes after a scoring job, so those
+    two jobs would always be finished at the kill anyway."""
     bench = _bench_faults()
-    steps = [0, 10, 20]  # 2 cores: the third scoring job starts when one of the first two ends
+    steps = [0, 10]
     overlay = bench.build_local_suite(tmp_path / "suite", n_runs=1, steps=steps)
     reference, outputs, _ = bench.reference_run(tmp_path, overlay)
     assert len(reference) == len(steps) * N_LAYERS * N_HEADS
     scores = f"results/{bench.SUITE}/scores/tiny-a-seed1"
+
+    # The trial's work directory: the reference's (Snakemake's metadata too, mtimes kept) with
+    # only the outputs of eval_sentences and eval_tokens, and their logs.
+    trial_dir = shutil.copytree(tmp_path / "reference", tmp_path / "trial", symlinks=True)
+    results = trial_dir / "results" / bench.SUITE
+    for path in [*results.iterdir(), *(results / "logs").iterdir()]:
+        if path.name not in ("eval", "logs", "eval_sentences.log", "eval_tokens"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    evaluation = {p: (trial_dir / p).stat().st_mtime_ns for p in bench.job_outputs(trial_dir)}
+    assert sorted(map(str, evaluation)) == [
+        f"results/{bench.SUITE}/eval/sentences.json",
+        f"results/{bench.SUITE}/eval/tokens/tiny-a-seed1.json",
+    ]
 
     def score_steps(paths) -> set[int]:
         return {int(p.name[4:].split(".")[0]) for p in paths if str(p.parent) == scores}
@@ -629,16 +650,19 @@ def test_kill9_then_resume_redoes_only_unfinished_jobs(tmp_path):
         return bool(finished) and bool(score_steps(state.incomplete) - finished)
 
     trial = bench.kill_trial(
-        tmp_path / "trial",
+        trial_dir,
         overlay,
         reference,
         outputs,
         kill_when=lambda workdir: bench._sidecars(workdir) >= 1,
         kill_in=mid_run,
         timeout_s=300,
+        cores=1,
     )
     assert trial.message != "finished before the kill", "no kill landed mid-run"
     assert trial.at_kill is not None and mid_run(trial.at_kill)
+    # The killed sweep ran scoring jobs only: the evaluation files are the reference's.
+    assert {p: trial.at_kill.finished.get(p) for p in evaluation} == evaluation
     assert trial.survivors == [], "processes of the killed group survived"
     assert trial.rerun_ok, trial.message
     # The resume started exactly the score jobs whose table was not finished, and the table.
