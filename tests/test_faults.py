@@ -466,7 +466,8 @@ def _overlay(path: Path, schedule: list[int], corpus: Path) -> Path:
 def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
     """The real DAG on an hf suite: step2 absent, step1 = step0's weights, step4 with an inf head
     behind a 429, a 500 and a corrupt download (one checkpoint, one scoring job, for both
-    faults); then a step5 whose pickle runs code."""
+    faults); and, asked for in the same Snakemake run (``--keep-going``), the score table of a
+    step5 whose pickle runs code: its job fails, the others complete."""
     run_dir = checkpoints["run_dir"]
     fake = FakeHub(max_seconds=900)  # a watchdog only: the sweep may share the cores
     built = fake.add_checkpoints(
@@ -501,6 +502,14 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
     fake.inject(
         Fault("corrupt", method="GET", revision=commits["step4"], filename="model.safetensors")
     )
+    # A pickle that would execute code, served as step5's pytorch_model.bin.
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil" / "step5"
+    evil.mkdir(parents=True)
+    (evil / "config.json").write_bytes((run_dir / "step0" / "config.json").read_bytes())
+    state = {"gpt_neox.embed_in.weight": torch.zeros(2, 2), "payload": _WritesMarker(marker)}
+    torch.save(state, evil / "pytorch_model.bin")
+    fake.add_checkpoints(tmp_path / "server", REPO, {"step5": evil}, weight_format="pytorch")
     corpus = tmp_path / "eval.txt"
     corpus.write_text(EVAL_TEXT)
     workdir = tmp_path / "work"
@@ -509,8 +518,25 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
     with fake:
         env = fake.client_env(hf_home)
         overlay = _overlay(tmp_path / "overlay.yaml", [0, 1, 2, 4], corpus)
-        result = _snakemake(workdir, [overlay], "results/fakehf/heads.parquet", env=env)
-        assert result.returncode == 0, result.stderr[-4000:]
+        # heads.parquet (schedule 0, 1, 2, 4) and step5's table (outside the schedule, so that
+        # heads.parquet does not wait for it) in one run; --keep-going: step5's failure does not
+        # stop the rest, and the run exits non-zero for it.
+        result = _snakemake(
+            workdir,
+            [overlay],
+            "results/fakehf/heads.parquet",
+            "results/fakehf/scores/pythia-14m-seed1/step5.parquet",
+            env=env,
+            extra=("--keep-going",),
+            timeout_s=600,  # the work of two runs, which had 300 s each
+        )
+        failed = [
+            line
+            for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error in rule")
+        ]
+        assert result.returncode != 0 and failed == ["Error in rule score:"], result.stderr[-4000:]
+        assert "wildcards: run=pythia-14m-seed1, step=5" in result.stderr, result.stderr[-4000:]
 
         heads = pd.read_parquet(res / "heads.parquet")
         assert sorted(heads["step"].unique()) == [0, 1, 4]
@@ -562,19 +588,7 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
         # Streamed: no weight file is left in the client's cache.
         assert [p for p in hf_home.rglob("*") if p.is_file() and p.stat().st_size > 50_000] == []
 
-        # A pickle that would execute code: refused, the job fails with one clear line.
-        marker = tmp_path / "pwned"
-        evil = tmp_path / "evil" / "step5"
-        evil.mkdir(parents=True)
-        (evil / "config.json").write_bytes((run_dir / "step0" / "config.json").read_bytes())
-        state = {"gpt_neox.embed_in.weight": torch.zeros(2, 2), "payload": _WritesMarker(marker)}
-        torch.save(state, evil / "pytorch_model.bin")
-        fake.add_checkpoints(tmp_path / "server", REPO, {"step5": evil}, weight_format="pytorch")
-        overlay5 = _overlay(tmp_path / "overlay5.yaml", [0, 1, 2, 4, 5], corpus)
-        result = _snakemake(
-            workdir, [overlay5], "results/fakehf/scores/pythia-14m-seed1/step5.parquet", env=env
-        )
-    assert result.returncode != 0
+    # The pickle that would execute code: refused, the job fails with one clear line.
     lines = [
         line
         for line in (result.stdout + result.stderr).splitlines()
