@@ -268,7 +268,7 @@ def kill_trial(
     timeout_s: float = 600.0,
     cores: int = 2,
 ) -> Trial:
-    """One trial in a fresh ``workdir``: start, kill -9 the whole process group, resume, compare.
+    """One trial in ``workdir``: start, kill -9 the whole process group, resume, compare.
 
     The kill comes ``kill_after_s`` seconds after the start, or ``extra_delay_s`` after
     ``kill_when(workdir)`` first holds (polled every 50 ms), whichever is given. The group is
@@ -276,7 +276,8 @@ def kill_trial(
     ``kill_in``, the kill only lands in a state it accepts: otherwise the group continues
     (SIGCONT) and is stopped again 50 ms later. A sweep that ends before the kill has
     ``message`` "finished before the kill" (and nothing else is checked). ``cores`` is the
-    killed sweep's ``--cores`` (the resume always uses 2).
+    killed sweep's ``--cores`` (the resume always uses 2). ``workdir`` is fresh in this script's
+    trials; a caller may fill it first (the test starts from a reference's evaluation files).
     """
     if (kill_after_s is None) == (kill_when is None):
         raise ValueError("give exactly one of kill_after_s and kill_when")
