@@ -3,7 +3,8 @@
 A ``local`` suite (small random GPT-NeoX checkpoints with a tokenizer, an evaluation text file)
 is scored once without interruption (the reference). Then, per trial, in a fresh work directory:
 
-1. start ``snakemake --cores 2 results/<suite>/heads.parquet`` in its own process group;
+1. start ``snakemake --cores 2 results/<suite>/heads.parquet`` in its own process group
+   (:func:`kill_trial` takes another number of cores);
 2. at a random moment (once a random number k of the scoring jobs, 0 <= k < all, have
    written their sidecar, plus a random fraction of one job's duration), stop the whole group
    (Snakemake and its job subprocesses) with SIGSTOP, read its state, then ``kill -9`` it and
@@ -99,7 +100,7 @@ def build_local_suite(root: Path, n_runs: int, steps: list[int]) -> Path:
     return path
 
 
-def snakemake_command(workdir: Path, overlay: Path, *extra: str) -> list[str]:
+def snakemake_command(workdir: Path, overlay: Path, *extra: str, cores: int = 2) -> list[str]:
     """``python -m snakemake`` on the checkout's Snakefile, working in ``workdir``."""
     return [
         sys.executable,
@@ -113,7 +114,7 @@ def snakemake_command(workdir: Path, overlay: Path, *extra: str) -> list[str]:
         str(REPO_ROOT / "config.yaml"),
         str(overlay),
         "--cores",
-        "2",
+        str(cores),
         f"results/{SUITE}/heads.parquet",
         *extra,
     ]
@@ -265,22 +266,25 @@ def kill_trial(
     kill_in: Callable[[KillState], bool] | None = None,
     extra_delay_s: float = 0.0,
     timeout_s: float = 600.0,
+    cores: int = 2,
 ) -> Trial:
-    """One trial in a fresh ``workdir``: start, kill -9 the whole process group, resume, compare.
+    """One trial in ``workdir``: start, kill -9 the whole process group, resume, compare.
 
     The kill comes ``kill_after_s`` seconds after the start, or ``extra_delay_s`` after
     ``kill_when(workdir)`` first holds (polled every 50 ms), whichever is given. The group is
     stopped (SIGSTOP) first and its state read, so the record is the state at the kill; with
     ``kill_in``, the kill only lands in a state it accepts: otherwise the group continues
     (SIGCONT) and is stopped again 50 ms later. A sweep that ends before the kill has
-    ``message`` "finished before the kill" (and nothing else is checked).
+    ``message`` "finished before the kill" (and nothing else is checked). ``cores`` is the
+    killed sweep's ``--cores`` (the resume always uses 2). ``workdir`` is fresh in this script's
+    trials; a caller may fill it first (the test starts from a reference's evaluation files).
     """
     if (kill_after_s is None) == (kill_when is None):
         raise ValueError("give exactly one of kill_after_s and kill_when")
     started = time.monotonic()
     deadline = started + timeout_s
     proc = subprocess.Popen(
-        snakemake_command(workdir, overlay),
+        snakemake_command(workdir, overlay, cores=cores),
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -465,7 +466,8 @@ def _overlay(path: Path, schedule: list[int], corpus: Path) -> Path:
 def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
     """The real DAG on an hf suite: step2 absent, step1 = step0's weights, step4 with an inf head
     behind a 429, a 500 and a corrupt download (one checkpoint, one scoring job, for both
-    faults); then a step5 whose pickle runs code."""
+    faults); and, asked for in the same Snakemake run (``--keep-going``), the score table of a
+    step5 whose pickle runs code: its job fails, the others complete."""
     run_dir = checkpoints["run_dir"]
     fake = FakeHub(max_seconds=900)  # a watchdog only: the sweep may share the cores
     built = fake.add_checkpoints(
@@ -500,6 +502,14 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
     fake.inject(
         Fault("corrupt", method="GET", revision=commits["step4"], filename="model.safetensors")
     )
+    # A pickle that would execute code, served as step5's pytorch_model.bin.
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil" / "step5"
+    evil.mkdir(parents=True)
+    (evil / "config.json").write_bytes((run_dir / "step0" / "config.json").read_bytes())
+    state = {"gpt_neox.embed_in.weight": torch.zeros(2, 2), "payload": _WritesMarker(marker)}
+    torch.save(state, evil / "pytorch_model.bin")
+    fake.add_checkpoints(tmp_path / "server", REPO, {"step5": evil}, weight_format="pytorch")
     corpus = tmp_path / "eval.txt"
     corpus.write_text(EVAL_TEXT)
     workdir = tmp_path / "work"
@@ -508,8 +518,25 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
     with fake:
         env = fake.client_env(hf_home)
         overlay = _overlay(tmp_path / "overlay.yaml", [0, 1, 2, 4], corpus)
-        result = _snakemake(workdir, [overlay], "results/fakehf/heads.parquet", env=env)
-        assert result.returncode == 0, result.stderr[-4000:]
+        # heads.parquet (schedule 0, 1, 2, 4) and step5's table (outside the schedule, so that
+        # heads.parquet does not wait for it) in one run; --keep-going: step5's failure does not
+        # stop the rest, and the run exits non-zero for it.
+        result = _snakemake(
+            workdir,
+            [overlay],
+            "results/fakehf/heads.parquet",
+            "results/fakehf/scores/pythia-14m-seed1/step5.parquet",
+            env=env,
+            extra=("--keep-going",),
+            timeout_s=600,  # the work of two runs, which had 300 s each
+        )
+        failed = [
+            line
+            for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith("Error in rule")
+        ]
+        assert result.returncode != 0 and failed == ["Error in rule score:"], result.stderr[-4000:]
+        assert "wildcards: run=pythia-14m-seed1, step=5" in result.stderr, result.stderr[-4000:]
 
         heads = pd.read_parquet(res / "heads.parquet")
         assert sorted(heads["step"].unique()) == [0, 1, 4]
@@ -561,19 +588,7 @@ def test_hf_sweep_survives_hub_faults(checkpoints, tmp_path):
         # Streamed: no weight file is left in the client's cache.
         assert [p for p in hf_home.rglob("*") if p.is_file() and p.stat().st_size > 50_000] == []
 
-        # A pickle that would execute code: refused, the job fails with one clear line.
-        marker = tmp_path / "pwned"
-        evil = tmp_path / "evil" / "step5"
-        evil.mkdir(parents=True)
-        (evil / "config.json").write_bytes((run_dir / "step0" / "config.json").read_bytes())
-        state = {"gpt_neox.embed_in.weight": torch.zeros(2, 2), "payload": _WritesMarker(marker)}
-        torch.save(state, evil / "pytorch_model.bin")
-        fake.add_checkpoints(tmp_path / "server", REPO, {"step5": evil}, weight_format="pytorch")
-        overlay5 = _overlay(tmp_path / "overlay5.yaml", [0, 1, 2, 4, 5], corpus)
-        result = _snakemake(
-            workdir, [overlay5], "results/fakehf/scores/pythia-14m-seed1/step5.parquet", env=env
-        )
-    assert result.returncode != 0
+    # The pickle that would execute code: refused, the job fails with one clear line.
     lines = [
         line
         for line in (result.stdout + result.stderr).splitlines()
@@ -602,13 +617,33 @@ def _bench_faults():
 def test_kill9_then_resume_redoes_only_unfinished_jobs(tmp_path):
     """kill -9 of the whole sweep while a scoring job runs and another has finished (the group
     is stopped first and killed only in such a state); the resume redoes exactly the unfinished
-    jobs, keeps the finished ones and gives the uninterrupted run's table."""
+    jobs, keeps the finished ones and gives the uninterrupted run's table.
+
+    Two checkpoints, and the killed sweep runs on one core: the second scoring job starts when
+    the first ends, so the sweep is in that state for the whole of the second job (on 2 cores
+    the two jobs would run side by side and end within moments of each other). The killed
+    sweep starts from the reference's evaluation text and token ids (a copy of its work
+    directory without the scores and the table): the kill comes after a scoring job, so those
+    two jobs would always be finished at the kill anyway."""
     bench = _bench_faults()
-    steps = [0, 10, 20]  # 2 cores: the third scoring job starts when one of the first two ends
+    steps = [0, 10]
     overlay = bench.build_local_suite(tmp_path / "suite", n_runs=1, steps=steps)
     reference, outputs, _ = bench.reference_run(tmp_path, overlay)
     assert len(reference) == len(steps) * N_LAYERS * N_HEADS
     scores = f"results/{bench.SUITE}/scores/tiny-a-seed1"
+
+    # The trial's work directory: the reference's (Snakemake's metadata too, mtimes kept) with
+    # only the outputs of eval_sentences and eval_tokens, and their logs.
+    trial_dir = shutil.copytree(tmp_path / "reference", tmp_path / "trial", symlinks=True)
+    results = trial_dir / "results" / bench.SUITE
+    for path in [*results.iterdir(), *(results / "logs").iterdir()]:
+        if path.name not in ("eval", "logs", "eval_sentences.log", "eval_tokens"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    evaluation = {p: (trial_dir / p).stat().st_mtime_ns for p in bench.job_outputs(trial_dir)}
+    assert sorted(map(str, evaluation)) == [
+        f"results/{bench.SUITE}/eval/sentences.json",
+        f"results/{bench.SUITE}/eval/tokens/tiny-a-seed1.json",
+    ]
 
     def score_steps(paths) -> set[int]:
         return {int(p.name[4:].split(".")[0]) for p in paths if str(p.parent) == scores}
@@ -629,16 +664,19 @@ def test_kill9_then_resume_redoes_only_unfinished_jobs(tmp_path):
         return bool(finished) and bool(score_steps(state.incomplete) - finished)
 
     trial = bench.kill_trial(
-        tmp_path / "trial",
+        trial_dir,
         overlay,
         reference,
         outputs,
         kill_when=lambda workdir: bench._sidecars(workdir) >= 1,
         kill_in=mid_run,
         timeout_s=300,
+        cores=1,
     )
     assert trial.message != "finished before the kill", "no kill landed mid-run"
     assert trial.at_kill is not None and mid_run(trial.at_kill)
+    # The killed sweep ran scoring jobs only: the evaluation files are the reference's.
+    assert {p: trial.at_kill.finished.get(p) for p in evaluation} == evaluation
     assert trial.survivors == [], "processes of the killed group survived"
     assert trial.rerun_ok, trial.message
     # The resume started exactly the score jobs whose table was not finished, and the table.

@@ -1,7 +1,8 @@
 """A killed run's jobs must not race the resume (mechgen.runguard, mechgen.sh run/resume).
 
 The fast tests use a fake Snakemake head (a shell script with two children); the slow test kills
-a real toy run mid-training and resumes it with ./mechgen.sh.
+a real toy run (one run of the toy-test suite) mid-training, resumes it with ./mechgen.sh and
+compares its checkpoints and score tables with the session's uninterrupted toy-test run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, copy_run, copy_workflow, logged_jobs, run_snakemake
+from conftest import (
+    REPO_ROOT,
+    TOY_TEST_CONFIGFILES,
+    TOY_TEST_RUNS,
+    TOY_TEST_STEPS,
+    TOY_TEST_SUITE,
+    copy_workflow,
+    logged_jobs,
+)
 from mechgen import atomic, runguard
 from mechgen.toy import STEP_DELAY_ENV
 
@@ -178,39 +187,25 @@ def test_runs_jobs(args: list[str], expected: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The real thing: kill the head of a toy run mid-training, resume at once.
+#
+# The run is one run of the toy-test suite (tests/configs/toy-test.yaml), trained and scored up to
+# its score tables: the uninterrupted reference is then the session's ``toy_test_run`` (the same
+# configuration in another work directory, built once for the tests that use it), not a second
+# training of our own.
 
-TARGET = "results/toy-orphans/heads.parquet"
-RUN = "toy-tiny-seed1"
-OVERLAY = {
-    "suite": "toy-orphans",
-    "suites": {
-        "toy-orphans": {
-            "source": "toy",
-            "model_prefix": "toy-",
-            "sizes": ["tiny"],
-            "seeds": [1],
-            "schedule": "toy",
-            "tokens_per_step": 256,
-            "eval": {"kind": "toy_heldout", "n_sentences": 16},
-            "relational": {"half_length": 16, "token_hi": 66, "n_sequences": 8},
-        }
-    },
-    "toy": {
-        "vocab_size": 300,
-        "sizes": {"tiny": {"n_layers": 1, "n_heads": 2, "d_model": 32}},
-        "training": {"steps": 60, "batch_size": 4, "seq_len": 64, "warmup_steps": 5},
-        "schedule": [0, 30, 60],
-    },
-    "relational": {"enabled": False},
-}
+RUN = TOY_TEST_RUNS[0]
+TRAINING_STEPS = yaml.safe_load((REPO_ROOT / TOY_TEST_CONFIGFILES[1]).read_text())["toy"][
+    "training"
+]["steps"]
+TARGET = f"results/{TOY_TEST_SUITE}/scores/{RUN}/step{TOY_TEST_STEPS[-1]}.parquet"
+"""One score table of the run: its `score_run` job (all its checkpoints) after its training."""
 # Last: --configfile takes every following word, a target too.
-CONFIG_ARGS = ["--configfile", "config.yaml", "orphans.yaml"]
+CONFIG_ARGS = ["--configfile", *TOY_TEST_CONFIGFILES]
 
 
 def _workdir(path: Path) -> Path:
     copy_workflow(path)
     shutil.copy2(REPO_ROOT / "mechgen.sh", path / "mechgen.sh")
-    (path / "orphans.yaml").write_text(yaml.safe_dump(OVERLAY))
     return path
 
 
@@ -223,7 +218,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _checkpoint_digests(workdir: Path) -> dict[str, str]:
-    hub = workdir / "results" / "toy-orphans" / "hub" / RUN
+    hub = workdir / "results" / TOY_TEST_SUITE / "hub" / RUN
     return {
         str(p.relative_to(hub)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(hub.rglob("*.safetensors"))
@@ -238,7 +233,7 @@ costs no test time; if the test fails first, it stops what is left of the run it
 
 
 @pytest.mark.slow
-def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
+def test_kill_mid_training_then_resume(tmp_path: Path, toy_test_run_later) -> None:
     killed = _workdir(tmp_path / "killed")
     log = (tmp_path / "killed.log").open("w")
     first = subprocess.Popen(
@@ -286,7 +281,11 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
         assert stopped_at < output.index("Building DAG of jobs")
         assert run_processes() == []
         assert not any(_alive(p.pid) for p in procs)
-        assert f"train {RUN}: 60/60 steps (100%)" in output  # progress reached the main output
+        # The resume trained the run again (the killed trainer finished nothing) and scored it;
+        # the progress reached the main output.
+        jobs = logged_jobs(output)
+        assert f"toy_train[run={RUN}]" in jobs and f"score_run[run={RUN}]" in jobs, jobs
+        assert f"train {RUN}: {TRAINING_STEPS}/{TRAINING_STEPS} steps (100%)" in output
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
@@ -295,30 +294,21 @@ def test_kill_mid_training_then_resume(tmp_path: Path) -> None:
         log.close()
     leftovers = [p for p in (killed / "results").rglob("*") if atomic.is_temporary(p)]
     assert leftovers == []
-    # The resume asked for heads.parquet only: no summary, so no report, and it says why.
-    assert not (killed / "results" / "toy-orphans" / "report.html").exists()
-    assert "report: not built, results/toy-orphans/summary.rst is missing" in output
+    # The resume asked for score tables only: no summary, so no report, and it says why.
+    assert not (killed / "results" / TOY_TEST_SUITE / "report.html").exists()
+    assert f"report: not built, results/{TOY_TEST_SUITE}/summary.rst is missing" in output
 
-    # The uninterrupted reference: a copy of the resumed work directory that keeps only what was
-    # finished before the kill (the tokenizer and the evaluation text) trains and scores again
-    # from scratch, without the score cache.
-    reference = copy_run(killed, tmp_path / "reference")
-    results = reference / "results" / "toy-orphans"
-    for path in results.iterdir():
-        if path.name not in ("tokenizer", "eval", "logs"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    ran = run_snakemake(reference, "--cores", "2", TARGET, *CONFIG_ARGS)
-    jobs = logged_jobs(ran.stdout + ran.stderr)
-    assert f"toy_train[run={RUN}]" in jobs and "aggregate" in jobs, jobs
-    assert not {"toy_tokenizer", "eval_sentences"} & set(jobs), jobs
-
-    pd.testing.assert_frame_equal(
-        pd.read_parquet(killed / TARGET), pd.read_parquet(reference / TARGET), check_exact=True
-    )
+    # The uninterrupted reference: the same run of the same configuration, trained and scored
+    # from scratch (its own tokenizer too) in toy_test_run's work directory.
+    reference = toy_test_run_later()
     digests = _checkpoint_digests(killed)
-    assert sorted(digests) == ["step0/model.safetensors", "step30/model.safetensors",
-                               "step60/model.safetensors"]  # fmt: skip
+    assert sorted(digests) == sorted(f"step{s}/model.safetensors" for s in TOY_TEST_STEPS)
     assert digests == _checkpoint_digests(reference)
+    for step in TOY_TEST_STEPS:
+        table = f"results/{TOY_TEST_SUITE}/scores/{RUN}/step{step}.parquet"
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(killed / table), pd.read_parquet(reference / table), check_exact=True
+        )
 
 
 def test_stop_refuses_while_slurm_jobs_of_this_checkout_remain(
