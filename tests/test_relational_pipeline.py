@@ -18,14 +18,11 @@ import torch
 import yaml
 from conftest import (
     TOY_TEST_CONFIGFILES,
-    TOY_TEST_SPEC,
     copy_run,
     logged_jobs,
     run_snakemake,
     sidecar_first_halves,
 )
-
-from mechgen.evaltext import read_sentence_file
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -203,7 +200,7 @@ def test_detail_step_and_configurational_outputs(toy_test_run: Path) -> None:
     assert set(stability["run"]) == set(runs)
 
 
-def test_analysis_params_plan_no_scoring_and_detail_steps_only_their_checkpoints(
+def test_analysis_params_plan_no_scoring_and_a_detail_step_replans_the_toy_runs(
     toy_test_run: Path, tmp_path: Path
 ) -> None:
     workdir = copy_run(toy_test_run, tmp_path / "work")
@@ -216,7 +213,9 @@ def test_analysis_params_plan_no_scoring_and_detail_steps_only_their_checkpoints
     assert "relational" in planned and not any(job.startswith("score") for job in planned)
 
     # Adding a detail step flips `detail` for that step only. A toy suite scores a run's
-    # checkpoints in one job (rule score_run), so each run's job is planned again.
+    # checkpoints in one job (rule score_run), so each run's job is planned again. In a suite
+    # with one `score` job per checkpoint only the flipped checkpoint is planned again:
+    # tests/test_reruns.py::test_adding_a_detail_step_rescores_only_that_checkpoint.
     detail = {"relational": {"detail_steps": ["final", 128]}}
     overlay.write_text(yaml.safe_dump(detail))
     dry = run_snakemake(
@@ -224,36 +223,3 @@ def test_analysis_params_plan_no_scoring_and_detail_steps_only_their_checkpoints
     )
     scores = [job for job in logged_jobs(dry.stdout + dry.stderr) if job.startswith("score")]
     assert scores == ["score_run[run=toy-tiny-seed1]", "score_run[run=toy-tiny-seed2]"]
-
-    # A `local` suite (one `score` job per checkpoint) over the toy-test run's hub directory,
-    # <path>/<run>/step<N>/, with the toy's evaluation text as a file: only the flipped
-    # checkpoint is planned again, not the final step (a detail step before and after).
-    (workdir / "local-eval.txt").write_text(
-        "\n".join(read_sentence_file(_results(workdir) / "eval" / "sentences.json")) + "\n"
-    )
-    steps = [128, _final_step(workdir)]
-    spec = {
-        **TOY_TEST_SPEC,
-        "source": "local",
-        "path": f"results/{SUITE}/hub",
-        "seeds": TOY_TEST_SPEC["seeds"][:1],
-        "schedule": steps,
-        "eval": {"kind": "file", "path": "local-eval.txt"},
-    }
-    local = workdir / "local.yaml"
-    local.write_text(yaml.safe_dump({"suite": "toy-local", "suites": {"toy-local": spec}}))
-    run = f"{TOY_TEST_SPEC['model_prefix']}{TOY_TEST_SPEC['sizes'][0]}-seed{spec['seeds'][0]}"
-    tables = [f"results/toy-local/scores/{run}/step{step}.parquet" for step in steps]
-    built = run_snakemake(
-        workdir, "--cores", "2", *tables, "--configfile", "config.yaml", str(local)
-    )
-    assert sorted(j for j in logged_jobs(built.stdout + built.stderr) if j.startswith("score")) == [
-        f"score[run={run},step={step}]" for step in sorted(steps)
-    ]
-
-    def local_scores(*overlays: str) -> list[str]:
-        dry = run_snakemake(workdir, "-n", *tables, "--configfile", "config.yaml", *overlays)
-        return [job for job in logged_jobs(dry.stdout + dry.stderr) if job.startswith("score")]
-
-    assert local_scores(str(local)) == []
-    assert local_scores(str(local), str(overlay)) == [f"score[run={run},step=128]"]

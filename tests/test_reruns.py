@@ -1,23 +1,26 @@
 """Partial reruns: what a change of config.yaml makes Snakemake redo, with the default triggers.
 
-Each claim is shown twice. The plan (``snakemake -n``: the job blocks it prints, cross-checked
-against its job-stats table) must equal a job list written out here from the DAG's shape:
+A claim is shown by the plan (``snakemake -n``: the job blocks it prints, cross-checked against
+its job-stats table), which must equal a job list written out here from the DAG's shape:
 toy_tokenizer, eval_sentences -> eval_tokens and toy_train per run -> score_run per run (a toy
 suite scores a run's checkpoints in one job; hf and local suites have one `score` job per
 (run, step)) -> the suite-level jobs that read every score (aggregate, trajectories, the
-statistics, the figures, ``all``). Then a real run must start exactly the planned jobs and leave
-every result it was not meant to touch byte-for-byte and mtime-identical. The real runs stop at
-the per-head table, except one (test_changing_an_analysis_parameter_rescores_nothing, for
-functional_multiple) that runs the suite-level analyses; the other plans still check them.
+statistics, the figures, ``all``). Then, for a change that makes Snakemake redo something, a
+real run must start exactly the planned jobs (those its target needs) and leave every result it
+was not meant to touch byte-for-byte and mtime-identical. The real runs stop at the per-head
+table or, where a change replans several runs alike, at one of those runs' score tables; one
+(test_changing_an_analysis_parameter_rescores_nothing, for functional_multiple) runs the
+suite-level analyses, and the jobs it starts are the plan it checks; the other plans still
+check them.
 
-All tests start from one finished toy-test run (conftest.toy_test_run) and work in a copy.
+All tests start from one finished toy-test run (conftest.toy_test_run) and work in a copy; the
+two that need a scored `local` suite share one, built once (the ``local_suite`` fixture).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from conftest import (
     TOY_TEST_SPEC,
     TOY_TEST_STEPS,
     TOY_TEST_SUITE,
+    build_once,
     copy_run,
     job_stats,
     logged_jobs,
@@ -177,83 +181,150 @@ def test_adding_a_size_scores_only_the_new_runs(workdir: Path, downstream: list[
     new_run_jobs = per_run("toy_train", new) + per_run("eval_tokens", new) + score_run_jobs(new)
     assert planned(workdir, *TOY_TEST_CONFIGFILES, more) == sorted(new_run_jobs + downstream)
 
-    # The real run stops at the per-head table (the analysis-parameter test runs the analyses).
-    target = (f"{RES}/heads.parquet",)
-    expected_run = sorted(new_run_jobs + ["aggregate"])
+    # The real run trains and scores one of the new runs (the plan above covers both; adding a
+    # seed aggregates a new run into the per-head table): its checkpoints, no other job.
+    one = new[0]
+    target = tuple(f"{RES}/scores/{one}/step{step}.parquet" for step in STEPS)
+    expected_run = sorted(
+        per_run("toy_train", [one]) + per_run("eval_tokens", [one]) + score_run_jobs([one])
+    )
     scores_before = snapshot(workdir, f"{RES}/scores/*/*")
     assert run(workdir, *TOY_TEST_CONFIGFILES, more, targets=target) == expected_run
     scores_after = snapshot(workdir, f"{RES}/scores/*/*")
     assert {p: scores_after[p] for p in scores_before} == scores_before
-    assert score_tables(workdir) == expected_tables(RUNS + new, STEPS)
-    heads = pd.read_parquet(workdir / RES / "heads.parquet")
-    assert set(heads["model"]) == {f"{PREFIX}{size}" for size in [*SIZES, "micro"]}
-    assert set(heads.loc[heads["model"] == f"{PREFIX}micro", "layer"]) == {0}
+    assert score_tables(workdir) == expected_tables(RUNS + [one], STEPS)
+    # The new run has the new size's shape: one layer of one head, at every checkpoint.
+    heads = pd.concat([pd.read_parquet(workdir / t) for t in target], ignore_index=True)
+    assert sorted(heads["step"].unique()) == STEPS
+    assert set(heads["model"]) == {f"{PREFIX}micro"}
+    assert set(zip(heads["layer"], heads["head"])) == {(0, 0)}
+
+
+LOCAL_SUITE = "toy-local"
+LOCAL_RES = f"results/{LOCAL_SUITE}"
+LOCAL_RUNS = [f"{PREFIX}{size}-seed{SEEDS[0]}" for size in SIZES]
+"""A `local` suite over the toy-test run's checkpoints: one seed is enough, and saves scoring."""
+LOCAL_FIRST, LOCAL_ADDED = [STEPS[0], STEPS[-1]], STEPS[-2]
+"""The local suite is scored at the first and the last saved step, then one step between them
+is added (the last step stays last: it is the tokenizer revision and the detail step)."""
+LOCAL_STEPS = sorted([*LOCAL_FIRST, LOCAL_ADDED])
+
+
+def local_suite_overlay(workdir: Path, name: str, steps: list[int]) -> str:
+    """An overlay for the toy-local suite with ``steps``: the toy-test suite's settings (prefix,
+    sizes, tokens per step, scoring overrides) reading the toy hub, <path>/<run>/step<N>/, with
+    the toy's evaluation text as a file (local-eval.txt)."""
+    spec = {
+        **TOY_TEST_SPEC,
+        "source": "local",
+        "path": f"{RES}/hub",
+        "seeds": SEEDS[:1],
+        "schedule": steps,
+        "eval": {"kind": "file", "path": "local-eval.txt"},
+    }
+    return overlay(workdir, name, {"suite": LOCAL_SUITE, "suites": {LOCAL_SUITE: spec}})
+
+
+def local_tables(steps: list[int]) -> tuple[str, ...]:
+    return tuple(sorted(expected_tables(LOCAL_RUNS, steps, LOCAL_RES)))
+
+
+@pytest.fixture(scope="module")
+def local_suite(toy_test_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the toy-test run in which the toy-local suite was scored at LOCAL_FIRST, then,
+    with LOCAL_ADDED added (local-all.yaml), planned to `all` and run up to its per-head table.
+
+    Built once per session (conftest.build_once: under xdist the tests that use it may run on
+    either worker); read-only for tests. Snakemake's output of the three invocations is kept in
+    ``test-logs/{first,plan,more}.log``, and the snapshot of the suite's score files between the
+    two runs in ``test-logs/scores_before.json``.
+    """
+
+    assert len(STEPS) > 2, "the toy-test schedule needs a step between the first and the last"
+
+    def build(workdir: Path) -> None:
+        copy_run(toy_test_run, workdir)
+        logs = workdir / "test-logs"
+        logs.mkdir()
+
+        def snakemake(log: str, *args: str) -> None:
+            result = run_snakemake(workdir, *args)
+            (logs / f"{log}.log").write_text(result.stdout + result.stderr)
+
+        (workdir / "local-eval.txt").write_text(
+            "\n".join(read_sentence_file(workdir / RES / "eval" / "sentences.json")) + "\n"
+        )
+        heads = f"{LOCAL_RES}/heads.parquet"
+        first = local_suite_overlay(workdir, "local-first.yaml", LOCAL_FIRST)
+        snakemake("first", "--cores", "2", heads, "--configfile", "config.yaml", first)
+        scores = snapshot(workdir, f"{LOCAL_RES}/scores/*/*")
+        (logs / "scores_before.json").write_text(json.dumps(scores))
+        more = local_suite_overlay(workdir, "local-all.yaml", LOCAL_STEPS)
+        snakemake("plan", "-n", "--configfile", "config.yaml", more)
+        snakemake("more", "--cores", "2", heads, "--configfile", "config.yaml", more)
+
+    return build_once(tmp_path_factory, "reruns_local_suite", build)
 
 
 def test_adding_checkpoints_scores_only_the_new_checkpoints(
-    workdir: Path, downstream: list[str]
+    local_suite: Path, downstream: list[str]
 ) -> None:
     # The toy suite trains all its checkpoints in one job, so adding one means retraining. A
-    # `local` suite reads checkpoints that already exist: the toy-test run's hub directory,
-    # <path>/<run>/step<N>/. Start it with the first and the last saved step, then add the
-    # others (the last step stays last: it is the tokenizer revision and the detail step).
-    (workdir / "local-eval.txt").write_text(
-        "\n".join(read_sentence_file(workdir / RES / "eval" / "sentences.json")) + "\n"
-    )
-    res = "results/toy-local"
-    first_steps, added_steps = [STEPS[0], STEPS[-1]], STEPS[1:-1]
-    assert added_steps, "the toy-test schedule needs more than 2 steps"
-    runs = [f"{PREFIX}{size}-seed{SEEDS[0]}" for size in SIZES]
-
-    def local_suite(name: str, steps: list[int]) -> str:
-        # The toy-test suite's settings (prefix, sizes, tokens per step, scoring overrides),
-        # read from the toy hub, with the toy's evaluation text as a file.
-        spec = {
-            **TOY_TEST_SPEC,
-            "source": "local",
-            "path": f"{RES}/hub",
-            "seeds": SEEDS[:1],  # one seed is enough here, and saves scoring time
-            "schedule": steps,
-            "eval": {"kind": "file", "path": "local-eval.txt"},
-        }
-        return overlay(workdir, name, {"suite": "toy-local", "suites": {"toy-local": spec}})
-
-    # The first run only builds the per-head table; the second then plans the analyses too.
-    first = local_suite("local-first.yaml", first_steps)
-    first_jobs = sorted(
+    # `local` suite reads checkpoints that already exist: the toy-test run's hub directory.
+    # The first run only built the per-head table; the second planned the analyses too, and ran
+    # up to the per-head table (the analysis-parameter test runs the analyses).
+    workdir, runs = local_suite, LOCAL_RUNS
+    logs = workdir / "test-logs"
+    assert _checked_jobs((logs / "first.log").read_text()) == sorted(
         ["eval_sentences", "aggregate"]
         + per_run("eval_tokens", runs)
-        + score_jobs(runs, first_steps)
+        + score_jobs(runs, LOCAL_FIRST)
     )
-    assert run(workdir, "config.yaml", first, targets=(f"{res}/heads.parquet",)) == first_jobs
-    scores_before = snapshot(workdir, f"{res}/scores/*/*")
-    assert score_tables(workdir, res) == expected_tables(runs, first_steps, res)
-
-    more = local_suite("local-all.yaml", STEPS)
-    added = score_jobs(runs, added_steps)
-    assert planned(workdir, "config.yaml", more) == sorted(added + downstream)
-    # The real run stops at the per-head table (the analysis-parameter test runs the analyses).
-    target = (f"{res}/heads.parquet",)
-    assert run(workdir, "config.yaml", more, targets=target) == sorted(added + ["aggregate"])
-    scores_after = snapshot(workdir, f"{res}/scores/*/*")
+    scores_before = {
+        path: tuple(value)
+        for path, value in json.loads((logs / "scores_before.json").read_text()).items()
+    }
+    assert {p for p in scores_before if p.endswith(".parquet")} == set(local_tables(LOCAL_FIRST))
+    added = score_jobs(runs, [LOCAL_ADDED])
+    assert _checked_jobs((logs / "plan.log").read_text()) == sorted(added + downstream)
+    assert _checked_jobs((logs / "more.log").read_text()) == sorted(added + ["aggregate"])
+    scores_after = snapshot(workdir, f"{LOCAL_RES}/scores/*/*")
     assert {p: scores_after[p] for p in scores_before} == scores_before
-    assert score_tables(workdir, res) == expected_tables(runs, STEPS, res)
+    assert score_tables(workdir, LOCAL_RES) == expected_tables(runs, LOCAL_STEPS, LOCAL_RES)
     # The local suite scored the same weights with the same text as the toy suite did, one
     # `score` job per checkpoint where the toy suite's `score_run` scored each run in one job
     # (each suite has its own score cache, so neither read the other's scores): the tables and
     # the relational arrays are the same, exactly.
-    local = pd.read_parquet(workdir / res / "heads.parquet").drop(columns=["suite"])
+    local = pd.read_parquet(workdir / LOCAL_RES / "heads.parquet").drop(columns=["suite"])
     toy = pd.read_parquet(workdir / RES / "heads.parquet").drop(columns=["suite"])
-    toy = toy[toy["run"].isin(runs)].reset_index(drop=True)
+    toy = toy[toy["run"].isin(runs) & toy["step"].isin(LOCAL_STEPS)].reset_index(drop=True)
     pd.testing.assert_frame_equal(local, toy, check_exact=True)
     for run_id in runs:
-        for step in STEPS:
+        for step in LOCAL_STEPS:
             name = f"scores/{run_id}/step{step}.circuit.npz"
-            a = load_circuit(workdir / res / name).arrays
+            a = load_circuit(workdir / LOCAL_RES / name).arrays
             b = load_circuit(workdir / RES / name).arrays
             assert a.keys() == b.keys() and a, name
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+
+
+def test_adding_a_detail_step_rescores_only_that_checkpoint(
+    local_suite: Path, tmp_path: Path
+) -> None:
+    # Adding a detail step flips `detail` for that step only: in a suite with one `score` job
+    # per checkpoint, only that checkpoint is planned again - not the final step (a detail step
+    # before and after), not the first. (A toy suite's score_run jobs score every checkpoint of
+    # a run, so there each run's job is planned again: tests/test_relational_pipeline.py.)
+    workdir = copy_run(local_suite, tmp_path / "work")
+    tables = local_tables(LOCAL_STEPS)
+    assert planned(workdir, "config.yaml", "local-all.yaml", targets=tables) == []
+    detail = overlay(
+        workdir, "detail.yaml", {"relational": {"detail_steps": ["final", LOCAL_ADDED]}}
+    )
+    assert planned(workdir, "config.yaml", "local-all.yaml", detail, targets=tables) == sorted(
+        score_jobs(LOCAL_RUNS, [LOCAL_ADDED])
+    )
 
 
 @pytest.mark.parametrize(
@@ -269,10 +340,13 @@ def test_changing_an_analysis_parameter_rescores_nothing(
     workdir: Path, downstream: list[str], change: dict, real_run: bool
 ) -> None:
     changed = overlay(workdir, "analysis.yaml", change)
-    jobs = planned(workdir, *TOY_TEST_CONFIGFILES, changed)
-    # Only suite-level analysis jobs: no scoring, no aggregation, no per-run job.
-    assert ANALYSES <= set(jobs) <= set(downstream) - {"aggregate", "trajectories"}, jobs
+
+    def only_analyses(jobs: list[str]) -> None:
+        # Only suite-level analysis jobs: no scoring, no aggregation, no per-run job.
+        assert ANALYSES <= set(jobs) <= set(downstream) - {"aggregate", "trajectories"}, jobs
+
     if not real_run:
+        only_analyses(planned(workdir, *TOY_TEST_CONFIGFILES, changed))
         return
 
     def scored() -> dict:
@@ -289,7 +363,8 @@ def test_changing_an_analysis_parameter_rescores_nothing(
     kept = scored()
     assert {"heads.parquet", "trajectories.parquet"} <= {Path(p).name for p in kept}
     stats_before = snapshot(workdir, f"{RES}/stats/*.csv")
-    assert run(workdir, *TOY_TEST_CONFIGFILES, changed) == jobs
+    # The jobs the real run starts are its plan (no dry run before it: it would plan the same).
+    only_analyses(run(workdir, *TOY_TEST_CONFIGFILES, changed))
     assert scored() == kept
     stats_after = snapshot(workdir, f"{RES}/stats/*.csv")
     assert set(stats_after) == set(stats_before)
@@ -312,12 +387,11 @@ def test_changing_the_evaluation_text_rescores_everything(
         upstream + every_score + downstream
     )
 
-    # The real run rescores one run's checkpoints (the scoring-parameter test below rescores
-    # them all); the other run, not asked for, must stay as it was.
+    # The real run rescores one run's checkpoints (the plan above covers them all); the other
+    # run, not asked for, must stay as it was.
     one, other = RUNS[0], RUNS[1:]
     target = tuple(f"{RES}/scores/{one}/step{step}.parquet" for step in STEPS)
     expected_run = sorted(["eval_sentences", f"eval_tokens[run={one}]"] + score_run_jobs([one]))
-    assert planned(workdir, *TOY_TEST_CONFIGFILES, changed, targets=target) == expected_run
     before = snapshot(workdir, f"{RES}/scores/*/*")
     assert run(workdir, *TOY_TEST_CONFIGFILES, changed, targets=target) == expected_run
     after = snapshot(workdir, f"{RES}/scores/*/*")
@@ -345,7 +419,6 @@ def test_changing_a_scoring_parameter_rescores_everything(
     one = RUNS[-1]
     tables = tuple(f"{RES}/scores/{one}/step{step}.parquet" for step in STEPS)
     expected_run = score_run_jobs([one])
-    assert planned(workdir, *TOY_TEST_CONFIGFILES, changed, targets=tables) == sorted(expected_run)
 
     def read_tables() -> pd.DataFrame:
         return pd.concat([pd.read_parquet(workdir / t) for t in tables], ignore_index=True)
