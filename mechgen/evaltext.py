@@ -124,6 +124,35 @@ def fetch_natural_stories(dest: Path, url: str, sha256: str, *, timeout_s: float
     return dest
 
 
+FAST_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+"""The generic fast-tokenizer class that mechgen's toy tokenizer names in its
+``tokenizer_config.json`` (:func:`mechgen.toy.train_tokenizer`)."""
+
+
+def load_tokenizer(tokenizer_dir: str | Path) -> Any:
+    """The tokenizer saved in ``tokenizer_dir``, as ``AutoTokenizer.from_pretrained`` gives it.
+
+    AutoTokenizer reads ``tokenizer_class`` from ``tokenizer_config.json`` and calls that class's
+    ``from_pretrained``. When the class is :data:`FAST_TOKENIZER_CLASS` (mechgen's toy
+    tokenizer), this calls it directly: the same object, without importing AutoTokenizer's
+    mappings of every model family, which costs about 3 CPU-s per process under transformers 5
+    (once per ``eval_tokens`` job). Any other class (Pythia's, GPT-2's) is loaded through
+    AutoTokenizer. Remote code is never run (AutoTokenizer's default, ``trust_remote_code=False``).
+    """
+    config_path = Path(tokenizer_dir) / "tokenizer_config.json"
+    try:
+        tokenizer_class = json.loads(config_path.read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        tokenizer_class = None
+    if tokenizer_class == FAST_TOKENIZER_CLASS:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
 def tokenize_sentences(
     tokenizer: Any, sentences: Sequence[str], max_tokens: int
 ) -> tuple[list[list[int]], int]:

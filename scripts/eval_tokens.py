@@ -23,9 +23,7 @@ if run.source == "toy":
 else:
     tokenizer_dir = sources.fetch_tokenizer(run, sm.params.tokenizer_revision)
 
-from transformers import AutoTokenizer  # noqa: E402
-
-tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+tokenizer = evaltext.load_tokenizer(tokenizer_dir)
 token_ids, n_truncated = evaltext.tokenize_sentences(tokenizer, sentences, int(sm.params.max_tokens))
 if n_truncated:
     log.warning("%d sentences truncated to %d tokens", n_truncated, sm.params.max_tokens)

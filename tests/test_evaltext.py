@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import
@@ -11,6 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import
 import pandas as pd
 import pytest
 
+from mechgen import evaltext
 from mechgen.evaltext import (
     ChecksumMismatch,
     evaluation_sentences,
@@ -235,7 +240,6 @@ def test_eval_rules_feed_the_tokenizer_every_cell_verbatim(tmp_path):
     import sys
 
     import yaml
-
     from conftest import copy_workflow
 
     work = copy_workflow(tmp_path / "w")
@@ -285,3 +289,41 @@ def test_eval_rules_feed_the_tokenizer_every_cell_verbatim(tmp_path):
     tasks = record["successor_tasks"]
     assert tasks == successor.task_token_ids(lambda t: raw.encode(t, add_special_tokens=False).ids)
     assert tasks["tasks"]["days"]["token_ids"][0] == raw.encode(" Monday").ids[0]
+
+
+def test_load_tokenizer_gives_what_autotokenizer_gives(tmp_path):
+    """The toy tokenizer (tokenizer_class PreTrainedTokenizerFast) loaded directly is what
+    AutoTokenizer gives: the same class and the same ids on verbatim cells (leading, double and
+    trailing spaces, a newline), and loading it does not import AutoTokenizer's mappings. A
+    tokenizer of another class still goes through AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    from mechgen.toy import train_tokenizer
+
+    toy_dir = train_tokenizer(tmp_path / "toy", vocab_size=512).parent
+    config = json.loads((toy_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == evaltext.FAST_TOKENIZER_CLASS
+    direct, auto = evaltext.load_tokenizer(toy_dir), AutoTokenizer.from_pretrained(str(toy_dir))
+    assert type(direct) is type(auto)
+    cells = [" The cat sat.", "Two  spaces here", "a line\nbreak ", "plain text"]
+    assert evaltext.tokenize_sentences(direct, cells, 512) == evaltext.tokenize_sentences(
+        auto, cells, 512
+    )
+    code = (
+        "import sys; from mechgen.evaltext import load_tokenizer; "
+        f"load_tokenizer({str(toy_dir)!r}); "
+        "print('transformers.models.auto.tokenization_auto' in sys.modules)"
+    )
+    fresh = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert fresh.stdout.strip() == "False"
+
+    other_dir = tmp_path / "gpt2"
+    shutil.copytree(toy_dir, other_dir)
+    config["tokenizer_class"] = "GPT2Tokenizer"
+    (other_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = evaltext.load_tokenizer(other_dir)
+    assert type(loaded) is type(AutoTokenizer.from_pretrained(str(other_dir)))
+    assert type(loaded).__name__ == "GPT2Tokenizer"
