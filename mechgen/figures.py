@@ -53,7 +53,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from mechgen.atomic import atomic_path
-from mechgen.functional import finite_heads
+from mechgen.tables import drop_nonfinite_heads
 
 DPI = 300
 
@@ -261,7 +261,7 @@ def layer_max_matrices(
     At ``step``, or (default) at each run's last step. Non-finite or flagged heads are left
     out (a layer with none left is NaN). Rows are seeds (sorted), columns layers 0..n_layers-1.
     """
-    usable = finite_heads(heads, metric)
+    usable = drop_nonfinite_heads(heads, metric)
     if step is None:
         at_step = usable[usable["step"] == usable.groupby("run")["step"].transform("max")]
     else:

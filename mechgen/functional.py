@@ -20,7 +20,7 @@ import pandas as pd
 
 from mechgen.baselines import FUNCTIONAL_METRIC
 from mechgen.stats import wilson_interval
-from mechgen.tables import drop_nonfinite_heads, validate_heads
+from mechgen.tables import validate_heads
 
 DEFAULT_FUNCTIONAL_MULTIPLE = 2.0
 """A head meets the 1-back criterion when one_back > this x the uniform baseline."""
@@ -192,12 +192,6 @@ def with_nullable_ints(table: pd.DataFrame, columns: Iterable[str]) -> pd.DataFr
         if col in table.columns:
             table[col] = table[col].astype("Int64")
     return table
-
-
-def finite_heads(heads: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The rows whose ``metric`` is finite and whose ``nonfinite`` flag (if any) is False, without
-    a warning (:func:`mechgen.tables.drop_nonfinite_heads`, which the statistics call with one)."""
-    return drop_nonfinite_heads(heads, metric)
 
 
 def _order_runs(table: pd.DataFrame) -> pd.DataFrame:

@@ -60,8 +60,8 @@ import pandas as pd
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import entropy, monte_carlo_test
 
-from mechgen.functional import finite_heads, with_nullable_ints
-from mechgen.tables import validate_heads
+from mechgen.functional import with_nullable_ints
+from mechgen.tables import drop_nonfinite_heads, validate_heads
 
 AlignmentCost = Literal["euclidean", "correlation"]
 
@@ -190,7 +190,7 @@ def run_profiles(heads_run: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.n
     n_heads = int(heads_run["n_heads"].iloc[0])
     steps = np.sort(heads_run["step"].unique())
     values = np.full((n_layers, n_heads, len(steps)), np.nan)
-    finite = finite_heads(heads_run, metric)
+    finite = drop_nonfinite_heads(heads_run, metric)
     layer = finite["layer"].to_numpy(dtype=int)
     head = finite["head"].to_numpy(dtype=int)
     if layer.size and (

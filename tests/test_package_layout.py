@@ -41,3 +41,31 @@ def test_no_test_support_in_the_package() -> None:
                 offenders += [f"{path.name}: imports {m}" for m in modules if m == "http.server"]
     assert offenders == []
     assert (PACKAGE.parent / "tests" / "support" / "fakehub.py").is_file()
+
+
+LIGHT_MODULES = {
+    "mechgen.baselines": ("torch", "transformers", "statsmodels", "scipy"),
+    "mechgen.mechanisms": ("torch", "transformers", "statsmodels", "scipy"),
+    "mechgen.figures": ("torch", "transformers", "statsmodels"),
+    "mechgen.mechanism_figures": ("torch", "transformers", "statsmodels"),
+}
+"""Modules that start many light processes (every Snakemake start parses the catalog; one figure
+job per mechanism) and the heavy libraries (seconds of imports each) they must not pull in."""
+
+
+def test_light_modules_do_not_import_the_heavy_stacks() -> None:
+    import subprocess
+    import sys
+
+    for module, heavy in LIGHT_MODULES.items():
+        code = (
+            f"import sys, {module}; "
+            f"print(sorted(set({heavy!r}) & {{m.split('.')[0] for m in sys.modules}}))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            check=False, capture_output=True, text=True, timeout=120,
+            cwd=PACKAGE.parent,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip() == "[]", f"{module} imports {result.stdout.strip()}"
