@@ -3,7 +3,7 @@
 Score: ``one_back``, the mean over query positions 1..L-1 of A[i, i-1] on the evaluation
 sentences, then the unweighted mean over sentences (:mod:`mechgen.metrics`; attention
 probability). Null: uniform causal attention on the same sentences,
-b = mean_s (1/(L_s-1)) sum_{i=1}^{L_s-1} 1/(i+1) (:func:`mechgen.functional.
+b = mean_s (1/(L_s-1)) sum_{i=1}^{L_s-1} 1/(i+1) (:func:`mechgen.baselines.
 uniform_one_back_baseline`); for a suite imported from published tables, whose sentence lengths
 are unknown, the median step-0 head (:func:`mechgen.baselines.step0_median_baseline`).
 Criterion: one_back >= 2 x b. Onsets may also use the study's absolute thresholds (0.01..0.30
