@@ -103,6 +103,7 @@ import pandas as pd
 import torch
 
 from mechgen.atomic import atomic_path
+from mechgen.baselines import uniform_induction_baseline
 from mechgen.mechanisms import composition_kinds
 from mechgen.model import adapter as architectures
 from mechgen.settings import CircuitSettings
@@ -683,8 +684,6 @@ def uniform_induction_level(
         result = circuits.get((run, int(step)))
     except (TypeError, ValueError):
         return math.nan
-    from mechgen.baselines import uniform_induction_baseline
-
     half = (result.record.get("settings") or {}).get("half_length") if result else None
     return uniform_induction_baseline(int(half)) if half else math.nan
 
