@@ -35,6 +35,11 @@ Detail checkpoints only (``detail_steps``; default the schedule's final step)
 - the mean-ablation causal test (:func:`mechgen.relational.causal_dependence`): the strongest
   1-back head (source) and a random head of its layer (control) are mean-ablated in turn and
   induction of the strongest later-layer induction head (target) and copying are re-measured;
+  the same test for every link of the catalog (:func:`link_ablations`, the record's
+  ``link_ablations``): the source mechanism's strongest head is ablated (once per distinct
+  source head: the 1-back head's passes are shared) and the target's score re-measured at the
+  target's strongest later-layer head, where the target declares an ablation pass
+  (``Mechanism.ablation_pass``; else "not applicable");
 - per-token outputs z (``[n_tokens, head_dim]``) on the first ``cka_max_tokens`` tokens of the
   evaluation text of the strongest 1-back head and of ``n_random_heads`` seeded random heads
   (same layer first; :func:`random_cka_heads`), for linear CKA across seeds.
@@ -104,8 +109,11 @@ import torch
 
 from mechgen.atomic import atomic_path
 from mechgen.baselines import uniform_induction_baseline
-from mechgen.mechanisms import composition_kinds
+from mechgen.mechanisms import Link, composition_kinds
+from mechgen.mechanisms import get as get_mechanism
+from mechgen.mechanisms import links as catalog_links
 from mechgen.model import adapter as architectures
+from mechgen.relational import REPEATED_SEQUENCE_SCORES, ablation_passes, link_effect
 from mechgen.settings import CircuitSettings
 
 __all__ = [
@@ -114,6 +122,7 @@ __all__ = [
     "CircuitSettings",
     "RideAlong",
     "add_circuit_columns",
+    "cache_record",
     "eval_token_prefix",
     "load_circuit",
     "positional_control",
@@ -124,8 +133,10 @@ __all__ = [
     "strongest_head",
 ]
 
-CIRCUIT_VERSION = 1
-"""Bump when what a stored circuit array means changes (invalidates cached circuit results)."""
+CIRCUIT_VERSION = 2
+"""Bump when what a circuit file holds changes: it is part of the score cache key
+(:func:`cache_record`), so every cached circuit result is then recomputed. 2: the
+``link_ablations`` record (every declared link's mean-ablation test)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +362,84 @@ def positional_control(
     return positional_controls(model, sequences, seed, batch_size)["induction_control"]
 
 
+def per_head_scores(one_back: pd.DataFrame, induction: Any) -> pd.DataFrame:
+    """The scoring job's per-head table (``one_back``) with the repeated-sequence scores of
+    ``induction`` (an :class:`mechgen.relational.InductionResult`; the fields of
+    :data:`mechgen.relational.REPEATED_SEQUENCE_SCORES`) added as columns: every score whose
+    strongest head the detail step can pick."""
+    out = one_back.copy()
+    layers = out["layer"].to_numpy(dtype=int)
+    heads = out["head"].to_numpy(dtype=int)
+    for name in REPEATED_SEQUENCE_SCORES:
+        values = getattr(induction, name)
+        if values is not None and name not in out.columns:
+            out[name] = np.asarray(values, dtype=float)[layers, heads]
+    return out
+
+
+def link_ablations(
+    model: torch.nn.Module,
+    sequences: Any,
+    scores: pd.DataFrame,
+    links: Sequence[Link],
+    dependence: Any,
+    mean_z: torch.Tensor,
+    settings: CircuitSettings,
+) -> dict[str, dict[str, Any]]:
+    """The mean-ablation test of every link, ``{"<source>-><target>": entry}`` (the circuit
+    record's ``link_ablations``).
+
+    A link whose target declares an ablation pass (``Mechanism.ablation_pass``) is
+    ``measured``: the source mechanism's strongest head in ``scores`` (:func:`strongest_head`
+    on its ``score_column``) and a same-layer control head (``settings.control_seed``) are
+    mean-ablated in turn (:func:`mechgen.relational.ablation_passes`) and the target's score
+    is re-measured at the target's strongest head in a later layer
+    (:func:`mechgen.relational.link_effect`). The passes are shared: a source head already
+    ablated (the strongest 1-back head, by ``dependence``, the
+    :func:`mechgen.relational.causal_dependence` of the ``ablation`` record) is not ablated
+    again. Otherwise the entry is ``not applicable`` (the target's score cannot be re-measured
+    under ablation) or ``not measured`` (no source score at this checkpoint), with a ``note``.
+    """
+    passes = {dependence.source: dependence.passes}
+    out: dict[str, dict[str, Any]] = {}
+    for link in links:
+        name = f"{link.source}->{link.target}"
+        source, target = get_mechanism(link.source), get_mechanism(link.target)
+        if target.ablation_pass is None:
+            out[name] = {
+                "status": "not applicable",
+                "note": f"{target.name} declares no ablation pass: its score is not "
+                "re-measured with a head mean-ablated",
+            }
+            continue
+        if source.score_column not in scores.columns:
+            out[name] = {
+                "status": "not measured",
+                "note": f"no {source.score_column} score at this checkpoint",
+            }
+            continue
+        head = strongest_head(scores, source.score_column)
+        if head not in passes:
+            passes[head] = ablation_passes(
+                model,
+                sequences,
+                head,
+                mean_z,
+                control_seed=settings.control_seed,
+                batch_size=settings.batch_size,
+                baseline=dependence.passes.before,
+                copying=False,  # the links re-measure head scores, not copying
+            )
+        effect = link_effect(passes[head], target.score_column)
+        later = effect["target_layer"] is not None
+        out[name] = {
+            "status": "measured" if later else "not measured",
+            "note": "" if later else f"no {target.name} head in a layer after the source's",
+            **effect,
+        }
+    return out
+
+
 def _timed(timings: dict[str, float], name: str, started: float) -> float:
     now = time.perf_counter()
     timings[name] = round(now - started, 4)
@@ -363,12 +452,17 @@ def score_circuit(
     ride: RideAlong,
     settings: CircuitSettings,
     token_ids: Sequence[Sequence[int]],
+    links: Sequence[Link] | None = None,
 ) -> CircuitResult:
     """Every relational/configurational score of one loaded checkpoint (see the module docstring).
 
     ``one_back``: the 1-back scorer's per-head table of this model (``layer``, ``head``,
-    ``one_back``, ``nonfinite``); ``ride``: the accumulators filled during that scoring
-    (:func:`ride_along`); ``token_ids``: the evaluation sentences (for the CKA outputs).
+    ``one_back``, ``nonfinite``, and whatever other per-head scores the job has, e.g. the
+    weight-based ones); ``ride``: the accumulators filled during that scoring
+    (:func:`ride_along`); ``token_ids``: the evaluation sentences (for the CKA outputs);
+    ``links``: the links whose mean-ablation test runs at a detail step (default: every link
+    of the catalog, :func:`mechgen.mechanisms.links`, so the file does not depend on a suite's
+    selection).
     """
     from mechgen.configurational import head_outputs, head_spectra, qk_factors
     from mechgen.relational import (
@@ -457,6 +551,15 @@ def score_circuit(
         record["ablation"] = {
             k: (None if v is pd.NA else v) for k, v in dependence.as_row().items()
         }
+        record["link_ablations"] = link_ablations(
+            model,
+            sequences,
+            per_head_scores(one_back, induction),
+            catalog_links() if links is None else links,
+            dependence,
+            ride.means.mean_z,
+            settings,
+        )
         started = _timed(timings, "ablation", started)
 
         cka_heads = [
@@ -475,10 +578,11 @@ def score_circuit(
     return CircuitResult(arrays=arrays, record=record)
 
 
-def settings_sha256(settings: CircuitSettings) -> str:
-    """sha256 of the settings' canonical JSON and :data:`CIRCUIT_VERSION` (part of a cache key)."""
-    payload = {"version": CIRCUIT_VERSION, **settings.record()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+def cache_record(settings: CircuitSettings) -> dict[str, Any]:
+    """What of the circuit scores goes into the score cache key
+    (:func:`mechgen.scoring.score_cache_key`'s ``circuit``): the settings and
+    :data:`CIRCUIT_VERSION`."""
+    return {"circuit_version": CIRCUIT_VERSION, **settings.record()}
 
 
 def finite_or_nan(value: Any) -> float:

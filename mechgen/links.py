@@ -17,9 +17,15 @@ relational axis on the heads each mechanism's own tables name:
   layer) or no detail step has the kind;
 - **mean-ablation drop**: the target's score drop when the source head is mean-ablated,
   against the drop when a random head of the source's layer is (``drop_minus_control`` > 0).
-  The scoring job runs this test for :data:`ABLATION_LINK` only (it ablates the strongest
-  1-back head and re-measures induction, ``stats/relational.csv``); the other links record it
-  as not measured (NA), never as failed;
+  The scoring job runs this test at detail steps for every declared link whose target can be
+  re-measured under ablation (``Mechanism.ablation_pass``: induction and duplicate-token, on
+  the repeated-sequence passes): it ablates the source's strongest head and re-measures the
+  target's score at the target's strongest head in a later layer (the circuit record's
+  ``link_ablations``, :func:`mechgen.circuit.link_ablations`). ``ablation_status`` says what
+  became of the test: ``measured``; ``not applicable`` (the target's score cannot be
+  re-measured under ablation: successor, copy suppression, ...; NA, never "failed");
+  ``not measured`` (no detail step, or no source score there), with the reason in
+  ``ablation_note``;
 - **onset lag**: ``lag_steps`` = target onset - source onset on each mechanism's normalised
   scale (``per_seed.csv``, ``onset_step``); ``source_first`` = lag > 0.
 
@@ -42,15 +48,15 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from mechgen.mechanisms import Link
+from mechgen.mechanisms import Link, get, names
 from mechgen.stats import wilson_interval
 
 if TYPE_CHECKING:  # the circuit module imports torch; this table-side module reads its results
     from mechgen.circuit import CircuitResult
 
-ABLATION_LINK = ("previous_token", "induction")
-"""The (source, target) whose mean-ablation test the scoring job runs (see
-:func:`mechgen.relational.causal_dependence`)."""
+LEGACY_ABLATION_LINK = ("previous_token", "induction")
+"""The link whose test a circuit file written before ``link_ablations`` existed holds in its
+``ablation`` record (:func:`mechgen.relational.causal_dependence`)."""
 
 RUN_COLUMNS = ["suite", "model", "size", "seed", "run", "n_params"]
 
@@ -75,6 +81,8 @@ LINK_COLUMNS = [
     "ablation_control_drop",
     "drop_minus_control",
     "drop_exceeds_control",
+    "ablation_status",
+    "ablation_note",
     "source_onset_step",
     "target_onset_step",
     "lag_steps",
@@ -169,7 +177,7 @@ def link_table(
                 if formed and earlier and math.isfinite(row["composition_z"])
                 else None
             )
-            row.update(_ablation(circuits, run, (link.source, link.target)))
+            row.update(_ablation(circuits, run, link))
             lag = float(t["onset_step"]) - float(s["onset_step"])
             row.update(
                 source_onset_step=float(s["onset_step"]),
@@ -212,22 +220,47 @@ def _composition(
 
 
 def _ablation(
-    circuits: Mapping[tuple[str, int], CircuitResult], run: str, pair: tuple[str, str]
+    circuits: Mapping[tuple[str, int], CircuitResult], run: str, link: Link
 ) -> dict[str, Any]:
-    empty = {
+    empty: dict[str, Any] = {
         "ablation_drop": np.nan,
         "ablation_control_drop": np.nan,
         "drop_minus_control": np.nan,
         "drop_exceeds_control": pd.NA,
     }
-    if pair != ABLATION_LINK:
-        return empty
-    latest = _last_detail(circuits, run, "k_composition")
-    ablation = latest[1].record.get("ablation", {}) if latest else {}
-    drop = ablation.get("induction_drop")
-    control = ablation.get("control_induction_drop")
-    if drop is None or control is None:
-        return empty
+    if link.target not in names():
+        return {
+            **empty,
+            "ablation_status": "not measured",
+            "ablation_note": f"{link.target} is not a mechanism of the catalog",
+        }
+    if get(link.target).ablation_pass is None:
+        return {
+            **empty,
+            "ablation_status": "not applicable",
+            "ablation_note": f"{link.target} declares no ablation pass: its score is not "
+            "re-measured with a head mean-ablated",
+        }
+    name = link_name(link)
+    found = [
+        (step, result.record["link_ablations"][name])
+        for (r_id, step), result in circuits.items()
+        if r_id == run and name in result.record.get("link_ablations", {})
+    ]
+    if found:
+        entry = max(found, key=lambda item: item[0])[1]
+        drop, control = entry.get("drop"), entry.get("control_drop")
+    else:
+        legacy = _last_detail(circuits, run, "k_composition")
+        ablation = legacy[1].record.get("ablation", {}) if legacy else {}
+        is_legacy = (link.source, link.target) == LEGACY_ABLATION_LINK and ablation
+        entry = {"status": "measured", "note": ""} if is_legacy else {}
+        drop = ablation.get("induction_drop") if is_legacy else None
+        control = ablation.get("control_induction_drop") if is_legacy else None
+    status = entry.get("status", "not measured")
+    note = entry.get("note") or ("" if entry else "no detail step with this link's ablation")
+    if status != "measured" or drop is None or control is None:
+        return {**empty, "ablation_status": status, "ablation_note": note}
     drop, control = float(drop), float(control)
     difference = drop - control
     return {
@@ -235,6 +268,8 @@ def _ablation(
         "ablation_control_drop": control,
         "drop_minus_control": difference,
         "drop_exceeds_control": _boolean(difference > 0 if math.isfinite(difference) else None),
+        "ablation_status": status,
+        "ablation_note": note,
     }
 
 

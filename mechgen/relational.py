@@ -61,6 +61,8 @@ from mechgen.model import adapter as architectures
 from mechgen.model.base import attention_hooks, forward_body
 
 __all__ = [
+    "REPEATED_SEQUENCE_SCORES",
+    "AblationPasses",
     "CausalDependence",
     "CompositionScores",
     "HeadWeights",
@@ -68,11 +70,13 @@ __all__ = [
     "MeanHeadOutputs",
     "OnsetFn",
     "RepeatedSequences",
+    "ablation_passes",
     "causal_dependence",
     "composition_frame",
     "composition_scores",
     "head_weights",
     "induction_frame",
+    "link_effect",
     "make_repeated_sequences",
     "mean_ablated",
     "mean_head_output_hooks",
@@ -82,6 +86,7 @@ __all__ = [
     "relational_run_table",
     "repeat_offset_attention",
     "score_induction",
+    "strongest_later_head",
 ]
 
 DEFAULT_N_SEQUENCES = 100
@@ -999,7 +1004,9 @@ class CausalDependence:
     mean-ablated, and with the control head mean-ablated. ``induction_drop`` = before -
     after_source (probability); ``control_induction_drop`` likewise for the control;
     ``copying_drop`` / ``control_copying_drop`` in accuracy units. The full per-head induction
-    arrays of the three conditions are kept in ``induction_*_all``.
+    arrays of the three conditions are kept in ``induction_*_all``, and the three passes' whole
+    results (every repeated-sequence score) in ``passes``, for the other links with this
+    source (:func:`link_effect`).
     """
 
     source: HeadId
@@ -1014,6 +1021,7 @@ class CausalDependence:
     induction_before_all: np.ndarray = field(repr=False)
     induction_after_source_all: np.ndarray = field(repr=False)
     induction_after_control_all: np.ndarray | None = field(repr=False)
+    passes: AblationPasses | None = field(default=None, repr=False, compare=False)
 
     @property
     def induction_drop(self) -> float:
@@ -1056,6 +1064,102 @@ class CausalDependence:
         }
 
 
+REPEATED_SEQUENCE_SCORES = ("induction", "duplicate_token")
+"""The per-head scores one :func:`score_induction` pass yields (fields of
+:class:`InductionResult`): the scores a mean-ablation test can re-measure
+(``Mechanism.ablation_pass == "repeated_sequences"``)."""
+
+
+@dataclass(frozen=True)
+class AblationPasses:
+    """:func:`score_induction` on the same sequences unablated (``before``), with ``source``
+    mean-ablated and with ``control`` (a head of the source's layer; None with one head per
+    layer) mean-ablated."""
+
+    source: HeadId
+    control: HeadId | None
+    before: InductionResult
+    after_source: InductionResult
+    after_control: InductionResult | None
+
+
+def ablation_passes(
+    model: torch.nn.Module,
+    sequences: RepeatedSequences | torch.Tensor,
+    source: HeadId,
+    mean_z: torch.Tensor,
+    control_seed: int = 0,
+    batch_size: int | None = DEFAULT_INDUCTION_BATCH,
+    baseline: InductionResult | None = None,
+    copying: bool = True,
+) -> AblationPasses:
+    """The passes of the mean-ablation test (see :func:`causal_dependence`, which documents the
+    arguments): 2 forward passes over the sequences (3 without ``baseline``)."""
+    source = check_head(model, source, "source")
+    _, n_heads, _, _ = model_shape(model)
+    before = (
+        baseline if baseline is not None else score_induction(model, sequences, batch_size, copying)
+    )
+    with mean_ablated(model, [source], mean_z):
+        after_source = score_induction(model, sequences, batch_size, copying)
+    others = [head for head in range(n_heads) if head != source[1]]
+    control: HeadId | None = None
+    after_control: InductionResult | None = None
+    if others:
+        control = (source[0], int(np.random.default_rng(control_seed).choice(others)))
+        with mean_ablated(model, [control], mean_z):
+            after_control = score_induction(model, sequences, batch_size, copying)
+    return AblationPasses(source, control, before, after_source, after_control)
+
+
+def strongest_later_head(scores: np.ndarray, layer: int) -> HeadId | None:
+    """(layer, head) of the largest finite ``scores[l, h]`` with l > ``layer`` (first maximum:
+    lowest layer, then head); None when no later layer has a finite score."""
+    later = np.asarray(scores, dtype=float)[layer + 1 :]
+    if not (later.size and np.isfinite(later).any()):
+        return None
+    flat = int(np.nanargmax(later))
+    return (layer + 1 + flat // later.shape[1], flat % later.shape[1])
+
+
+def link_effect(
+    passes: AblationPasses, score: str, target: HeadId | None = None
+) -> dict[str, Any]:
+    """The mean-ablation effect on one repeated-sequence score (``score``, one of
+    :data:`REPEATED_SEQUENCE_SCORES`) read from ``passes``: at ``target`` (default: the head
+    with the largest unablated ``score`` in a layer after the source's,
+    :func:`strongest_later_head`), its value ``before``, ``after_source`` and
+    ``after_control``, ``drop`` = before - after_source and ``control_drop`` = before -
+    after_control (the score's units; NaN without a target or a control)."""
+    if score not in REPEATED_SEQUENCE_SCORES:
+        raise ValueError(f"{score!r} is not re-measured by the ablation passes")
+
+    def values(result: InductionResult | None) -> np.ndarray | None:
+        return None if result is None else getattr(result, score)
+
+    before = values(passes.before)
+    if target is None and before is not None:
+        target = strongest_later_head(before, passes.source[0])
+
+    def at(result: InductionResult | None) -> float:
+        array = values(result)
+        return float(array[target]) if array is not None and target is not None else math.nan
+
+    b, s, c = at(passes.before), at(passes.after_source), at(passes.after_control)
+    return {
+        "source_layer": passes.source[0],
+        "source_head": passes.source[1],
+        "control_head": passes.control[1] if passes.control else None,
+        "target_layer": target[0] if target else None,
+        "target_head": target[1] if target else None,
+        "before": b,
+        "after_source": s,
+        "after_control": c,
+        "drop": b - s,
+        "control_drop": b - c,
+    }
+
+
 def causal_dependence(
     model: torch.nn.Module,
     sequences: RepeatedSequences | torch.Tensor,
@@ -1078,29 +1182,16 @@ def causal_dependence(
     control, and NaN control values, if the layer has one head). ``baseline``: a precomputed
     unablated :func:`score_induction` result on the same sequences, to skip that pass.
     ``copying=False`` skips the LM head (copying values NaN). Cost: 2 (or 3 without
-    ``baseline``) forward passes over the sequences.
+    ``baseline``) forward passes over the sequences (:func:`ablation_passes`).
     """
-    source = check_head(model, source, "source")
-    _, n_heads, _, _ = model_shape(model)
-    before = (
-        baseline if baseline is not None else score_induction(model, sequences, batch_size, copying)
+    passes = ablation_passes(
+        model, sequences, source, mean_z, control_seed, batch_size, baseline, copying
     )
     if target is None:
-        later = before.induction[source[0] + 1 :]
-        if later.size and np.isfinite(later).any():
-            flat = int(np.nanargmax(later))  # first maximum: lowest layer, then head
-            target = (source[0] + 1 + flat // n_heads, flat % n_heads)
+        target = strongest_later_head(passes.before.induction, passes.source[0])
     else:
         target = check_head(model, target, "target")
-    with mean_ablated(model, [source], mean_z):
-        after_source = score_induction(model, sequences, batch_size, copying)
-    others = [head for head in range(n_heads) if head != source[1]]
-    control: HeadId | None = None
-    after_control: InductionResult | None = None
-    if others:
-        control = (source[0], int(np.random.default_rng(control_seed).choice(others)))
-        with mean_ablated(model, [control], mean_z):
-            after_control = score_induction(model, sequences, batch_size, copying)
+    before, after_source, after_control = passes.before, passes.after_source, passes.after_control
 
     def at_target(result: InductionResult | None) -> float:
         return (
@@ -1110,8 +1201,8 @@ def causal_dependence(
         )
 
     return CausalDependence(
-        source=source,
-        control=control,
+        source=passes.source,
+        control=passes.control,
         target=target,
         induction_before=at_target(before),
         induction_after_source=at_target(after_source),
@@ -1122,6 +1213,7 @@ def causal_dependence(
         induction_before_all=before.induction,
         induction_after_source_all=after_source.induction,
         induction_after_control_all=after_control.induction if after_control else None,
+        passes=passes,
     )
 
 

@@ -11,8 +11,9 @@ the hub's metadata *before* downloading), the architecture (``config.json``, min
 keys), the evaluation token ids (their sha256), ``clipped_window``, the dtype, the metric code
 (:data:`SCORE_CACHE_VERSION`), the catalog versions of the mechanisms the entry holds
 (:data:`CACHED_MECHANISMS`; bumping one's ``version`` makes every entry holding its scores a
-miss), the torch/transformers versions and, when they are scored, the weight-based mechanisms'
-task data (:meth:`mechgen.model.weight_scores.WeightTasks.record`). The sha256 of all of these
+miss), the torch/transformers versions and, when they are scored, the relational settings with
+:data:`mechgen.circuit.CIRCUIT_VERSION` (:func:`mechgen.circuit.cache_record`) and the
+weight-based mechanisms' task data (:meth:`mechgen.model.weight_scores.WeightTasks.record`). The sha256 of all of these
 is the cache key; ``batch_size`` is left out because it does not change the value (padding is
 masked; only float rounding differs, ~1e-7). With a cache directory (the pipeline uses
 ``results/<suite>/score_cache/``), each scored checkpoint leaves ``<key>.parquet`` there (per-head
@@ -213,9 +214,10 @@ def score_cache_key(
         },
     }
     if circuit is not None:
-        # The relational settings (mechgen.circuit): their arrays are cached with the scores
-        # (<key>.circuit.npz), so other settings are another entry. Absent when relational is
-        # off, so those keys are unchanged.
+        # The relational settings and mechgen.circuit.CIRCUIT_VERSION (circuit.cache_record):
+        # their arrays are cached with the scores (<key>.circuit.npz), so other settings or
+        # another version are another entry. Absent when relational is off, so those keys
+        # are unchanged.
         fields["circuit"] = dict(circuit)
     if weights is not None:
         # The weight-based mechanisms' task data and convention (WeightTasks.record()): their
@@ -390,16 +392,17 @@ def _score_model(job: _Job, model: Any) -> tuple[pd.DataFrame, dict[str, int]]:
             progress=job.progress,
         )
     job.one_back_seconds = time.perf_counter() - one_back_started
-    if job.circuit_settings is not None:
-        job.circuit_result = circuit.score_circuit(
-            model, result, accumulators, job.circuit_settings, job.token_ids
-        )
     # Weight-based mechanisms (successor heads, copy suppression, copying): from the loaded
-    # weights alone, no pass over text.
+    # weights alone, no pass over text; before the circuit scores, whose detail step picks
+    # every mechanism's strongest head from this table.
     if job.weight_tasks is not None:
         from mechgen.model import weight_scores
 
         result = weight_scores.add_weight_columns(result, model, job.weight_tasks)
+    if job.circuit_settings is not None:
+        job.circuit_result = circuit.score_circuit(
+            model, result, accumulators, job.circuit_settings, job.token_ids
+        )
     return result, size
 
 
@@ -607,7 +610,9 @@ def score_checkpoint(
         circuit_settings=circuit_settings,
         circuit_path=circuit_path,
         weight_tasks=weight_tasks,
-        circuit_record=circuit_settings.record() if circuit_settings is not None else None,
+        circuit_record=(
+            circuit.cache_record(circuit_settings) if circuit_settings is not None else None
+        ),
         weight_record=weight_tasks.record() if weight_tasks is not None else None,
     )
     try:

@@ -514,6 +514,19 @@ def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch
         circuit_path=tmp_path / "again.circuit.npz",
     )
     assert len(calls) == 2
+    # A new CIRCUIT_VERSION (what a circuit file holds changed) is another entry too.
+    monkeypatch.setattr(circuit, "CIRCUIT_VERSION", circuit.CIRCUIT_VERSION + 1)
+    scoring.score_checkpoint(
+        run,
+        1,
+        sentences,
+        tokens_per_step=10,
+        score_cache_dir=tmp_path / "cache",
+        circuit_settings=settings,
+        circuit_path=tmp_path / "bumped.circuit.npz",
+    )
+    assert len(calls) == 3
+    assert "link_ablations" in circuit.load_circuit(tmp_path / "bumped.circuit.npz").record
     # A checkpoint that does not exist: zero rows and a circuit file without arrays.
     table, sidecar = scoring.score_checkpoint(
         run,

@@ -75,6 +75,7 @@ def test_link_relations_by_hand() -> None:
     assert r1["composition_z"] == pytest.approx((0.5 - 0.2) / 0.05)
     assert bool(r1["composition_above_null"]) is True  # 6 > norm.ppf(0.95)
     assert r1["drop_minus_control"] == pytest.approx(0.2) and bool(r1["drop_exceeds_control"])
+    assert r1["ablation_status"] == "measured"  # from the `ablation` record of an older file
     assert r1["lag_steps"] == 30.0 and bool(r1["source_first"]) is True
     # r2: the source sits after the target: no composition to ask, the onset order fails.
     assert bool(r2["source_earlier_layer"]) is False
@@ -104,6 +105,44 @@ def test_a_link_without_ablation_or_its_composition_kind_records_na() -> None:
     assert bool(row["source_earlier_layer"]) and bool(row["source_first"])
     # A link whose end is not in the suite is skipped.
     assert links.link_table([Link("successor", "induction")], {"induction": target}).empty
+
+
+def test_every_link_reads_its_own_ablation_or_says_why_not() -> None:
+    source = per_seed([("r1", 0, 0, 10.0, True), ("r2", 0, 0, 10.0, True)])
+    target = per_seed([("r1", 1, 0, 20.0, True), ("r2", 1, 0, 20.0, True)])
+    measured = {
+        "status": "measured", "note": "", "source_layer": 0, "source_head": 0,
+        "control_head": 1, "target_layer": 1, "target_head": 1,
+        "before": 0.4, "after_source": 0.1, "after_control": 0.35, "drop": 0.3,
+        "control_drop": 0.05,
+    }  # fmt: skip
+    circuits = {
+        ("r1", 9): circuit(
+            "K", (1, 0, 0, 0), 0.5, 0.2, 0.05,
+            link_ablations={"previous_token->duplicate_token": measured},
+            # the previous-token -> induction test of this file: not this link's
+            ablation={"induction_drop": 0.0, "control_induction_drop": 0.2},
+        ),
+    }  # fmt: skip
+    per = {"previous_token": source, "duplicate_token": target, "successor": target}
+    table = links.link_table(
+        [Link("previous_token", "duplicate_token"), Link("previous_token", "successor")],
+        per,
+        circuits,
+    ).set_index(["link", "run"])
+    row = table.loc[("previous_token->duplicate_token", "r1")]
+    assert row["ablation_status"] == "measured" and row["ablation_note"] == ""
+    assert (row["ablation_drop"], row["ablation_control_drop"]) == (0.3, 0.05)
+    assert row["drop_minus_control"] == pytest.approx(0.25) and bool(row["drop_exceeds_control"])
+    # r2 has no circuit file: not measured, and the reason.
+    row = table.loc[("previous_token->duplicate_token", "r2")]
+    assert row["ablation_status"] == "not measured" and "no detail step" in row["ablation_note"]
+    assert pd.isna(row["drop_exceeds_control"])
+    # Successor heads are scored from the weights alone: not applicable in every run.
+    rows = table.loc["previous_token->successor"]
+    assert (rows["ablation_status"] == "not applicable").all()
+    assert rows["ablation_note"].str.contains("no ablation pass").all()
+    assert rows["drop_exceeds_control"].isna().all()
 
 
 def test_link_sizes_wilson() -> None:

@@ -42,6 +42,13 @@ def test_normalised_scale_and_criterion_hand_worked() -> None:
     with pytest.raises(ValueError, match="go together"):
         Mechanism(name="x", version=1, unit="head", score_column="s", description="",
                   units="p", null=_zero_null, control_column="c")
+    with pytest.raises(ValueError, match="ablation_pass must be one of repeated_sequences"):
+        Mechanism(name="x", version=1, unit="head", score_column="s", description="",
+                  units="p", null=_zero_null, ablation_pass="weights")
+    # Which targets a link's mean-ablation test can re-measure: declared by the mechanism.
+    passes = {name: m.ablation_pass for name, m in mechanisms.catalog().items()}
+    assert passes["induction"] == passes["duplicate_token"] == "repeated_sequences"
+    assert passes["successor"] is passes["copy_suppression"] is None
 
 
 def test_previous_token_null_is_uniform_attention_per_run() -> None:

@@ -202,6 +202,71 @@ def test_control_head_is_seeded(induction_model, hand_sequences):
     )
 
 
+def test_every_declared_link_gets_its_ablation_test_on_the_hand_built_circuit(
+    induction_model,
+):
+    """The detail step's mean-ablation test of links other than previous_token -> induction,
+    with answers known from the construction: head 0.0 the previous-token head, 1.0 the
+    induction head, every other head zero (uniform attention, zero output)."""
+    from mechgen import circuit, metrics
+    from mechgen.mechanisms import Link
+
+    settings = circuit.CircuitSettings(
+        n_sequences=16, half_length=12, token_lo=0, token_hi=VOCAB, seed=3, batch_size=16,
+        detail=True, n_baseline=4, n_random_heads=2, cka_max_tokens=64,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    sentences = [rng.integers(0, VOCAB, size=10).tolist() for _ in range(6)]
+    with circuit.ride_along(induction_model, settings) as ride:
+        table = metrics.score_heads(induction_model, sentences, batch_size=6)
+    declared = [
+        Link("previous_token", "induction"),
+        Link("previous_token", "duplicate_token"),  # test-only: same source, shared passes
+        Link("duplicate_token", "induction"),  # test-only: another source, its own passes
+        Link("previous_token", "successor"),  # scored from the weights alone
+    ]
+    result = circuit.score_circuit(induction_model, table, ride, settings, sentences, declared)
+    tests = result.record["link_ablations"]
+    assert list(tests) == [f"{link.source}->{link.target}" for link in declared]
+    # The declared link: the same numbers as the `ablation` record of stats/relational.csv.
+    main, legacy = tests["previous_token->induction"], result.record["ablation"]
+    assert main["status"] == "measured"
+    assert (main["source_layer"], main["source_head"]) == (0, 0)
+    assert (main["target_layer"], main["target_head"]) == (1, 0)
+    assert main["drop"] == legacy["induction_drop"] > 0.85
+    assert main["control_drop"] == legacy["control_induction_drop"]
+    # Duplicate-token heads re-measured at the target's strongest later head: 1.0 attends to
+    # p - L + 1 (not p - L), so the zero heads 1.1 and 1.2 tie at the uniform level, and
+    # ablating 0.0 leaves a zero head's uniform attention exactly as it was.
+    dup = tests["previous_token->duplicate_token"]
+    uniform = np.mean([1 / (p + 1) for p in range(12, 24)])
+    assert dup["status"] == "measured" and (dup["source_layer"], dup["source_head"]) == (0, 0)
+    assert (dup["target_layer"], dup["target_head"]) == (1, 1)
+    assert dup["before"] == pytest.approx(uniform, rel=1e-5)
+    assert dup["drop"] == pytest.approx(0.0, abs=1e-7)
+    assert dup["control_head"] == main["control_head"]  # the same control pass
+    # Source = the strongest duplicate-token head: the first of the zero heads at the uniform
+    # level, (0, 1); ablating it (z = 0 everywhere) changes nothing, while the control drawn
+    # from {0.0, 0.2} collapses induction when it is the previous-token head 0.0.
+    other = tests["duplicate_token->induction"]
+    control = int(np.random.default_rng(settings.control_seed).choice([0, 2]))
+    assert (other["source_layer"], other["source_head"], other["control_head"]) == (0, 1, control)
+    assert (other["target_layer"], other["target_head"]) == (1, 0)
+    assert other["before"] == pytest.approx(1.0, abs=1e-4)
+    assert other["drop"] == pytest.approx(0.0, abs=1e-6)
+    assert other["control_drop"] > 0.85 if control == 0 else abs(other["control_drop"]) < 1e-6
+    # Every mechanism that declares the repeated-sequence pass is a score that pass yields.
+    from mechgen import mechanisms
+    from mechgen.relational import REPEATED_SEQUENCE_SCORES
+
+    for mechanism in mechanisms.catalog().values():
+        if mechanism.ablation_pass is not None:
+            assert mechanism.score_column in REPEATED_SEQUENCE_SCORES, mechanism.name
+    # A target scored from the weights alone cannot be re-measured: not applicable, not NaN.
+    assert tests["previous_token->successor"]["status"] == "not applicable"
+    assert "drop" not in tests["previous_token->successor"]
+
+
 def test_composition_of_hand_built_circuit_beats_rotation_baseline(induction_model):
     scores = composition_scores(
         induction_model, kinds=("K", "Q"), n_baseline=300, seed=0, fold_layernorm=False

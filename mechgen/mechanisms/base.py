@@ -33,6 +33,12 @@ import pandas as pd
 
 Unit = Literal["head", "layer"]
 
+ABLATION_PASSES = ("repeated_sequences",)
+"""The passes the scoring job reruns with a head mean-ablated, at detail steps
+(``Mechanism.ablation_pass``): ``repeated_sequences``, the [x_1 .. x_L] x 2 passes of the
+induction score (:func:`mechgen.relational.score_induction`), whose per-head scores are the
+mechanism's ``score_column``."""
+
 
 @dataclass(frozen=True)
 class Link:
@@ -82,7 +88,11 @@ class Mechanism:
       head at the same (run, step) never meets this criterion (:func:`strongest_rows`);
     - ``links``: the relations it declares (it is the ``source`` or the ``target``);
     - ``absolute_thresholds``: onsets may use the raw-score thresholds of the reference study
-      (only the previous-token mechanism, for the Trott reproduction).
+      (only the previous-token mechanism, for the Trott reproduction);
+    - ``ablation_pass``: one of :data:`ABLATION_PASSES` when the score can be re-measured with
+      another head mean-ablated (a link into this mechanism then gets the mean-ablation test
+      at detail steps); None when it cannot (a score from the weights alone, or from a pass
+      the test does not rerun): a link into it records that test as "not applicable".
     """
 
     name: str
@@ -99,6 +109,7 @@ class Mechanism:
     links: tuple[Link, ...] = ()
     absolute_thresholds: bool = False
     exclude_strongest_of: str | None = None
+    ablation_pass: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -113,6 +124,11 @@ class Mechanism:
             raise ValueError(
                 f"{self.name}: exclude_strongest_of must name another mechanism, got "
                 f"{self.exclude_strongest_of!r}"
+            )
+        if self.ablation_pass is not None and self.ablation_pass not in ABLATION_PASSES:
+            raise ValueError(
+                f"{self.name}: ablation_pass must be one of {', '.join(ABLATION_PASSES)} or "
+                f"None, got {self.ablation_pass!r}"
             )
         if (self.control_column is None) != (self.control_max_fraction is None):
             raise ValueError(

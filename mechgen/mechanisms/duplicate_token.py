@@ -30,5 +30,6 @@ MECHANISM = Mechanism(
     criterion_multiple=2.0,
     control_column="duplicate_token_control",
     control_max_fraction=0.5,
+    ablation_pass="repeated_sequences",
     exclude_strongest_of="induction",
 )

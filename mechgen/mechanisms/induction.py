@@ -40,4 +40,5 @@ MECHANISM = Mechanism(
     criterion_multiple=2.0,
     control_column="induction_control",
     control_max_fraction=0.5,
+    ablation_pass="repeated_sequences",
 )
