@@ -41,8 +41,10 @@ Detail checkpoints only (``detail_steps``; default the schedule's final step)
   target's strongest later-layer head, where the target declares an ablation pass
   (``Mechanism.ablation_pass``; else "not applicable");
 - per-token outputs z (``[n_tokens, head_dim]``) on the first ``cka_max_tokens`` tokens of the
-  evaluation text of the strongest 1-back head and of ``n_random_heads`` seeded random heads
-  (same layer first; :func:`random_cka_heads`), for linear CKA across seeds.
+  evaluation text of the strongest 1-back head, of ``n_random_heads`` seeded random heads
+  (same layer as the 1-back head first; :func:`random_cka_heads`) and of the strongest head
+  of every other head-level mechanism whose score the job has (:func:`mechanism_strongest_heads`;
+  each head stored once, :func:`cka_head_rows`), for linear CKA across seeds.
 
 The strongest 1-back head is the argmax of the just-computed ``one_back`` column (finite,
 unflagged heads; ties to the lowest layer, then head, as in
@@ -87,8 +89,10 @@ sequences. Detail checkpoints add ``k_composition``, ``k_baseline_mean``, ``k_ba
 ``q_*`` and ``v_*`` when a catalog link declares Q- or V-composition,
 :func:`mechgen.mechanisms.composition_kinds`),
 ``ablation_induction_before/_after_source/_after_control`` ([L, H]) with the scalars in the
-record, and ``cka_heads`` [m, 2] with ``cka_outputs`` [m, n_tokens, hd] (row 0 = the strongest
-1-back head) and ``cka_tokens_sha256`` in the record.
+record, ``link_ablations`` in the record, and ``cka_heads`` [m, 2] with ``cka_outputs``
+[m, n_tokens, hd] (row 0 = the strongest 1-back head, then the random heads, then the other
+mechanisms' strongest heads), ``cka_random`` [m] (bool: the row is a random head of the null),
+and ``cka_strongest`` ({mechanism: [layer, head]}) and ``cka_tokens_sha256`` in the record.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +113,15 @@ import torch
 
 from mechgen.atomic import atomic_path
 from mechgen.baselines import uniform_induction_baseline
-from mechgen.mechanisms import Link, composition_kinds
+from mechgen.configurational import (
+    align_by_similarity,
+    cka_vs_random_heads,
+    linear_cka,
+    profile_similarity_matrix,
+    similarity_vs_random_pairs,
+    spectrum_similarity_matrix,
+)
+from mechgen.mechanisms import Link, catalog, composition_kinds
 from mechgen.mechanisms import get as get_mechanism
 from mechgen.mechanisms import links as catalog_links
 from mechgen.model import adapter as architectures
@@ -133,10 +145,11 @@ __all__ = [
     "strongest_head",
 ]
 
-CIRCUIT_VERSION = 2
+CIRCUIT_VERSION = 3
 """Bump when what a circuit file holds changes: it is part of the score cache key
 (:func:`cache_record`), so every cached circuit result is then recomputed. 2: the
-``link_ablations`` record (every declared link's mean-ablation test)."""
+``link_ablations`` record (every declared link's mean-ablation test); 3: the per-token
+outputs of every head-level mechanism's strongest head (``cka_random``, ``cka_strongest``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,6 +390,35 @@ def per_head_scores(one_back: pd.DataFrame, induction: Any) -> pd.DataFrame:
     return out
 
 
+def mechanism_strongest_heads(scores: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """{mechanism: (layer, head)}: the strongest head (:func:`strongest_head` on its
+    ``score_column``) of every head-level mechanism of the catalog whose score ``scores`` has
+    for a finite, unflagged head, in catalog order."""
+    out = {}
+    for name, mechanism in catalog().items():
+        column = mechanism.score_column
+        if mechanism.unit != "head" or column not in scores.columns:
+            continue
+        with contextlib.suppress(ValueError):  # no finite, unflagged score: no strongest head
+            out[name] = strongest_head(scores, column)
+    return out
+
+
+def cka_head_rows(
+    strongest: tuple[int, int],
+    random: Sequence[tuple[int, int]],
+    mechanism_heads: Iterable[tuple[int, int]],
+) -> list[tuple[int, int]]:
+    """The heads whose per-token outputs a detail step stores, each once: the strongest 1-back
+    head (row 0), the seeded random heads (the CKA null, rows 1..n as before other mechanisms
+    had outputs), then each other mechanism's strongest head not already stored."""
+    rows = [strongest, *random]
+    for head in mechanism_heads:
+        if head not in rows:
+            rows.append(head)
+    return rows
+
+
 def link_ablations(
     model: torch.nn.Module,
     sequences: Any,
@@ -524,6 +566,7 @@ def score_circuit(
         "detail": settings.detail,
     }
     if settings.detail:
+        scores = per_head_scores(one_back, induction)
         # Every kind a catalog link declares (mechgen.links reads them per link); K alone today.
         compositions = composition_scores(
             model, kinds=composition_kinds(), n_baseline=settings.n_baseline
@@ -554,7 +597,7 @@ def score_circuit(
         record["link_ablations"] = link_ablations(
             model,
             sequences,
-            per_head_scores(one_back, induction),
+            scores,
             catalog_links() if links is None else links,
             dependence,
             ride.means.mean_z,
@@ -562,14 +605,17 @@ def score_circuit(
         )
         started = _timed(timings, "ablation", started)
 
-        cka_heads = [
-            strongest,
-            *random_cka_heads(n_layers, n_heads, strongest, settings.n_random_heads, settings.seed),
-        ]
+        random = random_cka_heads(
+            n_layers, n_heads, strongest, settings.n_random_heads, settings.seed
+        )
+        by_mechanism = mechanism_strongest_heads(scores)
+        cka_heads = cka_head_rows(strongest, random, by_mechanism.values())
         ids, mask, digest = eval_token_prefix(token_ids, settings.cka_max_tokens)
         outputs = head_outputs(model, ids, cka_heads, mask, settings.batch_size, space="z")
         arrays["cka_heads"] = np.array(cka_heads, dtype=np.int64)
         arrays["cka_outputs"] = np.stack([outputs[h].numpy() for h in cka_heads]).astype(np.float32)
+        arrays["cka_random"] = np.array([h in random for h in cka_heads], dtype=bool)
+        record["cka_strongest"] = {name: list(head) for name, head in by_mechanism.items()}
         record["cka_tokens_sha256"] = digest
         record["cka_n_tokens"] = int(mask.sum())
         started = _timed(timings, "cka_outputs", started)
@@ -899,10 +945,14 @@ alignment (maximising summed profile similarity between the heads of A's and B's
 layers) pairs with A's strongest head; ``aligned_is_strongest``: it is B's strongest head.
 ``cka``: linear CKA of the per-token outputs z of A's and B's strongest heads on the same
 evaluation tokens, against CKA of A's strongest with B's seeded random heads (``cka_n_null``
-of them; with n null values the smallest possible p is 1/(n + 1)); ``cka_aligned_head_b`` /
-``cka_aligned``: the stored head of B's strongest layer that Hungarian alignment on CKA pairs
-with A's strongest, and that CKA (selected, so not tested). ``cka_note`` says why CKA is NaN
-(different evaluation tokens, no detail step).
+of them, B's tested head excluded should it be one; with n null values the smallest possible
+p is 1/(n + 1)); ``cka_aligned_head_b`` / ``cka_aligned``: among B's tested head and its
+random heads in B's strongest layer, the one that Hungarian alignment on CKA (against A's
+tested head and A's random heads of its layer) pairs with A's strongest, and that CKA
+(selected, so not tested). ``cka_note`` says why CKA is NaN (different evaluation tokens, no
+detail step, no outputs saved for the head). The same columns compare another mechanism's
+strongest heads in ``stats/<mechanism>/configurational.csv`` (``strongest`` of
+:func:`configurational_table`).
 """
 
 
@@ -921,6 +971,65 @@ def _last_detail(
         if run not in out or key > (out[run][2], out[run][0]):
             out[run] = (step, result, detail)
     return {run: (step, result) for run, (step, result, _) in out.items()}
+
+
+def cka_random_rows(result: CircuitResult) -> list[int]:
+    """The rows of ``cka_outputs`` that hold the seeded random heads (the CKA null):
+    ``cka_random``, or rows 1.. in a file written before other mechanisms' heads were stored."""
+    if "cka_random" in result.arrays:
+        return [int(i) for i in np.flatnonzero(result.arrays["cka_random"])]
+    return list(range(1, len(result.arrays["cka_heads"])))
+
+
+def _cka_columns(
+    a: CircuitResult, b: CircuitResult, head_a: tuple[int, int], head_b: tuple[int, int]
+) -> dict[str, Any]:
+    """The ``cka*`` columns of :data:`CONFIGURATIONAL_COLUMNS` for A's ``head_a`` and B's
+    ``head_b`` (the same mechanism's strongest heads)."""
+    out: dict[str, Any] = {
+        "cka": math.nan,
+        "cka_null_mean": math.nan,
+        "cka_z": math.nan,
+        "cka_p": math.nan,
+        "cka_n_null": 0,
+        "cka_aligned_head_b": pd.NA,
+        "cka_aligned": math.nan,
+        "cka_note": "",
+    }
+    if "cka_outputs" not in a.arrays or "cka_outputs" not in b.arrays:
+        out["cka_note"] = "no detail step with head outputs in one of the runs"
+        return out
+    heads_a = [tuple(map(int, h)) for h in a.arrays["cka_heads"]]
+    heads_b = [tuple(map(int, h)) for h in b.arrays["cka_heads"]]
+    if head_a not in heads_a or head_b not in heads_b:
+        out["cka_note"] = "no outputs saved for this head"
+        return out
+    if a.record.get("cka_tokens_sha256") != b.record.get("cka_tokens_sha256"):
+        out["cka_note"] = "different evaluation tokens (tokenizers); outputs not row-aligned"
+        return out
+    row_a, row_b = heads_a.index(head_a), heads_b.index(head_b)
+    # The tested head, then the random heads (the null; the tested head itself excluded).
+    candidates_a = [row_a, *(i for i in cka_random_rows(a) if i != row_a)]
+    candidates_b = [row_b, *(j for j in cka_random_rows(b) if j != row_b)]
+    outputs_a, outputs_b = a.arrays["cka_outputs"], b.arrays["cka_outputs"]
+    test = cka_vs_random_heads(
+        outputs_a[row_a], outputs_b[row_b], [outputs_b[j] for j in candidates_b[1:]]
+    ).test
+    out.update(
+        cka=test.observed,
+        cka_null_mean=test.null_mean,
+        cka_z=test.z,
+        cka_p=test.p_value,
+        cka_n_null=test.n_null,
+    )
+    rows_a = sorted(i for i in candidates_a if heads_a[i][0] == head_a[0])
+    cols_b = sorted(j for j in candidates_b if heads_b[j][0] == head_b[0])
+    cka_matrix = np.array([[linear_cka(outputs_a[i], outputs_b[j]) for j in cols_b] for i in rows_a])
+    matched = align_by_similarity(cka_matrix)[rows_a.index(row_a)]
+    if matched >= 0:
+        out["cka_aligned_head_b"] = heads_b[cols_b[matched]][1]
+        out["cka_aligned"] = float(cka_matrix[rows_a.index(row_a), matched])
+    return out
 
 
 def configurational_steps(
@@ -943,18 +1052,10 @@ def configurational_table(
 
     ``strongest``: ``{(run, step): (layer, head)}``, another mechanism's strongest head at the
     step compared (:func:`configurational_steps`), in place of the stored strongest 1-back
-    head; a run without an entry is left out. CKA needs the head's saved outputs: it is NaN
-    (``cka_note``) unless the head is the one whose outputs the scoring job saved first.
+    head; a run without an entry is left out. CKA needs the head's saved outputs (the
+    scoring job saves those of every head-level mechanism's strongest head at a detail step,
+    :func:`mechanism_strongest_heads`): it is NaN (``cka_note``) for a head without them.
     """
-    from mechgen.configurational import (
-        align_by_similarity,
-        cka_vs_random_heads,
-        linear_cka,
-        profile_similarity_matrix,
-        similarity_vs_random_pairs,
-        spectrum_similarity_matrix,
-    )
-
     meta = _run_meta(heads).set_index("run")
     chosen = {run: v for run, v in _last_detail(circuits).items() if run in meta.index}
     rows = []
@@ -1039,39 +1140,7 @@ def configurational_table(
                 cka_aligned=math.nan,
                 cka_note="",
             )
-            if "cka_outputs" not in a.arrays or "cka_outputs" not in b.arrays:
-                row["cka_note"] = "no detail step with head outputs in one of the runs"
-            elif (la, ha) != tuple(map(int, a.arrays["cka_heads"][0])) or (lb, hb) != tuple(
-                map(int, b.arrays["cka_heads"][0])
-            ):
-                row["cka_note"] = "outputs saved for the strongest 1-back head, not this head"
-            elif a.record.get("cka_tokens_sha256") != b.record.get("cka_tokens_sha256"):
-                row["cka_note"] = (
-                    "different evaluation tokens (tokenizers); outputs not row-aligned"
-                )
-            else:
-                heads_a = [tuple(map(int, h)) for h in a.arrays["cka_heads"]]
-                heads_b = [tuple(map(int, h)) for h in b.arrays["cka_heads"]]
-                outputs_a, outputs_b = a.arrays["cka_outputs"], b.arrays["cka_outputs"]
-                reference = outputs_a[0]  # row 0 is the strongest head
-                test = cka_vs_random_heads(reference, outputs_b[0], list(outputs_b[1:])).test
-                row.update(
-                    cka=test.observed,
-                    cka_null_mean=test.null_mean,
-                    cka_z=test.z,
-                    cka_p=test.p_value,
-                    cka_n_null=test.n_null,
-                )
-                rows_a = [i for i, h in enumerate(heads_a) if h[0] == la]
-                cols_b = [j for j, h in enumerate(heads_b) if h[0] == lb]
-                cka_matrix = np.array(
-                    [[linear_cka(outputs_a[i], outputs_b[j]) for j in cols_b] for i in rows_a]
-                )
-                cka_match = align_by_similarity(cka_matrix)
-                matched = cka_match[rows_a.index(0)]
-                if matched >= 0:
-                    row["cka_aligned_head_b"] = heads_b[cols_b[matched]][1]
-                    row["cka_aligned"] = float(cka_matrix[rows_a.index(0), matched])
+            row.update(_cka_columns(a, b, (la, ha), (lb, hb)))
             rows.append(row)
     return pd.DataFrame(rows, columns=CONFIGURATIONAL_COLUMNS)
 

@@ -168,7 +168,7 @@ def test_detail_step_ablation_composition_and_cka_outputs(model, sentences, scor
         mean_head_outputs,
     )
 
-    _, result, _ = scored
+    one_back, result, _ = scored
     source = tuple(int(x) for x in result.arrays["strongest_one_back"])
     # The ride-along mean z equals a separate pass over the padded sentences.
     ids, mask, _ = circuit.eval_token_prefix(sentences, 10**6)
@@ -182,15 +182,30 @@ def test_detail_step_ablation_composition_and_cka_outputs(model, sentences, scor
     )
     k = composition_scores(model, ("K",), n_baseline=10)["K"]
     np.testing.assert_allclose(result.arrays["k_composition"], k.score, equal_nan=True)
-    # CKA outputs: the strongest head first, then seeded random heads, on the first <= 40 tokens.
-    heads = [tuple(h) for h in result.arrays["cka_heads"]]
-    assert heads[0] == source and len(heads) == 3 and source not in heads[1:]
+    # CKA outputs: the strongest head first, then seeded random heads, then every other
+    # mechanism's strongest head (each head once), on the first <= 40 tokens.
+    heads = [tuple(map(int, h)) for h in result.arrays["cka_heads"]]
+    random = circuit.random_cka_heads(3, 2, source, 2, seed=0)
+    assert heads[:3] == [source, *random] and len(set(heads)) == len(heads)
+    assert result.arrays["cka_random"].tolist() == [h in random for h in heads]
+    scores = one_back.assign(
+        induction=result.induction[one_back["layer"], one_back["head"]],
+        duplicate_token=result.arrays["duplicate_token"][one_back["layer"], one_back["head"]],
+    )
+    expected = {}
+    for name, column in (
+        ("previous_token", "one_back"), ("induction", "induction"),
+        ("duplicate_token", "duplicate_token"), ("locality", "received_concentration"),
+    ):  # fmt: skip
+        best = scores.sort_values([column, "layer", "head"], ascending=[False, True, True])
+        expected[name] = [int(best["layer"].iloc[0]), int(best["head"].iloc[0])]
+    assert result.record["cka_strongest"] == expected  # no weight-based scores in this job
+    assert {tuple(h) for h in expected.values()} <= set(heads)
     prefix_ids, prefix_mask, prefix_digest = circuit.eval_token_prefix(sentences, 40)
     assert int(prefix_mask.sum()) <= 40 and result.record["cka_n_tokens"] == int(prefix_mask.sum())
     outputs = head_outputs(model, prefix_ids, heads, prefix_mask, space="z")
-    np.testing.assert_allclose(
-        result.arrays["cka_outputs"][1], outputs[heads[1]].numpy(), atol=1e-6
-    )
+    for row, head in enumerate(heads):
+        np.testing.assert_allclose(result.arrays["cka_outputs"][row], outputs[head], atol=1e-6)
     assert result.record["cka_tokens_sha256"] == prefix_digest
 
 
@@ -438,6 +453,44 @@ def test_configurational_table_against_hand_worked_nulls() -> None:
     assert table["cka"].isna().all() and table["cka_note"].str.contains("different").all()
 
 
+def _linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def test_configurational_cka_of_each_mechanisms_stored_head_against_random_heads() -> None:
+    heads = _heads({"r1": ("toy-a", 1, 100), "r2": ("toy-a", 2, 100)})
+    a, b = _circuit(), _circuit()  # identical stored outputs: rows (0,1), (0,0), (1,1)
+    before = circuit.configurational_table(heads, {("r1", 1000): a, ("r2", 1000): b}, n_null=50)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((20, 4))
+    rotation = np.linalg.qr(rng.standard_normal((4, 4)))[0]
+    for result, extra in ((a, x), (b, x @ rotation)):
+        # The strongest induction head (1, 0), stored after the random heads (0,0) and (1,1).
+        result.arrays["cka_heads"] = np.vstack([result.arrays["cka_heads"], [[1, 0]]])
+        result.arrays["cka_outputs"] = np.concatenate(
+            [result.arrays["cka_outputs"], extra[None].astype(np.float32)]
+        )
+        result.arrays["cka_random"] = np.array([False, True, True, False])
+    circuits = {("r1", 1000): a, ("r2", 1000): b}
+    # The previous-token comparison is unchanged by another mechanism's stored head.
+    pd.testing.assert_frame_equal(
+        before, circuit.configurational_table(heads, circuits, n_null=50)
+    )
+    table = circuit.configurational_table(
+        heads, circuits, n_null=50, strongest={("r1", 1000): (1, 0), ("r2", 1000): (1, 0)}
+    )
+    row = table[table["run_a"] == "r1"].iloc[0]
+    assert row["cka_note"] == ""
+    assert row["cka"] == pytest.approx(1.0)  # B's induction head: a rotation of A's
+    # The null: A's induction head against B's two random heads (rows 1 and 2).
+    null = [_linear_cka(x, b.arrays["cka_outputs"][j].astype(float)) for j in (1, 2)]
+    assert row["cka_n_null"] == 2 and row["cka_null_mean"] == pytest.approx(np.mean(null))
+    assert row["cka_p"] == pytest.approx(1 / 3)
+    # Alignment within layer 1 over {(1,0), (1,1)} in both runs: (1,0) pairs with (1,0).
+    assert row["cka_aligned_head_b"] == 0 and row["cka_aligned"] == pytest.approx(1.0)
+
+
 def test_stability_table_hand_worked() -> None:
     heads = _heads({"r1": ("toy-a", 1, 100)})
     q = np.random.default_rng(0).standard_normal((2, 2, 4))
@@ -660,8 +713,8 @@ def test_configurational_table_of_another_mechanisms_strongest_heads() -> None:
     assert (row["layer_a"], row["head_a"], row["layer_b"], row["head_b"]) == (la, ha, lb, hb)
     expected = np.corrcoef(a.arrays["offset_profile"][la, ha], b.arrays["offset_profile"][lb, hb])
     assert row["profile_similarity"] == pytest.approx(expected[0, 1])
-    # Only the strongest 1-back head's outputs were saved: no CKA for another head, and why.
-    assert math.isnan(row["cka"]) and "1-back" in row["cka_note"]
+    # This file saved no outputs of the strongest induction head: no CKA for it, and why.
+    assert math.isnan(row["cka"]) and row["cka_note"] == "no outputs saved for this head"
     # The profile takes each mechanism's own mean profile z.
     profile = pd.DataFrame(
         [{"mechanism": "induction", "model": "all", "size": "all", "scored": True}]
