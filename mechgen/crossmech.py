@@ -69,7 +69,7 @@ MECHANISM_TABLES = (
     "configurational",
 )
 """The tables of ``stats/<mechanism>/``, by file stem. ``configurational`` is written by the
-rule's script from the circuit files (:func:`mechgen.circuit.configurational_table` on the
+rule's script from the circuit files (:func:`mechgen.circuit_tables.configurational_table` on the
 mechanism's strongest heads, :func:`strongest_at`); :func:`analyze_mechanisms` leaves it
 header-only."""
 

@@ -42,17 +42,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from mechgen.circuit_files import CircuitResult
 from mechgen.mechanisms import Link, get, names
 from mechgen.stats import wilson_interval
-
-if TYPE_CHECKING:  # the circuit module imports torch; this table-side module reads its results
-    from mechgen.circuit import CircuitResult
 
 LEGACY_ABLATION_LINK = ("previous_token", "induction")
 """The link whose test a circuit file written before ``link_ablations`` existed holds in its
@@ -141,7 +139,7 @@ def link_table(
 ) -> pd.DataFrame:
     """``stats/links.csv``: per declared link (both ends in ``per_seed``, the mechanisms'
     ``per_seed`` tables) and run, the four relations of the module docstring. ``circuits``:
-    ``{(run, step): CircuitResult}`` (:func:`mechgen.circuit.read_circuits`); without them
+    ``{(run, step): CircuitResult}`` (:func:`mechgen.circuit_files.read_circuits`); without them
     (a suite imported from tables) composition and ablation are NA."""
     circuits = circuits or {}
     critical = float(norm.ppf(confidence))

@@ -1,4 +1,5 @@
-"""The relational axis: does the previous-token (1-back) head feed an induction head?
+"""The relational axis inside the scoring job: does the previous-token (1-back) head feed an
+induction head?
 
 An induction circuit (Elhage et al. 2021; Olsson et al. 2022) is a previous-token head in an
 earlier layer whose output a later head's *keys* read ("K-composition"): at a repeated token,
@@ -26,13 +27,8 @@ Per checkpoint (model-level, torch)
   scorer's passes), :func:`mean_ablated`, :func:`causal_dependence`: mean-ablate a head's
   output and re-measure induction and copying (with a same-layer control head).
 
-Per run (pandas)
-----------------
-- :func:`relational_run_table`: per run, the strongest induction and 1-back heads at the final
-  step, whether the 1-back head sits in an earlier layer, the onset lag (via an onset callable
-  the caller supplies), and the correlation of the two max-over-heads trajectories.
-- :func:`relation_fraction_by_size`: per size, the fraction of runs where a relation holds,
-  with a Wilson interval (statsmodels).
+Per run (pandas, table-side): :func:`mechgen.circuit_tables.relational_run_table` and
+:func:`mechgen.circuit_tables.relation_fraction_by_size`, which need no torch.
 
 Weight layout
 -------------
@@ -68,7 +64,6 @@ __all__ = [
     "HeadWeights",
     "InductionResult",
     "MeanHeadOutputs",
-    "OnsetFn",
     "RepeatedSequences",
     "ablation_passes",
     "causal_dependence",
@@ -82,8 +77,6 @@ __all__ = [
     "mean_head_output_hooks",
     "mean_head_outputs",
     "real_queries_from_attention_mask",
-    "relation_fraction_by_size",
-    "relational_run_table",
     "repeat_offset_attention",
     "score_induction",
     "strongest_later_head",
@@ -1122,9 +1115,7 @@ def strongest_later_head(scores: np.ndarray, layer: int) -> HeadId | None:
     return (layer + 1 + flat // later.shape[1], flat % later.shape[1])
 
 
-def link_effect(
-    passes: AblationPasses, score: str, target: HeadId | None = None
-) -> dict[str, Any]:
+def link_effect(passes: AblationPasses, score: str, target: HeadId | None = None) -> dict[str, Any]:
     """The mean-ablation effect on one repeated-sequence score (``score``, one of
     :data:`REPEATED_SEQUENCE_SCORES`) read from ``passes``: at ``target`` (default: the head
     with the largest unablated ``score`` in a layer after the source's,
@@ -1215,176 +1206,3 @@ def causal_dependence(
         induction_after_control_all=after_control.induction if after_control else None,
         passes=passes,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-run correspondence tables
-
-OnsetFn = Callable[[np.ndarray, np.ndarray], float]
-"""``onset(steps, values) -> onset step`` (NaN if none) of one run's max-over-heads trajectory,
-``steps`` ascending. E.g. ``lambda s, v: mechgen.developmental.threshold_onset(s, v)[0]`` or
-``lambda s, v: mechgen.developmental.logistic_onset(s, v).step``."""
-
-RUN_TABLE_COLUMNS = [
-    "suite", "model", "size", "seed", "run", "n_params", "n_layers", "n_heads",
-    "n_checkpoints", "final_step",
-    "induction_layer", "induction_head", "induction_max",
-    "one_back_layer", "one_back_head", "one_back_max",
-    "one_back_earlier_layer",
-    "onset_one_back_step", "onset_induction_step", "lag_steps",
-    "onset_one_back_tokens", "onset_induction_tokens", "lag_tokens",
-    "trajectory_r", "trajectory_n",
-]  # fmt: skip
-"""Columns of :func:`relational_run_table` (before any ``extra`` columns)."""
-
-
-def relational_run_table(
-    heads: pd.DataFrame,
-    onset: OnsetFn,
-    induction_metric: str = "induction",
-    one_back_metric: str = "one_back",
-    extra: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """One row per run: how the 1-back head and the induction head relate.
-
-    ``heads``: the per-head table (``mechgen.schema.ID_COLUMNS`` plus both metric columns),
-    all checkpoints of every run. From the max-over-heads trajectories
-    (:func:`mechgen.developmental.trajectories`: non-finite/flagged heads left out, ties to
-    the lowest layer, then head):
-
-    - ``induction_layer/head/max`` and ``one_back_layer/head/max``: the strongest head of each
-      metric at the run's final step;
-    - ``one_back_earlier_layer``: one_back_layer < induction_layer (bool), the layer order an
-      induction circuit needs;
-    - ``onset_*_step`` = ``onset(steps, values)`` of each trajectory; ``lag_steps`` =
-      onset_induction - onset_one_back (steps; positive = induction later);
-      ``*_tokens`` = the same x tokens per step (inferred from tokens_seen / step);
-    - ``trajectory_r``: Pearson r (``scipy.stats.pearsonr``) of the two trajectories over the
-      ``trajectory_n`` steps both have (NaN with fewer than 3 or a constant trajectory).
-
-    ``extra``: an optional per-run table (a ``run`` column, e.g. causal drops or composition
-    scores) merged on ``run``. Sorted by n_params, model, seed.
-    """
-    from scipy import stats
-
-    from mechgen.developmental import infer_tokens_per_step, trajectories
-
-    if not callable(onset):
-        raise TypeError("onset must be a callable onset(steps, values) -> step")
-    induction = trajectories(heads, induction_metric)
-    one_back = trajectories(heads, one_back_metric)
-    rows = []
-    for run, run_induction in induction.groupby("run", sort=False):
-        run_induction = run_induction.sort_values("step")
-        run_one_back = one_back[one_back["run"] == run].sort_values("step")
-        if run_one_back.empty:
-            continue
-        final_induction = run_induction.iloc[-1]
-        final_one_back = run_one_back.iloc[-1]
-        try:
-            tokens_per_step: float = infer_tokens_per_step(heads[heads["run"] == run])
-        except ValueError:
-            tokens_per_step = math.nan
-        onset_one_back = float(
-            onset(run_one_back["step"].to_numpy(float), run_one_back["value"].to_numpy(float))
-        )
-        onset_induction = float(
-            onset(run_induction["step"].to_numpy(float), run_induction["value"].to_numpy(float))
-        )
-        shared = run_induction.merge(run_one_back, on="step", suffixes=("_induction", "_one_back"))
-        r = math.nan
-        x = shared["value_induction"].to_numpy(float)
-        y = shared["value_one_back"].to_numpy(float)
-        if len(shared) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-            r = float(stats.pearsonr(x, y).statistic)
-        lag = onset_induction - onset_one_back
-        rows.append(
-            {
-                **{
-                    col: final_induction[col]
-                    for col in [
-                        "suite",
-                        "model",
-                        "size",
-                        "seed",
-                        "run",
-                        "n_params",
-                        "n_layers",
-                        "n_heads",
-                    ]
-                },
-                "n_checkpoints": len(run_induction),
-                "final_step": int(final_induction["step"]),
-                "induction_layer": int(final_induction["argmax_layer"]),
-                "induction_head": int(final_induction["argmax_head"]),
-                "induction_max": float(final_induction["value"]),
-                "one_back_layer": int(final_one_back["argmax_layer"]),
-                "one_back_head": int(final_one_back["argmax_head"]),
-                "one_back_max": float(final_one_back["value"]),
-                "one_back_earlier_layer": bool(
-                    final_one_back["argmax_layer"] < final_induction["argmax_layer"]
-                ),
-                "onset_one_back_step": onset_one_back,
-                "onset_induction_step": onset_induction,
-                "lag_steps": lag,
-                "onset_one_back_tokens": onset_one_back * tokens_per_step,
-                "onset_induction_tokens": onset_induction * tokens_per_step,
-                "lag_tokens": lag * tokens_per_step,
-                "trajectory_r": r,
-                "trajectory_n": len(shared),
-            }
-        )
-    table = pd.DataFrame(rows, columns=RUN_TABLE_COLUMNS)
-    if extra is not None:
-        if "run" not in extra.columns:
-            raise ValueError("extra must have a 'run' column to merge on")
-        clash = [c for c in extra.columns if c in table.columns and c != "run"]
-        if clash:
-            raise ValueError(f"extra repeats column(s) of the run table: {', '.join(clash)}")
-        table = table.merge(extra, on="run", how="left", validate="one_to_one")
-    return table.sort_values(["n_params", "model", "seed"], kind="stable").reset_index(drop=True)
-
-
-def relation_fraction_by_size(
-    run_table: pd.DataFrame,
-    relation: str = "one_back_earlier_layer",
-    confidence: float = 0.95,
-) -> pd.DataFrame:
-    """Per model size: the fraction of runs where the boolean column ``relation`` holds.
-
-    ``fraction = n_holds / n_runs`` over runs with a non-missing value, with the Wilson score
-    interval at ``confidence`` (:func:`mechgen.stats.wilson_interval`).
-    Columns: model, size, n_params, n_runs, n_holds, fraction, ci_low, ci_high, confidence,
-    relation.
-    """
-    from mechgen.stats import wilson_interval  # table-side: statsmodels only when tabulating
-
-    if relation not in run_table.columns:
-        raise ValueError(
-            f"run table has no column {relation!r}; columns: {', '.join(run_table.columns)}"
-        )
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
-    rows = []
-    for (model, size), size_runs in run_table.groupby(["model", "size"], sort=False):
-        values = size_runs[relation].dropna()
-        if values.empty:
-            continue
-        n_runs = len(values)
-        n_holds = int(values.astype(bool).sum())
-        ci_low, ci_high = wilson_interval(n_holds, n_runs, confidence)
-        rows.append(
-            {
-                "model": model,
-                "size": size,
-                "n_params": size_runs["n_params"].iloc[0] if "n_params" in size_runs else pd.NA,
-                "n_runs": n_runs,
-                "n_holds": n_holds,
-                "fraction": n_holds / n_runs,
-                "ci_low": float(ci_low),
-                "ci_high": float(ci_high),
-                "confidence": confidence,
-                "relation": relation,
-            }
-        )
-    return pd.DataFrame(rows)

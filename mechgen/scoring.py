@@ -45,6 +45,7 @@ from typing import Any
 import pandas as pd
 
 from mechgen.atomic import atomic_path
+from mechgen.circuit_files import add_circuit_columns, empty_circuit, load_circuit
 from mechgen.config import Run
 from mechgen.mechanisms import get as get_mechanism
 from mechgen.model.fingerprint import weight_fingerprint
@@ -342,28 +343,24 @@ class _Job:
         """The cache entry of ``key`` (None: a miss). With relational scores on, an entry is
         usable only with its circuit arrays (they are written before the scores, so a scores
         file without them is from an interrupted job); they are loaded into ``circuit_result``."""
-        from mechgen import circuit
-
         if key is None:
             return None
         entry = self.cache.get(key)
         if entry is None or self.circuit_settings is None:
             return entry
         try:
-            self.circuit_result = circuit.load_circuit(self.circuit_cache_path(key))
+            self.circuit_result = load_circuit(self.circuit_cache_path(key))
         except (OSError, ValueError):
             return None
         return entry
 
     def missing(self, exc: Exception) -> tuple[pd.DataFrame, dict[str, Any]]:
         """The result of a checkpoint the hub does not have: no rows, ``status: "missing"``."""
-        from mechgen import circuit
-
         self.sidecar.update(
             status="missing", reason=str(exc), wall_seconds=time.perf_counter() - self.started
         )
         if self.circuit_path is not None:
-            circuit.empty_circuit(str(exc)).save(self.circuit_path)
+            empty_circuit(str(exc)).save(self.circuit_path)
         return empty_head_table(), self.sidecar
 
 
@@ -632,7 +629,7 @@ def score_checkpoint(
         meta["n_params"],
     )
     if job.circuit_result is not None:
-        table = circuit.add_circuit_columns(table, job.circuit_result)
+        table = add_circuit_columns(table, job.circuit_result)
         if circuit_path is not None:
             job.circuit_result.save(circuit_path)
     _finish_sidecar(job, ref, scored, table)

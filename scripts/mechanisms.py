@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import circuit, crossmech, links, mechanisms
-from mechgen.circuit import read_circuits
-from mechgen.developmental import onset_thresholds
+from mechgen import circuit_tables, crossmech, links, mechanisms
 from mechgen.baselines import read_token_lengths
+from mechgen.circuit_files import read_circuits
+from mechgen.developmental import onset_thresholds
 from mechgen.mechanisms import NullContext
 from mechgen.outputs import read_csv, write_declared_csvs
 
@@ -54,16 +54,16 @@ def mechanism_configurational(
     log: logging.Logger,
 ) -> dict[str, pd.DataFrame]:
     """Per scored mechanism: its strongest head at each run's compared step against the other
-    runs' (:func:`mechgen.circuit.configurational_table` with ``strongest`` from
+    runs' (:func:`mechgen.circuit_tables.configurational_table` with ``strongest`` from
     :func:`mechgen.crossmech.strongest_at`); none without circuit files."""
     if not circuits:
         return {}
-    steps = circuit.configurational_steps(circuits)
+    steps = circuit_tables.configurational_steps(circuits)
     out = {}
     for name, result in results.items():
         if result.note:
             continue
-        out[name] = circuit.configurational_table(
+        out[name] = circuit_tables.configurational_table(
             heads,
             circuits,
             n_null=int(sm.params.configurational["n_null"]),
@@ -112,7 +112,7 @@ def main(sm: Any) -> None:
         for table, frame in result.tables.items():
             tables[f"{name}__{table}"] = frame
         tables[f"{name}__configurational"] = configurational.get(
-            name, pd.DataFrame(columns=circuit.CONFIGURATIONAL_COLUMNS)
+            name, pd.DataFrame(columns=circuit_tables.CONFIGURATIONAL_COLUMNS)
         )
     write_declared_csvs(dict(sm.output.items()), tables, log)
 

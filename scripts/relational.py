@@ -4,7 +4,7 @@ Inputs: ``heads`` (heads.parquet, with the ``induction`` column) and ``circuits`
 ``scores/<run>/step<N>.circuit.npz``). Params: ``thresholds`` {start, stop, step} (the onset
 thresholds of the analysis), ``analysis`` {n_null, seed, confidence} (``relational.analysis``).
 Outputs (``results/<suite>/stats/<name>.csv``; columns in docs/outputs.md):
-``relational`` (per run: :func:`mechgen.circuit.relational_table`), ``relational_sizes``
+``relational`` (per run: :func:`mechgen.circuit_tables.relational_table`), ``relational_sizes``
 (per size and relation, Wilson CI), ``relational_regressions`` (mixed models on
 log10(n_params)), ``configurational`` (per ordered pair of runs) and
 ``configurational_stability`` (per run and consecutive checkpoints); and ``trajectories``
@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import circuit
+from mechgen import circuit_tables
+from mechgen.circuit_files import read_circuits
 from mechgen.developmental import onset_thresholds, trajectories
 from mechgen.outputs import write_csv, write_parquet
 
@@ -34,23 +35,25 @@ def main(sm: Any) -> None:
     """Compute and write every output of the rule (``sm`` is Snakemake's object)."""
     log = setup_logging(sm)
     heads = pd.read_parquet(sm.input.heads)
-    circuits = circuit.read_circuits(list(sm.input.circuits))
+    circuits = read_circuits(list(sm.input.circuits))
     settings = dict(sm.params.analysis)  # relational.analysis, defaults filled by validation
     log.info("%d head rows, %d checkpoints with circuit scores", len(heads), len(circuits))
-    relational = circuit.relational_table(heads, circuits, onset_thresholds(**sm.params.thresholds))
+    relational = circuit_tables.relational_table(
+        heads, circuits, onset_thresholds(**sm.params.thresholds)
+    )
     outputs = {
         "relational": relational,
-        "relational_sizes": circuit.relational_sizes(
+        "relational_sizes": circuit_tables.relational_sizes(
             relational, float(settings["confidence"])
         ),
-        "relational_regressions": circuit.relational_regressions(relational),
-        "configurational": circuit.configurational_table(
+        "relational_regressions": circuit_tables.relational_regressions(relational),
+        "configurational": circuit_tables.configurational_table(
             heads,
             circuits,
             n_null=int(settings["n_null"]),
             seed=int(settings["seed"]),
         ),
-        "configurational_stability": circuit.stability_table(heads, circuits),
+        "configurational_stability": circuit_tables.stability_table(heads, circuits),
     }
     for name, table in outputs.items():
         write_csv(table, sm.output[name])

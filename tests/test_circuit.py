@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mechgen import circuit, metrics
+from mechgen import circuit, circuit_files, circuit_tables, metrics
 from mechgen.baselines import uniform_induction_baseline
 from mechgen.developmental import onset_thresholds, threshold_onset
 
@@ -212,12 +212,12 @@ def test_detail_step_ablation_composition_and_cka_outputs(model, sentences, scor
 def test_save_load_roundtrip_and_columns(tmp_path, scored) -> None:
     one_back, result, _ = scored
     path = result.save(tmp_path / "step3.circuit.npz")
-    loaded = circuit.load_circuit(path)
+    loaded = circuit_files.load_circuit(path)
     assert loaded.record == json.loads(json.dumps(result.record, default=str))
     for key, value in result.arrays.items():
         np.testing.assert_array_equal(loaded.arrays[key], value)
     shuffled = one_back.sample(frac=1.0, random_state=0)
-    table = circuit.add_circuit_columns(shuffled, loaded)
+    table = circuit_files.add_circuit_columns(shuffled, loaded)
     for row in table.itertuples():
         assert row.induction == result.induction[row.layer, row.head]
         assert row.duplicate_token == result.arrays["duplicate_token"][row.layer, row.head]
@@ -246,7 +246,7 @@ def test_helpers_hand_worked() -> None:
             "nonfinite": [False, True, False, False],
         }
     )
-    assert circuit.strongest_head(table) == (1, 0)  # tie at 0.5: the lower head
+    assert circuit_files.strongest_head(table) == (1, 0)  # tie at 0.5: the lower head
     with pytest.raises(ValueError, match="positive int"):
         circuit.CircuitSettings.from_mapping({"n_sequences": 0})
 
@@ -293,7 +293,7 @@ def _heads(runs: dict[str, tuple[str, int, int]]) -> pd.DataFrame:
 
 def _circuit(
     profile_shift: float = 0.0, drop: float = 0.2, detail: bool = True, factors_seed: int = 0
-) -> circuit.CircuitResult:
+) -> circuit_files.CircuitResult:
     profile = np.tile(np.linspace(0.1, 0.9, 4), (2, 2, 1))
     profile[0, 1] = [0.05, 0.8, 0.1, 0.05]  # the 1-back head
     profile[0, 1, 1] += profile_shift
@@ -338,7 +338,7 @@ def _circuit(
             },
             "cka_tokens_sha256": "same",
         }
-    return circuit.CircuitResult(arrays=arrays, record=record)
+    return circuit_files.CircuitResult(arrays=arrays, record=record)
 
 
 def test_relational_table_finds_the_order_hand_worked() -> None:
@@ -347,7 +347,7 @@ def test_relational_table_finds_the_order_hand_worked() -> None:
     for run in ("r1", "r2"):
         circuits[(run, 1000)].record["settings"] = {"half_length": 4}
     thresholds = onset_thresholds()
-    table = circuit.relational_table(heads, circuits, thresholds).set_index("run")
+    table = circuit_tables.relational_table(heads, circuits, thresholds).set_index("run")
     # Independent onsets: threshold_onset of the hand-built max-over-heads trajectories.
     one_back = threshold_onset(np.array(STEPS), np.array([0.1, 0.6, 0.6, 0.6]), thresholds)[0]
     induction = threshold_onset(np.array(STEPS), np.array([0.1, 0.1, 0.32, 0.32]), thresholds)[0]
@@ -371,15 +371,17 @@ def test_relational_table_finds_the_order_hand_worked() -> None:
     assert bool(table.at["r2", "one_back_first"]) and bool(table.at["r2", "one_back_earlier_layer"])
     assert not bool(table.at["r2", "expected_order"])
     assert bool(table.at["r3", "expected_order"])
-    assert np.isnan(table.at["r3", "induction_uniform"]) and pd.isna(table.at["r3", "induction_formed"])
+    assert np.isnan(table.at["r3", "induction_uniform"]) and pd.isna(
+        table.at["r3", "induction_formed"]
+    )
 
-    sizes = circuit.relational_sizes(table.reset_index())
+    sizes = circuit_tables.relational_sizes(table.reset_index())
     row = sizes[(sizes["relation"] == "drop_exceeds_control") & (sizes["model"] == "toy-a")]
     assert (int(row["n_holds"].iloc[0]), int(row["n_runs"].iloc[0])) == (1, 2)
     from statsmodels.stats.proportion import proportion_confint
 
     assert row["ci_low"].iloc[0] == pytest.approx(proportion_confint(1, 2, method="wilson")[0])
-    regressions = circuit.relational_regressions(table.reset_index())
+    regressions = circuit_tables.relational_regressions(table.reset_index())
     assert set(regressions["analysis"]) == {
         "relational_lag_steps",
         "relational_induction_drop",
@@ -391,7 +393,7 @@ def test_no_induction_head_is_neither_formed_nor_positional() -> None:
     heads = _heads({"r1": ("toy-a", 1, 10**9)})  # induction never rises: 0.02 everywhere
     result = _circuit()
     result.record["settings"] = {"half_length": 4}
-    table = circuit.relational_table(heads, {("r1", 1000): result}, onset_thresholds())
+    table = circuit_tables.relational_table(heads, {("r1", 1000): result}, onset_thresholds())
     row = table.set_index("run").loc["r1"]
     assert row["induction_max"] == pytest.approx(0.02)
     assert pd.isna(row["induction_positional"])  # 0.02 < 2 x uniform: nothing to call positional
@@ -403,15 +405,15 @@ def test_no_induction_head_is_neither_formed_nor_positional() -> None:
 def test_relational_regressions_skip_a_single_seed() -> None:
     heads = _heads({"r1": ("toy-a", 1, 100), "r2": ("toy-b", 1, 100)})
     circuits = {(run, 1000): _circuit() for run in ("r1", "r2")}
-    table = circuit.relational_table(heads, circuits, onset_thresholds())
-    regressions = circuit.relational_regressions(table)
+    table = circuit_tables.relational_table(heads, circuits, onset_thresholds())
+    regressions = circuit_tables.relational_regressions(table)
     assert regressions["note"].str.contains("skipped: only one level of 'seed'").all()
 
 
 def test_relational_table_needs_the_induction_column() -> None:
     heads = _heads({"r1": ("toy-a", 1, 100)}).drop(columns="induction")
     with pytest.raises(ValueError, match="no 'induction' column"):
-        circuit.relational_table(heads, {}, onset_thresholds())
+        circuit_tables.relational_table(heads, {}, onset_thresholds())
 
 
 def test_configurational_table_against_hand_worked_nulls() -> None:
@@ -422,7 +424,9 @@ def test_configurational_table_against_hand_worked_nulls() -> None:
         a.arrays["cka_outputs"][0]
         @ np.linalg.qr(np.random.default_rng(5).standard_normal((4, 4)))[0]
     )  # a rotation of A's strongest head: CKA exactly 1
-    table = circuit.configurational_table(heads, {("r1", 1000): a, ("r2", 1000): b}, n_null=50)
+    table = circuit_tables.configurational_table(
+        heads, {("r1", 1000): a, ("r2", 1000): b}, n_null=50
+    )
     assert len(table) == 2  # both orders
     row = table[table["run_a"] == "r1"].iloc[0]
     # Identical spectra: cosine 1 for the tested pair; the null is random pairs of other heads.
@@ -449,7 +453,9 @@ def test_configurational_table_against_hand_worked_nulls() -> None:
     assert row["cka_n_null"] == 2 and row["cka_p"] == pytest.approx(1 / 3)
     # Different evaluation tokens: no CKA, and a note says why.
     b.record["cka_tokens_sha256"] = "other"
-    table = circuit.configurational_table(heads, {("r1", 1000): a, ("r2", 1000): b}, n_null=50)
+    table = circuit_tables.configurational_table(
+        heads, {("r1", 1000): a, ("r2", 1000): b}, n_null=50
+    )
     assert table["cka"].isna().all() and table["cka_note"].str.contains("different").all()
 
 
@@ -461,7 +467,9 @@ def _linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 def test_configurational_cka_of_each_mechanisms_stored_head_against_random_heads() -> None:
     heads = _heads({"r1": ("toy-a", 1, 100), "r2": ("toy-a", 2, 100)})
     a, b = _circuit(), _circuit()  # identical stored outputs: rows (0,1), (0,0), (1,1)
-    before = circuit.configurational_table(heads, {("r1", 1000): a, ("r2", 1000): b}, n_null=50)
+    before = circuit_tables.configurational_table(
+        heads, {("r1", 1000): a, ("r2", 1000): b}, n_null=50
+    )
     rng = np.random.default_rng(7)
     x = rng.standard_normal((20, 4))
     rotation = np.linalg.qr(rng.standard_normal((4, 4)))[0]
@@ -475,9 +483,9 @@ def test_configurational_cka_of_each_mechanisms_stored_head_against_random_heads
     circuits = {("r1", 1000): a, ("r2", 1000): b}
     # The previous-token comparison is unchanged by another mechanism's stored head.
     pd.testing.assert_frame_equal(
-        before, circuit.configurational_table(heads, circuits, n_null=50)
+        before, circuit_tables.configurational_table(heads, circuits, n_null=50)
     )
-    table = circuit.configurational_table(
+    table = circuit_tables.configurational_table(
         heads, circuits, n_null=50, strongest={("r1", 1000): (1, 0), ("r2", 1000): (1, 0)}
     )
     row = table[table["run_a"] == "r1"].iloc[0]
@@ -502,7 +510,7 @@ def test_stability_table_hand_worked() -> None:
         if step == 1000:  # the strongest head's W_Q turns: cosine with itself at 100 is -1
             result.arrays["qk_q"][0] = -q[0]
         circuits[("r1", step)] = result
-    table = circuit.stability_table(heads, circuits)
+    table = circuit_tables.stability_table(heads, circuits)
     assert table["step"].tolist() == [10, 100, 1000]
     # Steps 0 -> 10: the strongest head changes from (0, 0) (all tied at 0.1) to (0, 1).
     assert table["identity_fixed_from_step"].eq(10).all()
@@ -551,8 +559,8 @@ def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch
     assert len(calls) == 1  # the duplicate was not scored again, circuit scores included
     columns = ["layer", "head", "induction", "induction_control", "copying_accuracy"]
     pd.testing.assert_frame_equal(tables[0][columns], tables[1][columns])
-    first = circuit.load_circuit(tmp_path / "step0.circuit.npz")
-    second = circuit.load_circuit(tmp_path / "step1.circuit.npz")
+    first = circuit_files.load_circuit(tmp_path / "step0.circuit.npz")
+    second = circuit_files.load_circuit(tmp_path / "step1.circuit.npz")
     assert first.arrays.keys() == second.arrays.keys() and "k_composition" in first.arrays
     for key in first.arrays:
         np.testing.assert_array_equal(first.arrays[key], second.arrays[key])
@@ -579,7 +587,7 @@ def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch
         circuit_path=tmp_path / "bumped.circuit.npz",
     )
     assert len(calls) == 3
-    assert "link_ablations" in circuit.load_circuit(tmp_path / "bumped.circuit.npz").record
+    assert "link_ablations" in circuit_files.load_circuit(tmp_path / "bumped.circuit.npz").record
     # A checkpoint that does not exist: zero rows and a circuit file without arrays.
     table, sidecar = scoring.score_checkpoint(
         run,
@@ -590,7 +598,7 @@ def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch
         circuit_path=tmp_path / "step7.circuit.npz",
     )
     assert sidecar["status"] == "missing" and table.empty
-    assert circuit.read_circuits([tmp_path / "step7.circuit.npz"]) == {}
+    assert circuit_files.read_circuits([tmp_path / "step7.circuit.npz"]) == {}
 
 
 # --- figures ----------------------------------------------------------------------------------
@@ -634,7 +642,7 @@ def test_relational_figures_draw_the_tables(tmp_path) -> None:
     assert sorted(points["source:toy-a"][:, 1].tolist()) == [0.1, 0.2]
     assert sorted(points["control:toy-a"][:, 1].tolist()) == [0.0, 0.01]
     a, b = _circuit(), _circuit(profile_shift=0.05)
-    configurational = circuit.configurational_table(
+    configurational = circuit_tables.configurational_table(
         _heads({"r1": ("toy-a", 1, 100), "r2": ("toy-a", 2, 100)}),
         {("r1", 1000): a, ("r2", 1000): b},
     )
@@ -688,9 +696,9 @@ def test_configurational_table_of_another_mechanisms_strongest_heads() -> None:
     a, b = _circuit(profile_shift=0.1), _circuit(factors_seed=1)
     b.record["cka_tokens_sha256"] = a.record["cka_tokens_sha256"] = "same"
     circuits = {("r1", 1000): a, ("r2", 1000): b}
-    default = circuit.configurational_table(heads, circuits, n_null=50)
+    default = circuit_tables.configurational_table(heads, circuits, n_null=50)
     # Naming the stored strongest 1-back heads reproduces the default table exactly.
-    same = circuit.configurational_table(
+    same = circuit_tables.configurational_table(
         heads, circuits, n_null=50, strongest={("r1", 1000): (0, 1), ("r2", 1000): (0, 1)}
     )
     pd.testing.assert_frame_equal(default, same)
@@ -698,7 +706,7 @@ def test_configurational_table_of_another_mechanisms_strongest_heads() -> None:
     scored = crossmech.scored_heads(
         heads, get("induction"), NullContext(settings={"half_length": 10})
     ).heads
-    strongest = crossmech.strongest_at(scored, circuit.configurational_steps(circuits))
+    strongest = crossmech.strongest_at(scored, circuit_tables.configurational_steps(circuits))
     at_step = heads[heads["step"] == 1000]
     for run in ("r1", "r2"):
         best = (
@@ -707,7 +715,7 @@ def test_configurational_table_of_another_mechanisms_strongest_heads() -> None:
             .iloc[0]
         )
         assert strongest[(run, 1000)] == (int(best["layer"]), int(best["head"]))
-    table = circuit.configurational_table(heads, circuits, n_null=50, strongest=strongest)
+    table = circuit_tables.configurational_table(heads, circuits, n_null=50, strongest=strongest)
     row = table[table["run_a"] == "r1"].iloc[0]
     (la, ha), (lb, hb) = strongest[("r1", 1000)], strongest[("r2", 1000)]
     assert (row["layer_a"], row["head_a"], row["layer_b"], row["head_b"]) == (la, ha, lb, hb)

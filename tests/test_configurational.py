@@ -25,27 +25,29 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from mechgen.configurational import (
     OffsetProfileAccumulator,
-    align_by_similarity,
-    align_heads,
-    cka_vs_random_heads,
     head_outputs,
     head_spectra,
-    identity_fixed_from,
-    linear_cka,
-    load_qk_factors,
     offset_profile,
     offset_profile_hooks,
     offset_profiles,
+    qk_factors,
+)
+from mechgen.relational import HeadWeights, head_weights
+from mechgen.similarity import (
+    align_by_similarity,
+    align_heads,
+    cka_vs_random_heads,
+    identity_fixed_from,
+    linear_cka,
+    load_qk_factors,
     profile_similarity_matrix,
     qk_cosine,
-    qk_factors,
     random_heads,
     save_qk_factors,
     similarity_vs_random_pairs,
     spectrum_similarity_matrix,
     strongest_head_qk_stability,
 )
-from mechgen.relational import HeadWeights, head_weights
 
 torch.set_num_threads(1)
 

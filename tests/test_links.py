@@ -14,7 +14,7 @@ from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
 from mechgen import links, mechanisms
-from mechgen.circuit import CircuitResult
+from mechgen.circuit_files import CircuitResult
 from mechgen.mechanisms import Link
 
 

@@ -17,11 +17,11 @@ import pytest
 from conftest import TOY_TEST_SUITE
 from test_figures import synthetic_heads
 
-from mechgen import circuit, convergence, functional, positional, schema, stats
+from mechgen import circuit_tables, convergence, functional, positional, schema, stats
 from mechgen.aggregate import read_sidecars
+from mechgen.circuit_tables import RUN_TABLE_COLUMNS, relation_fraction_by_size
 from mechgen.developmental import trajectories
 from mechgen.outputs import read_csv, write_csv
-from mechgen.relational import RUN_TABLE_COLUMNS, relation_fraction_by_size
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "outputs.md"
@@ -109,10 +109,12 @@ def test_library_tables_are_documented(tmp_path: Path) -> None:
     assert_documented("heads.parquet", head_columns)
     assert_documented("scores/toy-tiny-seed1/step300.parquet", head_columns)
     assert_documented("stats/mds.csv", convergence.MDS_COLUMNS)
-    assert_documented("stats/relational.csv", RUN_TABLE_COLUMNS + circuit.RELATIONAL_EXTRA_COLUMNS)
+    assert_documented(
+        "stats/relational.csv", RUN_TABLE_COLUMNS + circuit_tables.RELATIONAL_EXTRA_COLUMNS
+    )
     assert_documented("stats/relational_regressions.csv", stats.REGRESSION_COLUMNS)
-    assert_documented("stats/configurational.csv", circuit.CONFIGURATIONAL_COLUMNS)
-    assert_documented("stats/configurational_stability.csv", circuit.STABILITY_COLUMNS)
+    assert_documented("stats/configurational.csv", circuit_tables.CONFIGURATIONAL_COLUMNS)
+    assert_documented("stats/configurational_stability.csv", circuit_tables.STABILITY_COLUMNS)
     runs = pd.DataFrame(
         {
             "model": ["m", "m"],

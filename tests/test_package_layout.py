@@ -48,10 +48,15 @@ LIGHT_MODULES = {
     "mechgen.mechanisms": ("torch", "transformers", "statsmodels", "scipy"),
     "mechgen.figures": ("torch", "transformers", "statsmodels"),
     "mechgen.mechanism_figures": ("torch", "transformers", "statsmodels"),
+    "mechgen.circuit_files": ("torch", "transformers", "statsmodels", "scipy"),
+    "mechgen.similarity": ("torch", "transformers", "statsmodels"),
+    "mechgen.circuit_tables": ("torch", "transformers"),
+    "mechgen.links": ("torch", "transformers"),
 }
 """Modules that start many light processes (every Snakemake start parses the catalog; one figure
-job per mechanism) and the heavy libraries (seconds of imports each) they must not pull in, in
-import order: each module is checked after it and the ones above it are imported."""
+job per mechanism; the `relational` and `mechanisms` jobs read the circuit files) and the heavy
+libraries (seconds of imports each) they must not pull in, in import order: each module is
+checked after it and the ones above it are imported."""
 
 
 def test_light_modules_do_not_import_the_heavy_stacks() -> None:

@@ -24,6 +24,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from mechgen.circuit_tables import relation_fraction_by_size, relational_run_table
 from mechgen.relational import (
     HeadWeights,
     RepeatedSequences,
@@ -36,8 +37,6 @@ from mechgen.relational import (
     mean_ablated,
     mean_head_output_hooks,
     mean_head_outputs,
-    relation_fraction_by_size,
-    relational_run_table,
     score_induction,
 )
 

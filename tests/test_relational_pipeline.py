@@ -161,7 +161,7 @@ def test_relational_rule_classifies_planted_induction_heads(
 
 
 def test_detail_step_and_configurational_outputs(toy_test_run: Path) -> None:
-    from mechgen.circuit import load_circuit
+    from mechgen.circuit_files import load_circuit
 
     results = _results(toy_test_run)
     final = _final_step(toy_test_run)

@@ -41,7 +41,7 @@ from conftest import (
     run_snakemake,
 )
 
-from mechgen.circuit import load_circuit
+from mechgen.circuit_files import load_circuit
 from mechgen.evaltext import read_sentence_file
 
 pytestmark = pytest.mark.slow
