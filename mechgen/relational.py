@@ -25,7 +25,9 @@ Per checkpoint (model-level, torch)
   earlier layer and every head of a later layer, with a random-rotation baseline.
 - :func:`mean_head_outputs` (or :func:`mean_head_output_hooks`, riding along the 1-back
   scorer's passes), :func:`mean_ablated`, :func:`causal_dependence`: mean-ablate a head's
-  output and re-measure induction and copying (with a same-layer control head).
+  output and re-measure induction and copying (with a same-layer control head);
+  :func:`ablation_passes` and :func:`link_effect`: the same passes, read for any score of
+  :data:`REPEATED_SEQUENCE_SCORES` (the mean-ablation test of every declared link).
 
 Per run (pandas, table-side): :func:`mechgen.circuit_tables.relational_run_table` and
 :func:`mechgen.circuit_tables.relation_fraction_by_size`, which need no torch.
