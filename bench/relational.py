@@ -12,8 +12,11 @@ on one thread (``scoring.threads: 1``):
 - ``induction``: :func:`mechgen.relational.score_induction` on N x [L random ids] x 2
   (forward passes in batches of 16 + the LM head on the second half for copying accuracy;
   ``--no-copying`` skips the LM head);
-- ``control``: :func:`mechgen.circuit.positional_control` (the induction positions on
-  non-repeating sequences; one more pass over N x 2L tokens, no LM head);
+- ``control``: the positional controls (the induction positions on non-repeating sequences
+  that share the repeated sequences' first halves), as the scoring job runs them: the extra
+  time of :func:`mechgen.relational.score_induction_with_control` over ``induction`` (one
+  more pass over the N x L second halves against the first halves' key/value cache, no LM
+  head);
 - ``composition``: :func:`mechgen.relational.composition_scores` (``--kinds``, default K, Q
   and V; 200 baseline draws);
 - ``spectra``: :func:`mechgen.configurational.head_spectra`;
@@ -21,9 +24,9 @@ on one thread (``scoring.threads: 1``):
   control (two more forward passes over the repeated sequences), reusing the unablated
   induction pass and the ride-along mean outputs.
 
-Each time is the median of ``--repeats`` runs. Printed: seconds per part and the ratio of the
-per-checkpoint extra (ride-along + induction + composition + spectra, and with ablation) to
-the 1-back time.
+Each time is the median of ``--repeats`` runs, in wall seconds (``--cpu-time``: this process's
+CPU seconds). Printed: seconds per part and the ratio of the per-checkpoint extra (ride-along
++ induction + control + composition + spectra, and with ablation) to the 1-back time.
 
     python bench/relational.py --shapes toy-small pythia-70m --repeats 3
 """
@@ -47,7 +50,7 @@ import numpy as np
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mechgen.circuit import positional_control
+from mechgen.circuit import control_half
 from mechgen.configurational import head_spectra, offset_profile_hooks
 from mechgen.metrics import score_heads
 from mechgen.relational import (
@@ -56,6 +59,7 @@ from mechgen.relational import (
     make_repeated_sequences,
     mean_head_output_hooks,
     score_induction,
+    score_induction_with_control,
 )
 
 # Pythia shapes (config.json of EleutherAI/pythia-*: rotary_pct 0.25, vocab 50304, d_ff 4d);
@@ -89,12 +93,16 @@ def build(shape: dict[str, float]) -> GPTNeoXForCausalLM:
     return GPTNeoXForCausalLM(config).eval()
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+"""What :func:`median_time` reads: wall time, or this process's CPU time with ``--cpu-time``."""
+
+
 def median_time(function: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         function()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return statistics.median(times)
 
 
@@ -125,6 +133,7 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, float]:
 
     copying = not args.no_copying
     baseline = score_induction(model, sequences, copying=copying)
+    others = control_half(sequences)
 
     def ablation() -> None:
         causal_dependence(
@@ -142,7 +151,10 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, float]:
         "induction": median_time(
             lambda: score_induction(model, sequences, copying=copying), args.repeats
         ),
-        "control": median_time(lambda: positional_control(model, sequences, 0, 16), args.repeats),
+        "induction+control": median_time(
+            lambda: score_induction_with_control(model, sequences, others, 16, copying),
+            args.repeats,
+        ),
         "composition": median_time(
             lambda: composition_scores(model, kinds=tuple(args.kinds), n_baseline=200), args.repeats
         ),
@@ -150,6 +162,7 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, float]:
         "ablation": median_time(ablation, args.repeats),
     }
     times["ride-along"] = max(0.0, times["one_back+ride-along"] - times["one_back"])
+    times["control"] = max(0.0, times["induction+control"] - times["induction"])
     return times
 
 
@@ -171,12 +184,22 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kinds", default="KQV", help="composition kinds, e.g. K or KQV")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time this process's CPU seconds (time.process_time) instead of wall seconds: "
+        "less sensitive to other processes on a shared machine (with --threads 1)",
+    )
     args = parser.parse_args()
+    global CLOCK
+    if args.cpu_time:
+        CLOCK = time.process_time
     torch.set_num_threads(args.threads)
     print(
         f"threads={args.threads} sentences={args.n_sentences} (lengths {args.min_len}-{args.max_len}) "
         f"induction N={args.n_sequences} L={args.half_length} copying={not args.no_copying} "
-        f"composition={args.kinds} repeats={args.repeats}"
+        f"composition={args.kinds} repeats={args.repeats} "
+        f"clock={'CPU' if args.cpu_time else 'wall'}"
     )
     header = f"{'shape':<12} {'1-back s':>9} {'ride':>8} {'induct.':>8} {'control':>8} {'compos.':>8} {'spectra':>8} {'ablat.':>8} {'ratio':>7} {'+ablat.':>8}"
     print(header)

@@ -79,13 +79,11 @@ from mechgen.relational import (
     ablation_passes,
     causal_dependence,
     composition_scores,
-    forward_with_attention,
     link_effect,
     make_repeated_sequences,
     mean_head_output_hooks,
-    model_shape,
-    repeat_offset_attention,
-    score_induction,
+    score_continuations,
+    score_induction_with_control,
 )
 from mechgen.settings import CircuitSettings
 
@@ -95,6 +93,7 @@ __all__ = [
     "RideAlong",
     "cache_record",
     "cka_head_rows",
+    "control_half",
     "eval_token_prefix",
     "link_ablations",
     "mechanism_strongest_heads",
@@ -206,43 +205,39 @@ def positional_controls(
     """Per head: the induction and duplicate-token attention patterns on sequences that do
     *not* repeat, from one set of forward passes.
 
-    Each sequence is ``sequences``' first half followed by L other random ids (a second
-    :func:`mechgen.relational.make_repeated_sequences` draw with ``seed + 1``, same range).
-    ``induction_control``[l, h] = mean over sequences and p = L..2L-1 of A[p, p - L + 1],
-    exactly the induction score's positions: a content-based induction head scores near
-    uniform (~1/(p + 1)) here; a head that merely attends to the fixed offset L - 1 (a shortcut
-    fixed-period training data allows) scores as high as on the repeated sequences.
-    ``duplicate_token_control``[l, h] = the same mean of A[p, p - L], the duplicate-token
-    score's positions: a head that attends to the fixed offset L (not to the same token)
-    scores as high here. Both [n_layers, n_heads], probability.
+    Each sequence is ``sequences``' first half followed by L other random ids
+    (:func:`control_half`). ``induction_control``[l, h] = mean over sequences and
+    p = L..2L-1 of A[p, p - L + 1], exactly the induction score's positions: a content-based
+    induction head scores near uniform (~1/(p + 1)) here; a head that merely attends to the
+    fixed offset L - 1 (a shortcut fixed-period training data allows) scores as high as on the
+    repeated sequences. ``duplicate_token_control``[l, h] = the same mean of A[p, p - L], the
+    duplicate-token score's positions: a head that attends to the fixed offset L (not to the
+    same token) scores as high here. Both [n_layers, n_heads], probability. The passes are
+    :func:`mechgen.relational.score_continuations`' (the first halves, then the other halves
+    against their cache); :func:`score_circuit` runs the other halves against the cache of the
+    induction passes' first halves instead (the same values up to float rounding).
     """
-    half = sequences.half_length
+    first_half = torch.from_numpy(sequences.first_half)
+    other = torch.from_numpy(control_half(sequences))
+    (control,) = score_continuations(model, first_half, [other], [False], batch_size)
+    return _control_arrays(control)
+
+
+def control_half(sequences: Any) -> np.ndarray:
+    """The second halves of the positional controls' sequences, ``[N, L]``: a second
+    :func:`mechgen.relational.make_repeated_sequences` draw with ``sequences``' seed + 1, same
+    range, N and L."""
     other = make_repeated_sequences(
-        sequences.lo, sequences.hi, sequences.n_sequences, half, sequences.seed + 1
+        sequences.lo, sequences.hi, sequences.n_sequences, sequences.half_length, sequences.seed + 1
     )
-    ids = torch.from_numpy(np.concatenate([sequences.first_half, other.first_half], axis=1))
-    n_layers, n_heads, _, _ = model_shape(model)
-    sums = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    duplicate_sums = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    return other.first_half
 
-    def on_attention(layer: int, attention: torch.Tensor) -> None:
-        sums[layer] += repeat_offset_attention(attention, half, half - 1).cpu()
-        duplicate_sums[layer] += repeat_offset_attention(attention, half, half).cpu()
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, ids.shape[0], batch_size):
-                forward_with_attention(
-                    model, ids[start : start + batch_size], on_attention, need_hidden=False
-                )
-    finally:
-        model.train(was_training)
-    count = ids.shape[0] * half
+def _control_arrays(control: Any) -> dict[str, np.ndarray]:
+    """The controls of :func:`positional_controls` from the control sequences' scores."""
     return {
-        "induction_control": (sums / count).numpy(),
-        "duplicate_token_control": (duplicate_sums / count).numpy(),
+        "induction_control": control.induction,
+        "duplicate_token_control": control.duplicate_token,
     }
 
 
@@ -394,10 +389,12 @@ def score_circuit(
     )
     sequence_record = sequences.sidecar()
     sequence_record.pop("token_ids")  # the seed, range and sha256 identify them
-    induction = score_induction(model, sequences, settings.batch_size, settings.copying)
-    started = _timed(timings, "induction", started)
-    controls = positional_controls(model, sequences, settings.seed, settings.batch_size)
-    started = _timed(timings, "induction_control", started)
+    # The induction and control sequences share their first halves: one pass of those per batch.
+    induction, control = score_induction_with_control(
+        model, sequences, control_half(sequences), settings.batch_size, settings.copying
+    )
+    controls = _control_arrays(control)
+    started = _timed(timings, "induction_and_controls", started)
 
     spectra = head_spectra(model)
     strongest = strongest_head(one_back)

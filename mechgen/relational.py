@@ -18,9 +18,13 @@ Per checkpoint (model-level, torch)
   (the token after the first occurrence of token p); per model, the in-context copying
   accuracy = fraction of positions p = L..2L-2 whose top-1 next-token prediction equals token
   p + 1 (= token p - L + 1); from the same hooks, the duplicate-token score = mean of
-  A[p, p - L] (the same token's earlier occurrence; :func:`repeat_offset_attention`). Batched forward passes (equal lengths, no padding); attention
-  is reduced inside a hook on each layer so only one layer's attention is alive at a time,
-  and the LM head runs only on the second half (or not at all with ``copying=False``).
+  A[p, p - L] (the same token's earlier occurrence; :func:`repeat_offset_attention`). Batched
+  forward passes (equal lengths, no padding): the first halves once, with a key/value cache,
+  then the second halves against it (:func:`score_continuations`, which
+  :func:`score_induction_with_control` uses to score the non-repeating control sequences,
+  which share the first halves, against the same cache); attention is reduced inside a hook
+  on each layer so only one layer's attention is alive at a time, and the LM head runs only
+  on the second half (or not at all with ``copying=False``).
 - :func:`composition_scores`: weight-space K-, Q- and V-composition between every head of an
   earlier layer and every head of a later layer, with a random-rotation baseline.
 - :func:`mean_head_outputs` (or :func:`mean_head_output_hooks`, riding along the 1-back
@@ -56,7 +60,7 @@ import pandas as pd
 import torch
 
 from mechgen.model import adapter as architectures
-from mechgen.model.base import attention_hooks, forward_body
+from mechgen.model.base import attention_hooks, fork_cache, forward_body, new_cache
 
 __all__ = [
     "REPEATED_SEQUENCE_SCORES",
@@ -80,7 +84,9 @@ __all__ = [
     "mean_head_outputs",
     "real_queries_from_attention_mask",
     "repeat_offset_attention",
+    "score_continuations",
     "score_induction",
+    "score_induction_with_control",
     "strongest_later_head",
 ]
 
@@ -290,19 +296,27 @@ class InductionResult:
 def repeat_offset_attention(attention: torch.Tensor, half: int, offset: int) -> torch.Tensor:
     """sum_b sum_{p=L}^{2L-1} A_b[h, p, p - offset] per head: ``[H]`` float64.
 
-    ``attention``: ``[B, H, 2L, 2L]`` probabilities of sequences of length 2L (L = ``half``).
+    ``attention``: probabilities of sequences of length 2L (L = ``half``), ``[B, H, 2L, 2L]``
+    from a pass over the whole sequences, or ``[B, H, L, 2L]`` from a pass over the second
+    halves against a cache of the first (row i is query L + i; :func:`score_continuations`).
     ``offset`` L - 1 reads the induction key (the token after the earlier occurrence of token
     p), ``offset`` L the duplicate-token key (the earlier occurrence itself). Divide by B x L
     for the mean over sequences and positions.
     """
-    if attention.ndim != 4 or attention.shape[-1] != 2 * half or attention.shape[-2] != 2 * half:
+    if (
+        attention.ndim != 4
+        or attention.shape[-1] != 2 * half
+        or attention.shape[-2] not in (half, 2 * half)
+    ):
         raise ValueError(
-            f"attention must be [B, H, 2L, 2L] with L = {half}; got {tuple(attention.shape)}"
+            f"attention must be [B, H, 2L, 2L] or [B, H, L, 2L] with L = {half}; got "
+            f"{tuple(attention.shape)}"
         )
     if not 1 <= offset <= half:
         raise ValueError(f"offset must be in 1..L = 1..{half}; got {offset}")
     queries = torch.arange(half, 2 * half, device=attention.device)
-    return attention[:, :, queries, queries - offset].sum(dim=(0, 2), dtype=torch.float64)
+    rows = queries - (2 * half - attention.shape[-2])  # query p's row: p, or p - L
+    return attention[:, :, rows, queries - offset].sum(dim=(0, 2), dtype=torch.float64)
 
 
 def forward_with_attention(
@@ -310,24 +324,26 @@ def forward_with_attention(
     input_ids: torch.Tensor,
     on_attention: Callable[[int, torch.Tensor], None],
     need_hidden: bool = True,
+    cache: Any = None,
 ) -> torch.Tensor | None:
-    """Run the body once, calling ``on_attention(layer, probs [B, H, T, T])`` per layer.
+    """Run the body once, calling ``on_attention(layer, probs [B, H, T, T_keys])`` per layer.
 
     Returns the final hidden states (after the final LayerNorm) ``[B, T, d]``; with
     ``need_hidden=False`` the pass stops after the last layer's attention and returns None.
+    ``cache`` (:func:`mechgen.model.base.new_cache`): ``input_ids`` continue the sequences it
+    holds (T_keys = the cached length + T) and the pass appends its keys and values to it.
     """
     adapter = architectures.for_model(model)
     last = None if need_hidden else adapter.shape(model)[0] - 1
     with attention_hooks(
         adapter, model, lambda layer, probs, _: on_attention(layer, probs), stop_after=last
     ):
-        return forward_body(adapter, model, input_ids)
+        return forward_body(adapter, model, input_ids, cache=cache)
 
 
-def _copying_hits(
-    model: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, half: int
-) -> int:
-    """Count of positions p = L..2L-2 whose argmax logit is token p + 1.
+def _copying_hits(model: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> int:
+    """Count of positions whose argmax logit is their target: ``states`` ``[..., d]`` final
+    hidden states (after the final LayerNorm), ``targets`` ``[...]`` token ids.
 
     The LM head runs on chunks of at most :data:`LOGITS_CHUNK_ELEMENTS` logits; a chunk whose
     every position :func:`_refuted_positions` proves a miss is skipped, every other chunk is
@@ -335,8 +351,6 @@ def _copying_hits(
     """
     adapter = architectures.for_model(model)
     lm_head = adapter.lm_head(model)
-    states = hidden[:, half : 2 * half - 1]  # positions L..2L-2
-    targets = input_ids[:, half + 1 : 2 * half]  # tokens L+1..2L-1
     flat_states = states.reshape(-1, states.shape[-1])
     flat_targets = targets.reshape(-1)
     refuted = _refuted_positions(lm_head, flat_states, flat_targets)
@@ -418,42 +432,153 @@ def score_induction(
     sequences have equal length so no padding is involved and batching does not change the
     result beyond float rounding). ``copying=False`` skips the LM head (copying accuracy NaN):
     for Pythia's 50k vocabulary the LM head on the N (L-1) positions costs more than the
-    forward pass itself.
+    forward pass itself. The passes are :func:`score_continuations`' (the first half, then the
+    second against its cache), which equal one pass over each whole sequence up to float
+    rounding.
     """
     adapter = architectures.for_model(model)
     adapter.body(model, need_attention=True)
     input_ids, half = _repeated_input_ids(sequences, adapter.vocab_size(model))
-    n_layers, n_heads, _, _ = model_shape(model)
-    device = _device(model)
-    input_ids = input_ids.to(device)
-    n_sequences = input_ids.shape[0]
+    first_half = input_ids[:, :half]
+    return score_continuations(model, first_half, [first_half], [copying], batch_size)[0]
+
+
+def score_induction_with_control(
+    model: torch.nn.Module,
+    sequences: RepeatedSequences,
+    control_half: np.ndarray | torch.Tensor,
+    batch_size: int | None = DEFAULT_INDUCTION_BATCH,
+    copying: bool = True,
+) -> tuple[InductionResult, InductionResult]:
+    """:func:`score_induction` on ``sequences`` and the same scores on the non-repeating
+    sequences [first half, ``control_half``] (``[N, L]`` ids; copying accuracy NaN), sharing
+    the first halves' passes (:func:`score_continuations`): each batch's first halves run once,
+    then both second halves against their cache. The results equal those of the two separate
+    calls up to float rounding."""
+    adapter = architectures.for_model(model)
+    adapter.body(model, need_attention=True)
+    input_ids, half = _repeated_input_ids(sequences, adapter.vocab_size(model))
+    first_half = input_ids[:, :half]
+    control = torch.as_tensor(control_half)
+    induction, controls = score_continuations(
+        model, first_half, [first_half, control], [copying, False], batch_size
+    )
+    return induction, controls
+
+
+def score_continuations(
+    model: torch.nn.Module,
+    prefixes: torch.Tensor,
+    continuations: Sequence[torch.Tensor],
+    copying: Sequence[bool],
+    batch_size: int | None = DEFAULT_INDUCTION_BATCH,
+) -> list[InductionResult]:
+    """:func:`score_induction`'s scores on the sequences [prefix, continuation] of each
+    continuation, with the prefixes run once for all of them.
+
+    ``prefixes`` and each of ``continuations``: int ``[N, L]`` (L >= 2). For continuation c,
+    sequence n is S_n = [prefixes_n, c_n] (length 2L) and the result's ``induction`` [l, h] =
+    (1/(N L)) sum_n sum_{p=L}^{2L-1} A_n[p, p - L + 1], ``duplicate_token`` the same mean of
+    A_n[p, p - L], ``copying_accuracy`` = (1/(N (L-1))) #{(n, p): p in L..2L-2, argmax_v
+    logits_n[p, v] = S_n[p + 1]} when ``copying`` says so for c and the model has an LM head,
+    else NaN. Whether the offsets are the induction and duplicate-token keys depends on c: on
+    a repeat of the prefix they are, on other ids they are the positional controls.
+
+    Per batch of ``batch_size`` sequences (None: all at once), the prefixes run once through
+    every layer's attention (stopped there: nothing later feeds a cache) with a key/value cache
+    (:func:`mechgen.model.base.new_cache`); each continuation then runs against that cache (a
+    copy of it, but for the last). Under causal attention a prefix position computes the same
+    whatever follows it, so every score equals that of one pass over the whole sequences up to
+    float rounding, while the prefixes' cost is paid once instead of once per continuation.
+    Attention is reduced inside a hook on each layer (:func:`repeat_offset_attention`), and the
+    LM head runs only on positions L..2L-2 (:func:`_copying_hits`).
+    """
+    adapter = architectures.for_model(model)
+    adapter.body(model, need_attention=True)
+    vocab_size = adapter.vocab_size(model)
+    prefixes = _continuation_ids(prefixes, vocab_size, "prefixes")
+    n_sequences, half = prefixes.shape
+    if half < 2:
+        raise ValueError(f"prefixes must be [N >= 1, L >= 2]; got shape {tuple(prefixes.shape)}")
+    continuations = [_continuation_ids(c, vocab_size, "continuations") for c in continuations]
+    if any(c.shape != prefixes.shape for c in continuations):
+        raise ValueError(
+            f"every continuation must have the prefixes' shape {tuple(prefixes.shape)}; got "
+            f"{[tuple(c.shape) for c in continuations]}"
+        )
+    if len(copying) != len(continuations):
+        raise ValueError("copying must say, for each continuation, whether to count copying")
     batch_size = n_sequences if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    sums = torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device)
-    duplicate_sums = torch.zeros(n_layers, n_heads, dtype=torch.float64, device=device)
+    n_layers, n_heads, _, _ = adapter.shape(model)
+    device = _device(model)
+    prefixes = prefixes.to(device)
+    continuations = [c.to(device) for c in continuations]
+    has_lm_head = adapter.lm_head(model) is not None
+    counts = [bool(wanted) and has_lm_head for wanted in copying]
+    sums = torch.zeros(len(continuations), 2, n_layers, n_heads, dtype=torch.float64, device=device)
+    hits = [0] * len(continuations)
 
-    def on_attention(layer: int, attention: torch.Tensor) -> None:
-        sums[layer] += repeat_offset_attention(attention, half, half - 1)
-        duplicate_sums[layer] += repeat_offset_attention(attention, half, half)
+    def on_attention_of(index: int) -> Callable[[int, torch.Tensor], None]:
+        def on_attention(layer: int, attention: torch.Tensor) -> None:
+            sums[index, 0, layer] += repeat_offset_attention(attention, half, half - 1)
+            sums[index, 1, layer] += repeat_offset_attention(attention, half, half)
 
-    hits = 0
-    has_lm_head = copying and adapter.lm_head(model) is not None
+        return on_attention
+
     with eval_mode(model):
         for start in range(0, n_sequences, batch_size):
-            batch = input_ids[start : start + batch_size]
-            hidden = forward_with_attention(model, batch, on_attention, need_hidden=has_lm_head)
-            if has_lm_head:
-                hits += _copying_hits(model, hidden, batch, half)
-    induction = (sums / (n_sequences * half)).cpu().numpy()
-    accuracy = hits / (n_sequences * (half - 1)) if has_lm_head else math.nan
-    return InductionResult(
-        induction=induction,
-        copying_accuracy=float(accuracy),
-        n_sequences=n_sequences,
-        half_length=half,
-        duplicate_token=(duplicate_sums / (n_sequences * half)).cpu().numpy(),
-    )
+            stop = start + batch_size
+            cache = new_cache()
+            forward_with_attention(
+                model, prefixes[start:stop], lambda *_: None, need_hidden=False, cache=cache
+            )
+            for index, continuation in enumerate(continuations):
+                last = index == len(continuations) - 1
+                batch = continuation[start:stop]
+                hidden = forward_with_attention(
+                    model,
+                    batch,
+                    on_attention_of(index),
+                    need_hidden=counts[index],
+                    cache=cache if last else fork_cache(cache),
+                )
+                if counts[index]:
+                    # Positions L..2L-2 (rows 0..L-2) predict tokens L+1..2L-1.
+                    hits[index] += _copying_hits(model, hidden[:, :-1], batch[:, 1:])
+    means = (sums / (n_sequences * half)).cpu().numpy()
+    return [
+        InductionResult(
+            induction=means[index, 0],
+            copying_accuracy=(
+                hits[index] / (n_sequences * (half - 1)) if counts[index] else math.nan
+            ),
+            n_sequences=n_sequences,
+            half_length=half,
+            duplicate_token=means[index, 1],
+        )
+        for index in range(len(continuations))
+    ]
+
+
+def _continuation_ids(ids: Any, vocab_size: int, name: str) -> torch.Tensor:
+    """Validated int64 ``[N >= 1, L]`` ids inside the vocabulary."""
+    if isinstance(ids, np.ndarray):
+        ids = torch.from_numpy(ids)
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.ndim != 2
+        or ids.dtype not in (torch.int64, torch.int32)
+        or ids.shape[0] < 1
+    ):
+        raise TypeError(f"{name} must be integer tensors [N >= 1, L]")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(
+            f"{name}' token ids must be in [0, {vocab_size}) (the model's vocabulary); got "
+            f"[{int(ids.min())}, {int(ids.max())}]"
+        )
+    return ids.long()
 
 
 def induction_frame(result: InductionResult) -> pd.DataFrame:

@@ -94,7 +94,9 @@ def content_duplicate(ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture()
 def forced_model():
     """Layer 1: head 0 a content duplicate-token head, head 1 a positional head attending to
-    p - L (any content) at second-half queries p; layer 0 untouched."""
+    p - L (any content) at second-half queries p; layer 0 untouched. Forced on a pass over
+    whole sequences and on a pass over second halves against a cache of the first halves
+    (its attention has fewer query rows than keys: the last rows of the whole pattern)."""
     model = tiny_model()
     seen: dict[str, torch.Tensor] = {}
 
@@ -103,12 +105,17 @@ def forced_model():
 
     def force(module, inputs, output):
         ids = seen["ids"]
+        queries, keys = output[1].shape[-2:]
+        if queries == keys:  # a pass from position 0: the prefix of a later continuation
+            seen["prefix"] = ids
+        else:  # a continuation of the cached prefix: its whole sequences
+            ids = torch.cat([seen["prefix"][:, : keys - queries], ids], dim=1)
         length = ids.shape[1]
         positional = offset_head(length, length // 2, length // 2).float()
         forced = torch.stack(
             [content_duplicate(ids), positional.expand(ids.shape[0], -1, -1)], dim=1
         )
-        return (output[0], forced.to(output[1]))
+        return (output[0], forced[:, :, keys - queries :].to(output[1]))
 
     handles = [
         model.gpt_neox.register_forward_pre_hook(grab_ids, with_kwargs=True),

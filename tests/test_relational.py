@@ -361,6 +361,70 @@ def test_induction_matches_brute_force_loop():
     ].item() == pytest.approx(expected[2, 1])
 
 
+def full_pass_scores(model, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """Brute force on one full forward pass per sequence [first half, second half] (no cache):
+    per head the sums of A[p, p - L + 1] and A[p, p - L] over p = L..2L-1 (divided by N L),
+    and the count of positions p = L..2L-2 whose argmax logit is token p + 1."""
+    half = ids.shape[1] // 2
+    induction = duplicate = 0.0
+    hits = 0
+    for row in ids:
+        with torch.no_grad():
+            output = model(row[None], output_attentions=True)
+        attention = torch.stack(output.attentions)[:, 0].double()  # [layers, heads, 2L, 2L]
+        for p in range(half, 2 * half):
+            induction = induction + attention[:, :, p, p - half + 1].numpy()
+            duplicate = duplicate + attention[:, :, p, p - half].numpy()
+        predicted = output.logits[0].argmax(dim=-1)
+        hits += sum(int(predicted[p] == row[p + 1]) for p in range(half, 2 * half - 1))
+    n = ids.shape[0] * half
+    return induction / n, duplicate / n, hits
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2"])
+def test_shared_first_halves_equal_separate_full_passes(family: str) -> None:
+    """score_induction_with_control runs each batch's first halves once and both second halves
+    (the repeat, with copying, and the control's other ids) against their key/value cache.
+    Every score equals one full pass over each whole sequence (transformers' own attentions
+    and logits): rotary (GPT-NeoX) and learned (GPT-2) positions continue after the cache, the
+    control's pass does not see the repeat's keys, a partial last batch is scored, and the
+    copying count is exactly the full passes'."""
+    from test_gpt2_adapter import random_gpt2
+
+    from mechgen import circuit
+    from mechgen.relational import score_induction_with_control
+
+    if family == "gpt_neox":
+        model, vocab = random_model(seed=2, vocab=13), 13
+    else:
+        model, vocab = random_gpt2(dtype=torch.float32, seed=0), 64
+    sequences = make_repeated_sequences(lo=1, hi=vocab, n_sequences=7, half_length=9, seed=4)
+    other = circuit.control_half(sequences)
+    induction, control = score_induction_with_control(
+        model, sequences, other, batch_size=3, copying=True
+    )
+    total = 7 * (9 - 1)
+    for result, second_half in ((induction, sequences.first_half), (control, other)):
+        ids = torch.from_numpy(np.concatenate([sequences.first_half, second_half], axis=1))
+        expected_induction, expected_duplicate, hits = full_pass_scores(model, ids)
+        np.testing.assert_allclose(result.induction, expected_induction, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(result.duplicate_token, expected_duplicate, rtol=0, atol=1e-6)
+        if result is induction:
+            assert result.copying_accuracy == hits / total
+            assert 0 < hits < total  # neither no copying nor all: the count is what is checked
+    assert math.isnan(control.copying_accuracy)
+    assert np.ptp(control.induction) > 0.01  # heads differ: not a degenerate comparison
+    # The separate calls (each with its own first-half passes) agree with the shared one.
+    alone = score_induction(model, sequences, batch_size=3)
+    np.testing.assert_allclose(alone.induction, induction.induction, rtol=0, atol=1e-6)
+    assert alone.copying_accuracy == induction.copying_accuracy
+    controls = circuit.positional_controls(model, sequences, seed=4, batch_size=3)
+    np.testing.assert_allclose(controls["induction_control"], control.induction, atol=1e-6)
+    np.testing.assert_allclose(
+        controls["duplicate_token_control"], control.duplicate_token, atol=1e-6
+    )
+
+
 def test_mean_head_outputs_match_manual_capture():
     model = random_model(seed=2)
     torch.manual_seed(0)
@@ -744,7 +808,9 @@ def test_copying_count_equals_the_full_argmax(bias: bool, monkeypatch) -> None:
     with torch.no_grad():
         refuted = relational._refuted_positions(lm_head, states, flat_targets)
         expected = _full_argmax_hits(lm_head, states, flat_targets, 50)
-        got = relational._copying_hits(model, hidden, ids, half)
+        got = relational._copying_hits(
+            model, hidden[:, half : 2 * half - 1], ids[:, half + 1 : 2 * half]
+        )
         full = lm_head(states).argmax(dim=-1)
     assert got == expected and expected > 40
     # Every refuted position is a miss of the full argmax; random states are nearly all refuted.

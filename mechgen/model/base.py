@@ -1,6 +1,6 @@
 """What an architecture adapter provides (:class:`ArchitectureAdapter`), and the pieces every
 family shares: layernorm weights, hooks on the attention modules, the body forward that stops
-after the last layer it needs.
+after the last layer it needs and can continue sequences from a key/value cache.
 
 An adapter is a stateless object; every method takes the loaded transformers model (the causal
 LM or its body). Shapes and conventions, whatever the family's storage layout:
@@ -28,10 +28,12 @@ LM or its body). Shapes and conventions, whatever the family's storage layout:
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -165,16 +167,53 @@ def attention_hooks(
             handle.remove()
 
 
+def new_cache() -> Any:
+    """An empty key/value cache (transformers' ``DynamicCache``) for :func:`forward_body`.
+
+    A pass with it stores every layer's keys and values of its tokens; a later pass with the
+    same cache continues those sequences: its positions start after the cached tokens (rotary
+    angles, learned position embeddings) and its queries attend to the cached keys under the
+    causal mask, so it computes what the same positions of one pass over the whole sequence
+    would, up to float rounding. A pass ended by :class:`StopForward` after the last layer's
+    attention has stored every layer (each attention module stores its keys and values before
+    its hook runs)."""
+    # Imported here: table-side processes import the adapters (through mechgen.circuit)
+    # without loading transformers, which only a process that holds a model needs.
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def fork_cache(cache: Any) -> Any:
+    """An independent copy of ``cache``: a pass with the copy leaves ``cache`` as it was (a pass
+    appends its keys and values to the cache it is given)."""
+    return copy.deepcopy(cache)
+
+
+def _cache_keyword(body: torch.nn.Module) -> str:
+    # transformers 5 renamed the body's ``past_key_values`` argument to ``cache`` (the old name
+    # is deprecated, with a warning); pass whichever this version's forward declares.
+    parameters = inspect.signature(body.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def forward_body(
     adapter: ArchitectureAdapter,
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    cache: Any = None,
 ) -> torch.Tensor | None:
     """Run the body (no LM head) once: the final hidden states ``[B, T, d]`` (after the final
-    layernorm), or None when a hook ended the pass early (:class:`StopForward`)."""
+    layernorm), or None when a hook ended the pass early (:class:`StopForward`).
+
+    ``cache`` (:func:`new_cache`): the pass continues the sequences whose keys and values it
+    holds (``input_ids`` are the tokens after them) and appends its own to it."""
     body = adapter.body(model, need_attention=False)
+    extra = {} if cache is None else {_cache_keyword(body): cache}
     try:
-        return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        return body(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=cache is not None, **extra
+        )[0]
     except StopForward:
         return None
