@@ -1,0 +1,268 @@
+"""Move mechgen's flat modules into the stage subpackages and rewrite every reference to them.
+
+Throwaway tool of the package re-layout (issue 12, section 6), kept so the rewrite can be
+re-applied after merging a branch that still edits or imports the modules at their old paths:
+
+    python tools/relayout.py            # from the repository root: git mv + rewrite, idempotent
+    python tools/relayout.py --check    # list what it would change, change nothing (exit 1 if any)
+
+What it does, each step a no-op when already done:
+
+1. ``git mv mechgen/<old>.py mechgen/<package>/<new>.py`` for every entry of :data:`MOVES`
+   whose old file exists (a merge that re-creates an old path with the new one present is
+   reported, not overwritten: merge the two by hand, then re-run).
+2. In every tracked text file (package, scripts, tests, bench, workflow, docs, README, ...):
+   - ``from mechgen import a, b  # c`` is split into one import per target package, e.g.
+     ``from mechgen.scoring import circuit`` / ``from mechgen.stats import analysis as stats``
+     (a module renamed because its name is now its package's keeps its old name as an alias,
+     so the code that uses it is unchanged);
+   - ``from mechgen.<old> import x`` and every dotted ``mechgen.<old>[.attr]`` (imports,
+     monkeypatch targets, ``:mod:`` roles, module lists in tests) become ``mechgen.<new>``;
+   - every path ``mechgen/<old>.py`` becomes ``mechgen/<package>/<new>.py``.
+   A reference already in the new form is left alone. Caveat: a *bare* dotted
+   ``mechgen.<package>`` of a package that replaced a module of the same name (scoring, stats,
+   figures, tables, sources) is read as the old module; write such a package as a path
+   (``mechgen/stats/``) in prose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+MOVES: dict[str, str] = {
+    # sources: where weights and evaluation text come from
+    "sources": "sources.checkpoints",
+    "hubcache": "sources.hubcache",
+    "toy": "sources.toy",
+    "evaltext": "sources.evaltext",
+    # scoring: model side, torch, runs in the scoring job
+    "scoring": "scoring.job",
+    "metrics": "scoring.metrics",
+    "circuit": "scoring.circuit",
+    "relational": "scoring.relational",
+    "configurational": "scoring.configurational",
+    # tables: per-head tables and per-seed summaries
+    "aggregate": "tables.aggregate",
+    "summary": "tables.summary",
+    "tables": "tables.heads",
+    "outputs": "tables.outputs",
+    "circuit_files": "tables.circuit_files",
+    "baselines": "tables.baselines",
+    # axes: one module per correspondence axis, and what they share
+    "functional": "axes.functional",
+    "positional": "axes.positional",
+    "developmental": "axes.developmental",
+    "convergence": "axes.convergence",
+    "links": "axes.links",
+    "circuit_tables": "axes.circuit_tables",
+    "similarity": "axes.similarity",
+    # stats: statistics and the cross-mechanism, cross-seed and cross-family analyses
+    "stats": "stats.analysis",
+    "regression": "stats.regression",
+    "crossmech": "stats.crossmech",
+    "seed_sources": "stats.seed_sources",
+    "lineage": "stats.lineage",
+    "families": "stats.families",
+    # figures (the report's title stays beside them: mechgen/report.py)
+    "figures": "figures.suite",
+    "mechanism_figures": "figures.mechanism_figures",
+    "family_figures": "figures.family_figures",
+    "seed_figures": "figures.seed_figures",
+}
+"""Old module (under ``mechgen``) -> new dotted path under ``mechgen``."""
+
+PACKAGES = sorted({new.split(".")[0] for new in MOVES.values()})
+SUBMODULES: dict[str, set[str]] = {
+    package: {new.split(".")[1] for new in MOVES.values() if new.startswith(package + ".")}
+    for package in PACKAGES
+}
+
+TEXT_SUFFIXES = {".py", ".md", ".smk", ".rst", ".toml", ".yaml", ".yml", ".sh", ".txt", ".cfg"}
+TEXT_NAMES = {"Snakefile", "run"}
+SKIP_PREFIXES = ("results/", "tools/relayout.py")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_IDENT = r"[A-Za-z_]\w*"
+# `from mechgen import a, b as c` (one line, or parenthesised over several), with its indent and
+# an optional trailing comment.
+_FROM_PACKAGE = re.compile(
+    rf"^(?P<indent>[ \t]*)from mechgen import (?P<names>\([^)]*\)|[^\n#]*?)"
+    rf"(?P<comment>[ \t]*#[^\n]*)?$",
+    re.MULTILINE,
+)
+# `from mechgen.<pkg> import names` (the one form where a bare package is a new-style reference)
+_FROM_MODULE = re.compile(
+    rf"\bfrom mechgen\.(?P<first>{_IDENT})(?P<rest>(?:\.{_IDENT})*) import (?P<names>\([^)]*\)|[^\n#]*)"
+)
+_DOTTED = re.compile(rf"(?<![\w.])mechgen\.(?P<first>{_IDENT})(?P<rest>(?:\.{_IDENT})*)")
+_PATH = re.compile(rf"(?<![\w/])mechgen/(?P<first>{_IDENT})\.py\b")
+
+
+def _names(text: str) -> list[tuple[str, str | None]]:
+    """``a, b as c`` (or its parenthesised form) -> [("a", None), ("b", "c")]."""
+    text = text.strip().removeprefix("(").removesuffix(")")
+    text = re.sub(r"#[^\n]*", "", text)
+    out = []
+    for part in text.replace("\n", " ").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, alias = part.partition(" as ")
+        out.append((name.strip(), alias.strip() or None))
+    return out
+
+
+def _is_new(first: str, rest: str) -> bool:
+    """Whether ``mechgen.<first><rest>`` already names the new layout."""
+    if first not in MOVES:
+        return True
+    if first not in SUBMODULES:
+        return False
+    second = rest.split(".")[1] if rest else None
+    return second in SUBMODULES[first]
+
+
+def _new_dotted(first: str, rest: str) -> str:
+    return f"mechgen.{first}{rest}" if _is_new(first, rest) else f"mechgen.{MOVES[first]}{rest}"
+
+
+def _rewrite_from_package(match: re.Match[str]) -> str:
+    indent, comment = match["indent"], match["comment"] or ""
+    names = _names(match["names"])
+    if not any(name in MOVES for name, _ in names):
+        return match[0]
+    groups: dict[str, list[str]] = {}
+    for name, alias in names:
+        if name in MOVES:
+            package, module = MOVES[name].rsplit(".", 1)
+            bound = alias or name
+            entry = module if bound == module else f"{module} as {bound}"
+            groups.setdefault(f"mechgen.{package}", []).append(entry)
+        else:
+            groups.setdefault("mechgen", []).append(name if alias is None else f"{name} as {alias}")
+    lines = [
+        f"{indent}from {module} import {', '.join(sorted(entries))}{comment}"
+        for module, entries in sorted(groups.items())
+    ]
+    return "\n".join(lines)
+
+
+def _rewrite_from_module(match: re.Match[str]) -> str:
+    first, rest = match["first"], match["rest"]
+    if first not in MOVES:
+        return match[0]
+    if not rest and first in SUBMODULES:
+        # `from mechgen.stats import ...`: new style iff every name is one of its submodules
+        names = [name for name, _ in _names(match["names"])]
+        if names and all(name in SUBMODULES[first] for name in names):
+            return match[0]
+        return match[0].replace(f"mechgen.{first} import", f"mechgen.{MOVES[first]} import", 1)
+    return match[0].replace(f"mechgen.{first}{rest} import", f"{_new_dotted(first, rest)} import", 1)
+
+
+def rewrite(text: str) -> str:
+    text = _FROM_PACKAGE.sub(_rewrite_from_package, text)
+    # protect the `from mechgen.x import` statements from the generic dotted rule below
+    pieces, last = [], 0
+    for match in _FROM_MODULE.finditer(text):
+        pieces.append(_rewrite_dotted(text[last : match.start()]))
+        pieces.append(_rewrite_from_module(match))
+        last = match.end()
+    pieces.append(_rewrite_dotted(text[last:]))
+    return "".join(pieces)
+
+
+def _rewrite_dotted(text: str) -> str:
+    text = _DOTTED.sub(lambda m: _new_dotted(m["first"], m["rest"]), text)
+    return _PATH.sub(
+        lambda m: f"mechgen/{MOVES[m['first']].replace('.', '/')}.py"
+        if m["first"] in MOVES
+        else m[0],
+        text,
+    )
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def move_files(check: bool) -> list[str]:
+    changes = []
+    for old, new in MOVES.items():
+        src = ROOT / "mechgen" / f"{old}.py"
+        dest = ROOT / "mechgen" / (new.replace(".", "/") + ".py")
+        if not src.exists():
+            continue
+        if dest.exists():
+            print(f"CONFLICT: both {src.relative_to(ROOT)} and {dest.relative_to(ROOT)} exist; "
+                  "merge them by hand, delete the old one, re-run", file=sys.stderr)
+            continue
+        changes.append(f"git mv {src.relative_to(ROOT)} {dest.relative_to(ROOT)}")
+        if not check:
+            dest.parent.mkdir(exist_ok=True)
+            _git("mv", str(src), str(dest))
+    for package in PACKAGES:
+        init = ROOT / "mechgen" / package / "__init__.py"
+        if (ROOT / "mechgen" / package).is_dir() and not init.exists():
+            changes.append(f"create {init.relative_to(ROOT)}")
+            if not check:
+                init.write_text(f'"""{PACKAGE_DOCS[package]}"""\n')
+                _git("add", str(init))
+    return changes
+
+
+PACKAGE_DOCS = {
+    "sources": "Where the weights and the evaluation text come from: the hub and its cache, local "
+    "checkpoint directories, the embedded toy suite, the evaluation sentences.",
+    "scoring": "Model side: the scoring job and the per-checkpoint scores it computes under torch "
+    "(attention metrics, relational and configurational passes).",
+    "tables": "Table side: the per-head tables, their schema checks and files, and the per-seed "
+    "summaries (pandas, no torch).",
+    "axes": "Table side: one module per correspondence axis (functional, positional, "
+    "developmental and convergence, relational links, configurational similarity).",
+    "stats": "Table side: the statistics of the axes and the analyses across mechanisms, seeds and "
+    "model families.",
+    "figures": "Table side: the figures of a suite, of the mechanisms, of the seeds and of a "
+    "combined study (matplotlib).",
+}
+
+
+def rewrite_files(check: bool) -> list[str]:
+    changes = []
+    for rel in _git("ls-files").splitlines():
+        path = ROOT / rel
+        if rel.startswith(SKIP_PREFIXES) or not path.is_file():
+            continue
+        if path.suffix not in TEXT_SUFFIXES and path.name not in TEXT_NAMES:
+            continue
+        try:
+            old = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        new = rewrite(old)
+        if new != old:
+            changes.append(f"rewrite {rel}")
+            if not check:
+                path.write_text(new, encoding="utf-8")
+    return changes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing, list the changes")
+    args = parser.parse_args()
+    changes = move_files(args.check)
+    changes += rewrite_files(args.check)
+    print("\n".join(changes) or "nothing to do")
+    return 1 if args.check and changes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
