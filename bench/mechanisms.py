@@ -3,20 +3,20 @@
 For each model shape (random weights: wall time does not depend on the values), on one thread,
 this times what the scoring job runs for each mechanism at an ordinary (non-detail) step:
 
-- ``previous_token``: :func:`mechgen.metrics.score_heads` over ``--n-sentences`` token lists
+- ``previous_token``: :func:`mechgen.scoring.metrics.score_heads` over ``--n-sentences`` token lists
   (Natural-Stories-like lengths, batch 16): the baseline. The locality mechanism's
   ``received_concentration`` is computed in the same hooks (no pass of its own);
-- ``induction``: :func:`mechgen.relational.score_induction` on N x [L random ids] x 2, which
+- ``induction``: :func:`mechgen.scoring.relational.score_induction` on N x [L random ids] x 2, which
   also reads duplicate-token's attention (no pass of its own); ``--no-copying`` skips the LM
   head on the second half (copying accuracy);
-- ``control``: :func:`mechgen.circuit.positional_controls`, the induction and duplicate-token
+- ``control``: :func:`mechgen.scoring.circuit.positional_controls`, the induction and duplicate-token
   controls from one set of passes;
 - ``weights``: :func:`mechgen.model.weight_scores.score_weight_mechanisms`, successor heads
   and copy suppression from the weights alone, with the task items of Pythia's tokenizer
   (``tests/data/pythia-tokenizer``) and the evaluation text's frequent tokens.
 
 The copying-accuracy LM head skips the positions a few unembedding rows provably refute
-(``mechgen.relational._refuted_positions``): with random weights nearly all of them. Where
+(``mechgen.scoring.relational._refuted_positions``): with random weights nearly all of them. Where
 copying works no position is refuted and the full product runs, so the bench also times the
 LM head on hidden states aimed at their targets (every position a hit) and prints the
 induction part and the catalog total for that case (``copying works``), apart from the total.
@@ -46,11 +46,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from mechgen.circuit import positional_controls
 from mechgen.mechanisms import successor
-from mechgen.metrics import score_heads
 from mechgen.model.weight_scores import WeightTasks, score_weight_mechanisms
-from mechgen.relational import _copying_hits, make_repeated_sequences, score_induction
+from mechgen.scoring.circuit import positional_controls
+from mechgen.scoring.metrics import score_heads
+from mechgen.scoring.relational import _copying_hits, make_repeated_sequences, score_induction
 
 PYTHIA_TOKENIZER = REPO_ROOT / "tests" / "data" / "pythia-tokenizer" / "tokenizer.json"
 

@@ -19,7 +19,9 @@ What it does, each step a no-op when already done:
    - ``from mechgen.<old> import x`` and every dotted ``mechgen.<old>[.attr]`` (imports,
      monkeypatch targets, ``:mod:`` roles, module lists in tests) become ``mechgen.<new>``;
    - every path ``mechgen/<old>.py`` becomes ``mechgen/<package>/<new>.py``.
-   A reference already in the new form is left alone. Caveat: a *bare* dotted
+   A reference already in the new form is left alone. The rewritten Python files get their
+   imports sorted with ``ruff check --select I --fix`` (ruff of the running interpreter's
+   venv). Caveat: a *bare* dotted
    ``mechgen.<package>`` of a package that replaced a module of the same name (scoring, stats,
    figures, tables, sources) is read as the old module; write such a package as a path
    (``mechgen/stats/``) in prose.
@@ -31,6 +33,7 @@ import argparse
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 MOVES: dict[str, str] = {
@@ -76,23 +79,25 @@ MOVES: dict[str, str] = {
 """Old module (under ``mechgen``) -> new dotted path under ``mechgen``."""
 
 PACKAGES = sorted({new.split(".")[0] for new in MOVES.values()})
+ROOT = Path(__file__).resolve().parent.parent
 SUBMODULES: dict[str, set[str]] = {
     package: {new.split(".")[1] for new in MOVES.values() if new.startswith(package + ".")}
+    | {path.stem for path in (ROOT / "mechgen" / package).glob("*.py")}
+    | {path.parent.name for path in (ROOT / "mechgen" / package).glob("*/__init__.py")}
     for package in PACKAGES
 }
+"""Each new package's submodules: the moved ones and any module written there since."""
 
 TEXT_SUFFIXES = {".py", ".md", ".smk", ".rst", ".toml", ".yaml", ".yml", ".sh", ".txt", ".cfg"}
 TEXT_NAMES = {"Snakefile", "run"}
 SKIP_PREFIXES = ("results/", "tools/relayout.py")
 
-ROOT = Path(__file__).resolve().parent.parent
-
 _IDENT = r"[A-Za-z_]\w*"
 # `from mechgen import a, b as c` (one line, or parenthesised over several), with its indent and
 # an optional trailing comment.
 _FROM_PACKAGE = re.compile(
-    rf"^(?P<indent>[ \t]*)from mechgen import (?P<names>\([^)]*\)|[^\n#]*?)"
-    rf"(?P<comment>[ \t]*#[^\n]*)?$",
+    r"^(?P<indent>[ \t]*)from mechgen import (?P<names>\([^)]*\)|[^\n#]*?)"
+    r"(?P<comment>[ \t]*#[^\n]*)?$",
     re.MULTILINE,
 )
 # `from mechgen.<pkg> import names` (the one form where a bare package is a new-style reference)
@@ -213,7 +218,8 @@ def move_files(check: bool) -> list[str]:
         if (ROOT / "mechgen" / package).is_dir() and not init.exists():
             changes.append(f"create {init.relative_to(ROOT)}")
             if not check:
-                init.write_text(f'"""{PACKAGE_DOCS[package]}"""\n')
+                doc = textwrap.fill(PACKAGE_DOCS[package], width=97)
+                init.write_text(f'"""{doc}"""\n')
                 _git("add", str(init))
     return changes
 
@@ -259,7 +265,17 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="change nothing, list the changes")
     args = parser.parse_args()
     changes = move_files(args.check)
-    changes += rewrite_files(args.check)
+    rewritten = rewrite_files(args.check)
+    changes += rewritten
+    python = [c.removeprefix("rewrite ") for c in rewritten if c.endswith(".py")]
+    if python and not args.check:
+        # the split imports land where the old ones were; let ruff's isort put them in order
+        ruff = Path(sys.executable).with_name("ruff")
+        command = [str(ruff) if ruff.exists() else "ruff", "check", "--select", "I", "--fix", "-q"]
+        try:
+            subprocess.run([*command, *python], cwd=ROOT, check=False)
+        except FileNotFoundError:
+            print("ruff not found: sort the imports of the rewritten files by hand", file=sys.stderr)
     print("\n".join(changes) or "nothing to do")
     return 1 if args.check and changes else 0
 
