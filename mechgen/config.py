@@ -195,7 +195,7 @@ def _filling_validator(schema: dict[str, Any]) -> Any:
     ``default`` (and creates an absent object whose children have defaults), as in the
     jsonschema FAQ. Filling happens in every subschema the validator descends into, so
     defaults under ``then``/``else`` apply only when their condition holds."""
-    import jsonschema
+    import jsonschema  # on first validation only: importing mechgen.config stays cheap
 
     base = jsonschema.Draft202012Validator
     check_properties = base.VALIDATORS["properties"]

@@ -205,7 +205,7 @@ def test_env_vars_in_a_fresh_process(tmp_path, checkpoints):
     hf_home = tmp_path / "home"
     built = _cache(hf_home / "hub", checkpoints)
     code = (
-        "from mechgen.config import Run; from mechgen.sources import fetch_checkpoint;"
+        "from mechgen.config import Run; from mechgen.sources.checkpoints import fetch_checkpoint;"
         f"f = fetch_checkpoint(Run('p','r','m','14m',1,'hf',{REPO!r}), 1000);"
         "print(f.commit, f.directory)"
     )

@@ -96,13 +96,13 @@ _IDENT = r"[A-Za-z_]\w*"
 # `from mechgen import a, b as c` (one line, or parenthesised over several), with its indent and
 # an optional trailing comment.
 _FROM_PACKAGE = re.compile(
-    r"^(?P<indent>[ \t]*)from mechgen import (?P<names>\([^)]*\)|[^\n#]*?)"
-    r"(?P<comment>[ \t]*#[^\n]*)?$",
+    r"^(?P<indent>[ \t]*)(?P<lead>(?:[^\n]*?; )?)from mechgen import "
+    r"(?P<names>\([^)]*\)|[\w ,]*\w)(?P<comment>[ \t]*#[^\n]*)?(?P<end>$)?",
     re.MULTILINE,
 )
 # `from mechgen.<pkg> import names` (the one form where a bare package is a new-style reference)
 _FROM_MODULE = re.compile(
-    rf"\bfrom mechgen\.(?P<first>{_IDENT})(?P<rest>(?:\.{_IDENT})*) import (?P<names>\([^)]*\)|[^\n#]*)"
+    rf"\bfrom mechgen\.(?P<first>{_IDENT})(?P<rest>(?:\.{_IDENT})*) import (?P<names>\([^)]*\)|[\w ,]*\w)"
 )
 _DOTTED = re.compile(rf"(?<![\w.])mechgen\.(?P<first>{_IDENT})(?P<rest>(?:\.{_IDENT})*)")
 _PATH = re.compile(rf"(?<![\w/])mechgen/(?P<first>{_IDENT})\.py\b")
@@ -138,6 +138,8 @@ def _new_dotted(first: str, rest: str) -> str:
 
 def _rewrite_from_package(match: re.Match[str]) -> str:
     indent, comment = match["indent"], match["comment"] or ""
+    # one statement per line, unless the import sits inside a one-line string of statements
+    separator = "\n" + indent if match["end"] is not None and not match["lead"] else "; "
     names = _names(match["names"])
     if not any(name in MOVES for name, _ in names):
         return match[0]
@@ -150,11 +152,13 @@ def _rewrite_from_package(match: re.Match[str]) -> str:
             groups.setdefault(f"mechgen.{package}", []).append(entry)
         else:
             groups.setdefault("mechgen", []).append(name if alias is None else f"{name} as {alias}")
-    lines = [
-        f"{indent}from {module} import {', '.join(sorted(entries))}{comment}"
-        for module, entries in sorted(groups.items())
+    statements = [
+        f"from {module} import {', '.join(sorted(entries))}" for module, entries in sorted(groups.items())
     ]
-    return "\n".join(lines)
+    if separator != "; ":
+        statements = [statement + comment for statement in statements]
+        comment = ""
+    return indent + match["lead"] + separator.join(statements) + comment
 
 
 def _rewrite_from_module(match: re.Match[str]) -> str:

@@ -91,6 +91,7 @@ _CACHE_METADATA_KEY = b"mechgen.score_cache"
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that determine a score, for the sidecar."""
+    # transformers and huggingface_hub (seconds of imports) only when a sidecar is written
     import huggingface_hub
     import torch
     import transformers
@@ -195,7 +196,7 @@ def score_cache_key(
     defaults to the installed torch and transformers; ``mechanisms`` ({name: version}) to
     :func:`mechanism_versions` of the catalog (with the circuit and weights parts when
     ``circuit`` and ``weights`` are given)."""
-    if versions is None:
+    if versions is None:  # transformers (seconds of imports) only when the caller has no versions
         import torch
         import transformers
 

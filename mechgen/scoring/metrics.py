@@ -380,7 +380,7 @@ def score_heads(
     ]
     batch_starts = range(0, len(scored), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # only when a bar is asked for
 
         batch_starts = tqdm(batch_starts, desc="scoring heads", unit="batch")
     was_training = model.training

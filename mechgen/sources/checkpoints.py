@@ -74,7 +74,9 @@ from mechgen.sources.hubcache import (
     write_ref,
 )
 
-if TYPE_CHECKING:  # torch/transformers are heavy; imported where used
+# torch, transformers, huggingface_hub and safetensors (seconds of imports) are imported in the
+# functions that use them: resolving a local checkpoint or fetching a tokenizer pays for none.
+if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)

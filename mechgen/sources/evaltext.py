@@ -68,12 +68,12 @@ def read_sentences(path: str | Path, column: str = DEFAULT_COLUMN) -> list[str]:
             sentences = [line.rstrip("\r\n") for line in fh]
         sentences = [s for s in sentences if s.strip()]
     elif suffix == ".csv":
-        import pandas as pd
+        import pandas as pd  # only for a .csv/.xlsx corpus: reading a .txt imports no pandas
 
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         sentences = _column_sentences(frame, column, str(path))
     elif suffix == ".xlsx":
-        import pandas as pd
+        import pandas as pd  # as above
 
         sheets = pd.read_excel(path, sheet_name=None, engine="openpyxl")  # dict, workbook order
         sentences = []
@@ -145,6 +145,7 @@ def load_tokenizer(tokenizer_dir: str | Path) -> Any:
         tokenizer_class = json.loads(config_path.read_text()).get("tokenizer_class")
     except (OSError, ValueError, AttributeError):
         tokenizer_class = None
+    # transformers (seconds of imports) only when a tokenizer is loaded, never on import
     if tokenizer_class == FAST_TOKENIZER_CLASS:
         from transformers import PreTrainedTokenizerFast
 

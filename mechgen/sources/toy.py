@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+# tokenizers and transformers (seconds of imports) are imported in the functions that use them:
+# the tokenizer job needs no transformers model module, the training job no tokenizer trainer.
 from mechgen.architectures import ARCHITECTURES, DEFAULT_ARCHITECTURE, family
 from mechgen.atomic import atomic_dir, write_json
 from mechgen.config import repeat_min_half_problem
