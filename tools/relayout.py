@@ -3,8 +3,15 @@
 Throwaway tool of the package re-layout (issue 12, section 6), kept so the rewrite can be
 re-applied after merging a branch that still edits or imports the modules at their old paths:
 
-    python tools/relayout.py            # from the repository root: git mv + rewrite, idempotent
-    python tools/relayout.py --check    # list what it would change, change nothing (exit 1 if any)
+    .venv/bin/python tools/relayout.py          # repository root: git mv + rewrite, idempotent
+    .venv/bin/python tools/relayout.py --check  # list what it would change (exit 1 if anything)
+
+After ``git merge <branch>``: resolve the conflicts first (files with conflict markers are
+skipped); a hunk the branch wrote against an old path can keep the old module names, this
+rewrites them. A file the branch modified at an old path whose new one exists (git shows
+modify/delete when it missed the rename) is reported as CONFLICT: port the branch's change
+into the new file, ``git rm`` the old one. Then run it, then ``--check`` (says "nothing to
+do") and ``pytest tests/test_package_layout.py``; commit the result.
 
 What it does, each step a no-op when already done:
 
@@ -246,7 +253,7 @@ PACKAGE_DOCS = {
 
 def rewrite_files(check: bool) -> list[str]:
     changes = []
-    for rel in _git("ls-files").splitlines():
+    for rel in sorted(set(_git("ls-files").splitlines())):  # unmerged files are listed per stage
         path = ROOT / rel
         if rel.startswith(SKIP_PREFIXES) or not path.is_file():
             continue
@@ -255,6 +262,10 @@ def rewrite_files(check: bool) -> list[str]:
         try:
             old = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
+            continue
+        if re.search(r"^<<<<<<< ", old, re.MULTILINE):
+            print(f"SKIPPED {rel}: it has merge-conflict markers; resolve them, then re-run",
+                  file=sys.stderr)
             continue
         new = rewrite(old)
         if new != old:
