@@ -47,7 +47,7 @@ from support.fakehub import (
     train_tiny_tokenizer,
 )
 
-from mechgen.hubcache import directory_bytes
+from mechgen.sources.hubcache import directory_bytes
 
 SUITE = "diskbench"
 WEIGHT_MIN_BYTES = 1_000_000

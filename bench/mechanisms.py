@@ -3,10 +3,10 @@
 For each model shape (random weights: the time does not depend on the values), on one thread,
 this times what the scoring job runs for each mechanism at an ordinary (non-detail) step:
 
-- ``previous_token``: :func:`mechgen.metrics.score_heads` over ``--n-sentences`` token lists
+- ``previous_token``: :func:`mechgen.scoring.metrics.score_heads` over ``--n-sentences`` token lists
   (Natural-Stories-like lengths, batch 16): the baseline. The locality mechanism's
   ``received_concentration`` is computed in the same hooks (no pass of its own);
-- ``induction+controls``: :func:`mechgen.relational.score_induction_with_control` on
+- ``induction+controls``: :func:`mechgen.scoring.relational.score_induction_with_control` on
   N x [L random ids] x 2 and the positional controls' N x [the same L ids, L other ids]: per
   batch the shared first halves run once (key/value cache), then the repeated second halves
   (induction, and duplicate-token's attention read in the same pass, plus the LM head on the
@@ -16,13 +16,13 @@ this times what the scoring job runs for each mechanism at an ordinary (non-deta
   and copy suppression from the weights alone, with the task items of Pythia's tokenizer
   (``tests/data/pythia-tokenizer``) and the evaluation text's frequent tokens.
 
-For comparison (not in the total): ``induction alone`` (:func:`mechgen.relational.score_induction`)
-and ``controls alone`` (:func:`mechgen.circuit.positional_controls`), each with its own first-half
+For comparison (not in the total): ``induction alone`` (:func:`mechgen.scoring.relational.score_induction`)
+and ``controls alone`` (:func:`mechgen.scoring.circuit.positional_controls`), each with its own first-half
 passes, as two separate calls would run them; their sum minus ``induction+controls`` is what the
 shared first halves save.
 
 The copying-accuracy LM head skips the positions a few unembedding rows provably refute
-(``mechgen.relational._refuted_positions``): with random weights nearly all of them. Where
+(``mechgen.scoring.relational._refuted_positions``): with random weights nearly all of them. Where
 copying works no position is refuted and the full product runs, so the bench also times the
 LM head on hidden states aimed at their targets (every position a hit) and prints the catalog
 total for that case (``copying works``), apart from the total.
@@ -58,11 +58,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from mechgen.circuit import control_half, positional_controls
 from mechgen.mechanisms import successor
-from mechgen.metrics import score_heads
 from mechgen.model.weight_scores import WeightTasks, score_weight_mechanisms
-from mechgen.relational import (
+from mechgen.scoring.circuit import control_half, positional_controls
+from mechgen.scoring.metrics import score_heads
+from mechgen.scoring.relational import (
     _copying_hits,
     make_repeated_sequences,
     score_induction,

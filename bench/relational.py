@@ -3,24 +3,24 @@
 For each model shape (random weights: wall time does not depend on the values), this times,
 on one thread (``scoring.threads: 1``):
 
-- ``one_back``: :func:`mechgen.metrics.score_heads` over ``--n-sentences`` token lists
+- ``one_back``: :func:`mechgen.scoring.metrics.score_heads` over ``--n-sentences`` token lists
   (lengths drawn uniformly from ``--min-len..--max-len``, batch 16), the 1-back scorer alone;
 - ``ride-along``: the extra time of the same call wrapped in
-  :func:`mechgen.configurational.offset_profile_hooks` and
-  :func:`mechgen.relational.mean_head_output_hooks` (offset profiles and the per-head mean
+  :func:`mechgen.scoring.configurational.offset_profile_hooks` and
+  :func:`mechgen.scoring.relational.mean_head_output_hooks` (offset profiles and the per-head mean
   outputs for ablation ride along the 1-back passes);
-- ``induction``: :func:`mechgen.relational.score_induction` on N x [L random ids] x 2
+- ``induction``: :func:`mechgen.scoring.relational.score_induction` on N x [L random ids] x 2
   (forward passes in batches of 16 + the LM head on the second half for copying accuracy;
   ``--no-copying`` skips the LM head);
 - ``control``: the positional controls (the induction positions on non-repeating sequences
   that share the repeated sequences' first halves), as the scoring job runs them: the extra
-  time of :func:`mechgen.relational.score_induction_with_control` over ``induction`` (one
+  time of :func:`mechgen.scoring.relational.score_induction_with_control` over ``induction`` (one
   more pass over the N x L second halves against the first halves' key/value cache, no LM
   head);
-- ``composition``: :func:`mechgen.relational.composition_scores` (``--kinds``, default K, Q
+- ``composition``: :func:`mechgen.scoring.relational.composition_scores` (``--kinds``, default K, Q
   and V; 200 baseline draws);
-- ``spectra``: :func:`mechgen.configurational.head_spectra`;
-- ``ablation``: :func:`mechgen.relational.causal_dependence` of one source head with its
+- ``spectra``: :func:`mechgen.scoring.configurational.head_spectra`;
+- ``ablation``: :func:`mechgen.scoring.relational.causal_dependence` of one source head with its
   control (two more forward passes over the repeated sequences), reusing the unablated
   induction pass and the ride-along mean outputs.
 
@@ -50,10 +50,10 @@ import numpy as np
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mechgen.circuit import control_half
-from mechgen.configurational import head_spectra, offset_profile_hooks
-from mechgen.metrics import score_heads
-from mechgen.relational import (
+from mechgen.scoring.circuit import control_half
+from mechgen.scoring.configurational import head_spectra, offset_profile_hooks
+from mechgen.scoring.metrics import score_heads
+from mechgen.scoring.relational import (
     causal_dependence,
     composition_scores,
     make_repeated_sequences,

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechgen import stats
-from mechgen.developmental import trajectories
-from mechgen.tables import compare_trott2025, read_trott2025
+from mechgen.axes.developmental import trajectories
+from mechgen.stats import analysis as stats
+from mechgen.tables.heads import compare_trott2025, read_trott2025
 
 DEFAULT_PUBLISHED = (
     Path(__file__).resolve().parent.parent / "tests" / "data" / "trott2025" / "published.json"

@@ -9,7 +9,7 @@ sensitive to other users' load with one thread) of
       LM with ``output_attentions=True`` and ``output_hidden_states=True``, then Python loops
       over layers and heads computing each metric with ``.item()``, then a pandas mean over
       sentences;
-  (b) ``mechgen.metrics.score_heads`` (length-sorted padded batches, body only, metrics in
+  (b) ``mechgen.scoring.metrics.score_heads`` (length-sorted padded batches, body only, metrics in
       forward hooks, the pass stopped after the last layer's attention, so it can beat (c));
   (c) the floor: a bare forward pass of the transformer body (the architecture adapter's
       ``body``: ``model.gpt_neox`` or ``model.transformer``; no LM head,
@@ -48,8 +48,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from mechgen.metrics import score_heads
 from mechgen.model import adapter as architectures
+from mechgen.scoring.metrics import score_heads
 
 MODEL_NAMES = ("toy", "pythia-70m-shape", "gpt2-small-shape")
 TOY_SIZE = {"n_layers": 4, "n_heads": 4, "d_model": 256}  # config.yaml's toy "small"
@@ -74,7 +74,7 @@ def build_model(name: str, checkpoint: Path | None, seed: int) -> torch.nn.Modul
         if checkpoint is not None:
             model = GPTNeoXForCausalLM.from_pretrained(checkpoint, attn_implementation="eager")
         else:
-            from mechgen import toy
+            from mechgen.sources import toy
 
             model = toy.init_model(TOY_SIZE, TOY_VOCAB_SIZE, seq_len=128, seed=seed)
     elif name == "pythia-70m-shape":

@@ -1,6 +1,6 @@
 """Measure the toy suite's training: wall time per run and the emergence of 1-back heads.
 
-For each (size, seed) this trains one run with :func:`mechgen.toy.train_run`, then scores every
+For each (size, seed) this trains one run with :func:`mechgen.sources.toy.train_run`, then scores every
 checkpoint on held-out sentences and prints, per checkpoint, the max over heads of the 1-back
 score (mean over query positions 1..L-1 of A[i, i-1], then mean over sentences) next to its
 uniform baseline (mean over positions of 1/(i+1)). With ``--induction`` it also scores every
@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from mechgen import toy
+from mechgen.sources import toy, toytext
 
 
 def log_schedule(steps: int) -> list[int]:
@@ -113,7 +113,7 @@ def main() -> None:
         toy.train_tokenizer(tokenizer_dir, args.vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     encoded = [
-        torch.tensor(tokenizer(s)["input_ids"]) for s in toy.heldout_sentences(args.n_sentences)
+        torch.tensor(tokenizer(s)["input_ids"]) for s in toytext.heldout_sentences(args.n_sentences)
     ]
     uniform = sum(float((1.0 / torch.arange(2, len(e) + 1)).mean()) for e in encoded) / len(encoded)
     training = {

@@ -5,8 +5,8 @@ A suite's ``architecture`` (config key ``suites.<name>.architecture``, one of
 says how a checkpoint's hub revision is named, which named checkpoint schedules exist, the
 tokens per step of the published runs, the tokenizer and its BOS convention, the ``model_type``
 of a checkpoint's ``config.json`` and which weight files its revisions hold. Everything that
-turns a step into a revision name (:mod:`mechgen.sources`, :mod:`mechgen.toy`, the offline cache
-builder :mod:`mechgen.hubcache` and the rules) asks here, so a third family is one more entry.
+turns a step into a revision name (:mod:`mechgen.sources.checkpoints`, :mod:`mechgen.sources.toy`, the offline cache
+builder :mod:`mechgen.sources.hubcache` and the rules) asks here, so a third family is one more entry.
 
 This module imports neither torch nor transformers: config validation reads it at every start.
 

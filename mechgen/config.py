@@ -126,7 +126,7 @@ def _dataclass_properties(
 def _config_schema() -> dict[str, Any]:
     schema = load_yaml(SCHEMA_PATH)
     # Lists the code defines, injected so that no copy of them is kept by hand in the schema.
-    # mechgen.circuit loads torch (about 2 s); mechgen.settings holds the definitions.
+    # mechgen.scoring.circuit loads torch (about 2 s); mechgen.settings holds the definitions.
     props = schema["properties"]
     toy = props["toy"]["properties"]
     toy["sizes"]["additionalProperties"]["required"] = list(SIZE_KEYS_REQUIRED)
@@ -167,7 +167,7 @@ def config_schema() -> dict[str, Any]:
 
 def relational_scoring_keys() -> tuple[str, ...]:
     """The relational scoring keys a suite may override (fields of
-    :class:`mechgen.circuit.CircuitSettings` except the per-job ``detail``), in field order."""
+    :class:`mechgen.scoring.circuit.CircuitSettings` except the per-job ``detail``), in field order."""
     return tuple(config_schema()["$defs"]["suite"]["properties"]["relational"]["properties"])
 
 
@@ -195,7 +195,7 @@ def _filling_validator(schema: dict[str, Any]) -> Any:
     ``default`` (and creates an absent object whose children have defaults), as in the
     jsonschema FAQ. Filling happens in every subschema the validator descends into, so
     defaults under ``then``/``else`` apply only when their condition holds."""
-    import jsonschema
+    import jsonschema  # on first validation only: importing mechgen.config stays cheap
 
     base = jsonschema.Draft202012Validator
     check_properties = base.VALIDATORS["properties"]
@@ -334,7 +334,7 @@ def suite_family(config: Mapping[str, Any], suite: str) -> str:
 
 def _validate_toy_training(training: dict[str, Any]) -> None:
     """The cross-key rules of ``toy.training`` the schema cannot state, at start (not only when
-    :func:`mechgen.toy.train_run` checks them again, minutes into a run)."""
+    :func:`mechgen.sources.toy.train_run` checks them again, minutes into a run)."""
     problem = repeat_min_half_problem(training)
     if problem:
         raise ConfigError(f"config key 'toy.training.repeat_min_half': {problem}")
@@ -345,7 +345,7 @@ def repeat_min_half_problem(training: Mapping[str, Any]) -> str | None:
 
     It must lie in 1..seq_len // 2 (a span and its copy fit in a row), and repeat_source
     ``window`` with repeat_fraction > 0 needs it. The one statement of these rules, shared by
-    config validation and :mod:`mechgen.toy`.
+    config validation and :mod:`mechgen.sources.toy`.
     """
     seq_len = training.get("seq_len")
     min_half = training.get("repeat_min_half")

@@ -51,7 +51,7 @@ CIRCUIT_COLUMNS = [
     "copying_accuracy",  # per checkpoint (same on every head row): top-1 copying on [random]x2
 ]
 """Columns the scoring job appends after HEAD_COLUMNS when ``relational.enabled``
-(mechgen.circuit); absent (and NaN after aggregation) otherwise."""
+(mechgen.scoring.circuit); absent (and NaN after aggregation) otherwise."""
 
 WEIGHT_COLUMNS = [
     "successor",  # fraction of (token, successor) pairs whose successor tops the OV logits, mean over tasks

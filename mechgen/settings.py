@@ -1,6 +1,6 @@
 """Settings of the scoring and training jobs that config validation checks at start.
 
-They live apart from the jobs' code (:mod:`mechgen.circuit`, :mod:`mechgen.toy`), which loads
+They live apart from the jobs' code (:mod:`mechgen.scoring.circuit`, :mod:`mechgen.sources.toy`), which loads
 torch: validating a config, which Snakemake does at every start (and on a cluster in every
 job), then costs no torch import. The jobs import these same definitions.
 """
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-# ---- the relational scoring job (mechgen.circuit)
+# ---- the relational scoring job (mechgen.scoring.circuit)
 
 PYTHIA_TOKENIZER_SIZE = 50277
 """Pythia's tokenizer has 50,277 ids; its embedding matrix is padded to 50,304 untrained rows."""
@@ -79,7 +79,7 @@ class CircuitSettings:
         return asdict(self)
 
 
-# ---- the toy training job (mechgen.toy)
+# ---- the toy training job (mechgen.sources.toy)
 
 SIZE_KEYS_REQUIRED = ("n_layers", "n_heads", "d_model")
 SIZE_KEYS_OPTIONAL = ("d_ff",)
@@ -104,7 +104,7 @@ REPEAT_SOURCES = ("random", "corpus", "window")
 span of the row's own text ``window`` repeated in place (:func:`window_repeats`)."""
 
 
-# ---- where checkpoints come from, and the hub etiquette (mechgen.sources)
+# ---- where checkpoints come from, and the hub etiquette (mechgen.sources.checkpoints)
 
 CHECKPOINT_SOURCES = ("toy", "hf", "local")
 """Suite sources whose checkpoints this module finds: trained by the pipeline (``toy``), the
@@ -119,7 +119,7 @@ class HubSettings:
 
     ``max_concurrent_downloads``: weight-file downloads running at once among all processes
     sharing ``download_slots_dir`` (default ``<HF hub cache>/.locks/mechgen-download-slots``);
-    None = no limit. See :class:`mechgen.hubcache.DownloadSlots` for how this holds across
+    None = no limit. See :class:`mechgen.sources.hubcache.DownloadSlots` for how this holds across
     Snakemake jobs and on a cluster.
 
     Retries (only of what huggingface_hub itself does not retry, see :func:`retry_wait_s` and

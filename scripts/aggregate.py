@@ -8,8 +8,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging  # noqa: E402
 
-from mechgen.aggregate import concat_head_tables, read_sidecars  # noqa: E402
-from mechgen.outputs import write_csv, write_parquet
+from mechgen.tables.aggregate import concat_head_tables, read_sidecars  # noqa: E402
+from mechgen.tables.outputs import write_csv, write_parquet
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)

@@ -9,10 +9,10 @@ Params: ``thresholds`` {start, stop, step}, ``functional_multiple``,
 {n_permutations, alignment_cost ('euclidean' or 'correlation')}: the config's ``analysis``
 keys, every one present after validation (defaults: workflow/schemas/config.schema.yaml).
 Outputs (``results/<suite>/stats/<name>.csv``, columns in docs/outputs.md): ``per_seed``,
-``per_model``, ``regressions``, ``convergence``, ``mds`` (:func:`mechgen.stats.analyze`),
+``per_model``, ``regressions``, ``convergence``, ``mds`` (:func:`mechgen.stats.analysis.analyze`),
 ``functional_run_step``, ``functional_run``, ``functional_size``
-(:func:`mechgen.functional.functional_tables`), ``positional_run_step`` and
-``positional_size_step`` (:func:`mechgen.positional.positional_tables`). Every output the rule
+(:func:`mechgen.axes.functional.functional_tables`), ``positional_run_step`` and
+``positional_size_step`` (:func:`mechgen.axes.positional.positional_tables`). Every output the rule
 declares must be one of these tables.
 """
 
@@ -26,9 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import baselines, functional, positional, stats
-from mechgen.developmental import onset_thresholds
-from mechgen.outputs import write_declared_csvs
+from mechgen.axes import functional, positional
+from mechgen.axes.developmental import onset_thresholds
+from mechgen.stats import analysis as stats
+from mechgen.tables import baselines
+from mechgen.tables.outputs import write_declared_csvs
 
 
 def uniform_baseline(

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging  # noqa: E402
 
-from mechgen import evaltext  # noqa: E402
+from mechgen.sources import evaltext  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)

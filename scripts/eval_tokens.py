@@ -9,9 +9,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging  # noqa: E402
 
-from mechgen import atomic, evaltext, sources  # noqa: E402
+from mechgen import atomic  # noqa: E402
 from mechgen.config import Run  # noqa: E402
 from mechgen.mechanisms import successor  # noqa: E402
+from mechgen.sources import checkpoints as sources  # noqa: E402
+from mechgen.sources import evaltext
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)

@@ -4,7 +4,7 @@ Params: ``study`` (its name), ``members`` (per member suite: ``suite``, ``family
 ``tokens_per_step``, ``stats_dir``, ``relational``), ``mechanisms`` (those every member
 analyses), ``bootstrap`` (``analysis.bootstrap``), ``n_permutations``
 (``analysis.positional.n_permutations``). Inputs: the members' tables
-(:func:`mechgen.families.member_files`). Outputs: ``families`` (stats/families.csv),
+(:func:`mechgen.stats.families.member_files`). Outputs: ``families`` (stats/families.csv),
 ``models`` (stats/families_models.csv), ``profiles`` (stats/families_profile.csv),
 ``trajectories`` and ``heatmap`` (figures), ``summary`` (summary.rst, the report's opening).
 """
@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging
 
-from mechgen import families, family_figures
 from mechgen.atomic import atomic_path
-from mechgen.outputs import write_csv
+from mechgen.figures import family_figures
+from mechgen.stats import families
+from mechgen.tables.outputs import write_csv
 
 
 def main(sm: Any) -> None:

@@ -5,7 +5,7 @@ Inputs: ``heads`` (heads.parquet), ``trajectories`` (trajectories.parquet, rule
 ``convergence``, ``mds``, ``functional_run_step``, ``functional_run``, ``functional_size``,
 ``positional_size_step``, ...); every table is read, none recomputed.
 Params: ``metric``. Outputs: ``trajectories``, ``layer_heatmap``, ``size_effects``,
-``correlation_matrix``, ``mds``, ``functional_heads`` (see :mod:`mechgen.figures`). A figure
+``correlation_matrix``, ``mds``, ``functional_heads`` (see :mod:`mechgen.figures.suite`). A figure
 that cannot exist for this suite (e.g. correlations with a single run) is a placeholder that
 says why.
 """
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import figures
-from mechgen.outputs import read_csv
+from mechgen.figures import suite as figures
+from mechgen.tables.outputs import read_csv
 
 
 def one_back_baseline(functional_table: pd.DataFrame) -> float | None:

@@ -10,7 +10,7 @@ import pandas as pd  # noqa: E402
 from _common import setup_logging  # noqa: E402
 
 from mechgen.atomic import atomic_path  # noqa: E402
-from mechgen.tables import read_trott2025  # noqa: E402
+from mechgen.tables.heads import read_trott2025  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)

@@ -1,5 +1,5 @@
 """Snakemake script of rule `lineage`: does every run descend from its own init, and share it
-with exactly the runs it should? (:mod:`mechgen.lineage`)
+with exactly the runs it should? (:mod:`mechgen.stats.lineage`)
 
 Input: ``sidecars`` (every scoring sidecar scores/<run>/step<N>.json: sha256 and weight
 fingerprint). Params: ``runs`` (per run: run, kind, init_group; :mod:`mechgen.variation`).
@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import lineage
-from mechgen.outputs import write_csv
+from mechgen.stats import lineage
+from mechgen.tables.outputs import write_csv
 
 
 def main(sm: Any) -> None:

@@ -13,7 +13,7 @@ What is copied, in the study's own CSV format (same columns, values written unch
   mechgen's trajectory picks), all in one file ``trajectory_max_heads.csv``: the trajectory is
   the max over heads, so it is unchanged.
 
-The script then checks, reading both directories with :func:`mechgen.tables.read_trott2025`,
+The script then checks, reading both directories with :func:`mechgen.tables.heads.read_trott2025`,
 that the ``one_back`` trajectories (values and argmax layer/head) of the subset equal those of
 the full tables exactly, and refuses to write otherwise.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechgen.developmental import trajectories
-from mechgen.tables import read_trott2025, read_trott2025_table
+from mechgen.axes.developmental import trajectories
+from mechgen.tables.heads import read_trott2025, read_trott2025_table
 
 FINAL_REVISION = "step143000"
 MAX_ROWS_FILE = "trajectory_max_heads.csv"

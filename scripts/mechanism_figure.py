@@ -3,7 +3,7 @@
 Inputs: ``run_step``, ``sizes``, ``per_seed`` (stats/<mechanism>/functional_run_step.csv,
 functional_size.csv, per_seed.csv) and ``profile`` (stats/profile.csv: the note of a mechanism
 that was not scored). Output: ``figure`` (figures/mechanisms/<mechanism>.png,
-:func:`mechgen.mechanism_figures.plot_mechanism`).
+:func:`mechgen.figures.mechanism_figures.plot_mechanism`).
 """
 
 import sys
@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging
 
-from mechgen.mechanism_figures import plot_mechanism
-from mechgen.outputs import read_csv
+from mechgen.figures.mechanism_figures import plot_mechanism
+from mechgen.tables.outputs import read_csv
 
 
 def main(sm: Any) -> None:

@@ -1,7 +1,7 @@
 """Snakemake script of rule `mechanism_figures`: the generalizability profile heatmap.
 
 Input: ``profile`` (stats/profile.csv, rule `mechanisms`). Output: ``profile``
-(figures/profile.png, :func:`mechgen.figures.plot_profile`).
+(figures/profile.png, :func:`mechgen.figures.suite.plot_profile`).
 """
 
 import sys
@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging
 
-from mechgen import figures
-from mechgen.outputs import read_csv
+from mechgen.figures import suite as figures
+from mechgen.tables.outputs import read_csv
 
 
 def main(sm: Any) -> None:

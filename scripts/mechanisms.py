@@ -14,9 +14,9 @@ scoring settings, for the nulls; empty for a table suite), ``thresholds`` {start
 ``alignment_cost`` (``analysis.positional``), ``configurational`` {n_null, seed}
 (``relational.analysis``; used only with circuit files).
 Outputs: ``<mechanism>__<table>`` -> stats/<mechanism>/<table>.csv
-(:data:`mechgen.crossmech.MECHANISM_TABLES`), and ``profile``, ``mechanism_order``,
-``mechanism_lags`` (:func:`mechgen.crossmech.analyze_mechanisms`), ``links`` and
-``links_sizes`` (:func:`mechgen.links.link_table`, :func:`mechgen.links.link_sizes`, over the
+(:data:`mechgen.stats.crossmech.MECHANISM_TABLES`), and ``profile``, ``mechanism_order``,
+``mechanism_lags`` (:func:`mechgen.stats.crossmech.analyze_mechanisms`), ``links`` and
+``links_sizes`` (:func:`mechgen.axes.links.link_table`, :func:`mechgen.axes.links.link_sizes`, over the
 links declared between the suite's mechanisms). A mechanism whose column is
 absent gets header-only tables, a ``not scored`` profile row and a warning in the log.
 """
@@ -32,12 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import circuit_tables, crossmech, links, mechanisms
-from mechgen.baselines import read_token_lengths
-from mechgen.circuit_files import read_circuits
-from mechgen.developmental import onset_thresholds
+from mechgen import mechanisms
+from mechgen.axes import circuit_tables, links
+from mechgen.axes.developmental import onset_thresholds
 from mechgen.mechanisms import NullContext
-from mechgen.outputs import read_csv, write_declared_csvs
+from mechgen.stats import crossmech
+from mechgen.tables.baselines import read_token_lengths
+from mechgen.tables.circuit_files import read_circuits
+from mechgen.tables.outputs import read_csv, write_declared_csvs
 
 
 def optional_table(sm: Any, name: str) -> pd.DataFrame | None:
@@ -54,8 +56,8 @@ def mechanism_configurational(
     log: logging.Logger,
 ) -> dict[str, pd.DataFrame]:
     """Per scored mechanism: its strongest head at each run's compared step against the other
-    runs' (:func:`mechgen.circuit_tables.configurational_table` with ``strongest`` from
-    :func:`mechgen.crossmech.strongest_at`); none without circuit files."""
+    runs' (:func:`mechgen.axes.circuit_tables.configurational_table` with ``strongest`` from
+    :func:`mechgen.stats.crossmech.strongest_at`); none without circuit files."""
     if not circuits:
         return {}
     steps = circuit_tables.configurational_steps(circuits)

@@ -4,7 +4,7 @@ Inputs: ``heads`` (heads.parquet, with the ``induction`` column) and ``circuits`
 ``scores/<run>/step<N>.circuit.npz``). Params: ``thresholds`` {start, stop, step} (the onset
 thresholds of the analysis), ``analysis`` {n_null, seed, confidence} (``relational.analysis``).
 Outputs (``results/<suite>/stats/<name>.csv``; columns in docs/outputs.md):
-``relational`` (per run: :func:`mechgen.circuit_tables.relational_table`), ``relational_sizes``
+``relational`` (per run: :func:`mechgen.axes.circuit_tables.relational_table`), ``relational_sizes``
 (per size and relation, Wilson CI), ``relational_regressions`` (mixed models on
 log10(n_params)), ``configurational`` (per ordered pair of runs) and
 ``configurational_stability`` (per run and consecutive checkpoints); and ``trajectories``
@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import circuit_tables
-from mechgen.circuit_files import read_circuits
-from mechgen.developmental import onset_thresholds, trajectories
-from mechgen.outputs import write_csv, write_parquet
+from mechgen.axes import circuit_tables
+from mechgen.axes.developmental import onset_thresholds, trajectories
+from mechgen.tables.circuit_files import read_circuits
+from mechgen.tables.outputs import write_csv, write_parquet
 
 TRAJECTORY_METRICS = ("one_back", "induction", "induction_control")
 """The per-head scores whose max-over-heads trajectories the relational figure draws."""

@@ -3,7 +3,7 @@
 Inputs: ``trajectories`` (relational_trajectories.parquet) and the CSVs of rule `relational`. Params: ``half_length``
 (L of the repeated sequences, for the uniform-attention induction level). Outputs:
 ``relational_trajectories``, ``onset_lag``, ``ablation``, ``configurational`` (see
-:mod:`mechgen.figures`); a figure that cannot exist (e.g. no pair of runs) is a placeholder
+:mod:`mechgen.figures.suite`); a figure that cannot exist (e.g. no pair of runs) is a placeholder
 that says why.
 """
 
@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import figures
-from mechgen.baselines import uniform_induction_baseline
-from mechgen.outputs import read_csv
+from mechgen.figures import suite as figures
+from mechgen.tables.baselines import uniform_induction_baseline
+from mechgen.tables.outputs import read_csv
 
 
 def main(sm: Any) -> None:

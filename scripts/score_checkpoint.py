@@ -21,12 +21,12 @@ from _common import setup_logging  # noqa: E402
 # Before anything imports transformers: its "Loading weights" bar reads this at import time.
 setup_logging(snakemake)  # noqa: F821
 
-from mechgen.circuit import CircuitSettings  # noqa: E402
 from mechgen.config import Run, suite_steps  # noqa: E402
 from mechgen.model.weight_scores import WeightTasks  # noqa: E402
 from mechgen.progress import format_duration  # noqa: E402
-from mechgen.scoring import score_checkpoint, write_result  # noqa: E402
-from mechgen.sources import CorruptCheckpoint, HubUnavailable  # noqa: E402
+from mechgen.scoring.circuit import CircuitSettings  # noqa: E402
+from mechgen.scoring.job import score_checkpoint, write_result  # noqa: E402
+from mechgen.sources.checkpoints import CorruptCheckpoint, HubUnavailable  # noqa: E402
 
 sm = snakemake  # noqa: F821
 log = logging.getLogger(f"mechgen.{sm.rule}")
@@ -93,7 +93,7 @@ def _run_progress(sidecar_path: str) -> str:
 
 corrupt = []
 for step, table_path, sidecar_path, circuit_path, relational in checkpoints:
-    # The relational/configurational scores of the same loaded model (mechgen.circuit).
+    # The relational/configurational scores of the same loaded model (mechgen.scoring.circuit).
     relational = dict(relational or {})
     circuit_settings = CircuitSettings.from_mapping(relational) if relational else None
     try:

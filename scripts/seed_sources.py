@@ -1,5 +1,5 @@
 """Snakemake script of rule `seed_sources`: split each mechanism quantity's seed variance into
-data order and initialisation (:mod:`mechgen.seed_sources`).
+data order and initialisation (:mod:`mechgen.stats.seed_sources`).
 
 Inputs: ``heads`` (heads.parquet, for the normalised trajectories), ``tokens`` (eval token files,
 for the nulls), ``per_seed`` (stats/<mechanism>/per_seed.csv, in the order of
@@ -20,10 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen import crossmech, mechanisms, seed_figures, seed_sources
-from mechgen.baselines import read_token_lengths
+from mechgen import mechanisms
+from mechgen.figures import seed_figures
 from mechgen.mechanisms import NullContext
-from mechgen.outputs import read_csv, write_csv
+from mechgen.stats import crossmech, seed_sources
+from mechgen.tables.baselines import read_token_lengths
+from mechgen.tables.outputs import read_csv, write_csv
 
 
 def main(sm: Any) -> None:

@@ -1,5 +1,5 @@
 """Snakemake script of rule `summary`: the suite's key numbers per size (summary.csv) and the
-report's opening summary (summary.rst), see :mod:`mechgen.summary`.
+report's opening summary (summary.rst), see :mod:`mechgen.tables.summary`.
 
 Inputs: ``per_model``, ``functional`` (functional_size.csv), ``positional``
 (positional_size_step.csv) (rule `analyze`), optionally
@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging
 
-from mechgen import atomic, summary
-from mechgen.outputs import read_csv, write_csv
+from mechgen import atomic
+from mechgen.tables import summary
+from mechgen.tables.outputs import read_csv, write_csv
 
 
 def main(sm: Any) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mechgen import toy
+from mechgen.sources import toy
 
 if "snakemake" in globals():
     from _common import setup_logging

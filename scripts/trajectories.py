@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pandas as pd
 from _common import setup_logging
 
-from mechgen.developmental import trajectories
-from mechgen.outputs import write_csv, write_parquet
+from mechgen.axes.developmental import trajectories
+from mechgen.tables.outputs import write_csv, write_parquet
 
 
 def main(sm: Any) -> None:

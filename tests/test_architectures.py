@@ -139,7 +139,7 @@ def test_name_placeholder_needs_a_known_size_and_seed() -> None:
 
 def test_families_and_hubcache_import_no_torch() -> None:
     code = (
-        "import sys; import mechgen.architectures, mechgen.hubcache, mechgen.schedules; "
+        "import sys; import mechgen.architectures, mechgen.sources.hubcache, mechgen.schedules; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mechgen import atomic, toy
+from mechgen import atomic
 from mechgen.progress import Progress, format_duration
+from mechgen.sources import toy
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:

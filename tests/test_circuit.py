@@ -1,4 +1,4 @@
-"""Tests of mechgen.circuit: the per-checkpoint relational/configurational scores and their
+"""Tests of mechgen.scoring.circuit: the per-checkpoint relational/configurational scores and their
 per-suite analysis, each against an independent computation (brute force from
 ``output_attentions``, hand-worked tables)."""
 
@@ -15,9 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mechgen import circuit, circuit_files, circuit_tables, metrics
-from mechgen.baselines import uniform_induction_baseline
-from mechgen.developmental import onset_thresholds, threshold_onset
+from mechgen.axes import circuit_tables
+from mechgen.axes.developmental import onset_thresholds, threshold_onset
+from mechgen.scoring import circuit, metrics
+from mechgen.tables import circuit_files
+from mechgen.tables.baselines import uniform_induction_baseline
 
 VOCAB = 64
 
@@ -147,7 +149,7 @@ def test_strongest_head_spectra_and_qk_factors(model, scored) -> None:
     top = one_back.sort_values("one_back", ascending=False).head(3)
     assert [tuple(h) for h in result.arrays["qk_heads"]] == list(zip(top["layer"], top["head"]))
     # Spectrum of one head from the dense d x d W_QK = W_Q^T W_K (LayerNorm folded).
-    from mechgen.relational import head_weights
+    from mechgen.scoring.relational import head_weights
 
     weights = head_weights(model)
     layer, head = (int(x) for x in result.arrays["strongest_one_back"])
@@ -160,8 +162,8 @@ def test_strongest_head_spectra_and_qk_factors(model, scored) -> None:
 
 
 def test_detail_step_ablation_composition_and_cka_outputs(model, sentences, scored) -> None:
-    from mechgen.configurational import head_outputs
-    from mechgen.relational import (
+    from mechgen.scoring.configurational import head_outputs
+    from mechgen.scoring.relational import (
         causal_dependence,
         composition_scores,
         make_repeated_sequences,
@@ -526,8 +528,8 @@ def test_stability_table_hand_worked() -> None:
 def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch) -> None:
     from support.fakehub import save_random_checkpoint, tiny_gpt_neox_config, train_tiny_tokenizer
 
-    from mechgen import scoring
     from mechgen.config import Run
+    from mechgen.scoring import job as scoring
 
     tokenizer = train_tiny_tokenizer(tmp_path / "tokenizer")
     config = tiny_gpt_neox_config()
@@ -605,8 +607,8 @@ def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch
 
 
 def test_relational_figures_draw_the_tables(tmp_path) -> None:
-    from mechgen import figures
-    from mechgen.developmental import trajectories
+    from mechgen.axes.developmental import trajectories
+    from mechgen.figures import suite as figures
 
     heads = _heads({"r1": ("toy-a", 1, 100), "r2": ("toy-a", 2, 1000)})
     fig = figures.plot_relational_trajectories(
@@ -658,7 +660,7 @@ def test_relational_figures_draw_the_tables(tmp_path) -> None:
 def test_detail_step_scores_every_declared_composition_kind(model, sentences, monkeypatch) -> None:
     # A catalog that declared a V-composition link: the detail step saves v_* next to k_*,
     # each equal to composition_scores of that kind, and K unchanged by the extra kind.
-    from mechgen.relational import composition_scores
+    from mechgen.scoring.relational import composition_scores
 
     torch.set_num_threads(1)
     monkeypatch.setattr(circuit, "composition_kinds", lambda: ("K", "V"))
@@ -689,8 +691,8 @@ def test_detail_step_scores_every_declared_composition_kind(model, sentences, mo
 
 
 def test_configurational_table_of_another_mechanisms_strongest_heads() -> None:
-    from mechgen import crossmech
     from mechgen.mechanisms import NullContext, get
+    from mechgen.stats import crossmech
 
     heads = _heads({"r1": ("toy-a", 1, 100), "r2": ("toy-a", 2, 100)})
     a, b = _circuit(profile_shift=0.1), _circuit(factors_seed=1)

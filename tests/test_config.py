@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -165,8 +165,8 @@ def test_absent_sections_are_created_with_their_defaults(config):
     assert validated["relational"]["analysis"]["n_null"] == 1000
     assert validated["relational"]["detail_steps"] == ["final"]
     # Defaults injected from the dataclasses that define the settings.
-    from mechgen.circuit import CircuitSettings
-    from mechgen.sources import HubSettings
+    from mechgen.scoring.circuit import CircuitSettings
+    from mechgen.sources.checkpoints import HubSettings
 
     assert validated["relational"]["half_length"] == CircuitSettings().half_length
     assert validated["hub"]["max_retries"] == HubSettings().max_retries
@@ -243,11 +243,11 @@ def test_misspelt_key_or_value_names_key_and_allowed(config, mutate, key, allowe
 
 
 def test_schema_enums_are_the_codes_lists():
-    from mechgen.circuit import CircuitSettings
     from mechgen.config import config_schema, relational_scoring_keys
     from mechgen.schema import ATTENTION_METRICS
-    from mechgen.sources import SUITE_SOURCES, HubSettings
+    from mechgen.scoring.circuit import CircuitSettings
     from mechgen.settings import REPEAT_SOURCES, TRAINING_KEYS_OPTIONAL, TRAINING_KEYS_REQUIRED
+    from mechgen.sources.checkpoints import SUITE_SOURCES, HubSettings
 
     schema = config_schema()
     props = schema["properties"]
@@ -276,7 +276,9 @@ def test_schema_enums_are_the_codes_lists():
 
 def test_library_defaults_agree_with_the_schema():
     """Library functions keep keyword defaults for direct use; the config's are the schema's."""
-    from mechgen import evaltext, functional, positional, stats
+    from mechgen.axes import functional, positional
+    from mechgen.sources import evaltext
+    from mechgen.stats import analysis as stats
 
     assert _schema_default("analysis", "functional_multiple") == functional.DEFAULT_FUNCTIONAL_MULTIPLE
     schema = load_yaml(ROOT / "workflow" / "schemas" / "config.schema.yaml")
@@ -379,7 +381,7 @@ def test_corrupt_checkpoint_message_says_it_once(tmp_path):
     import runpy
 
     from mechgen.config import Run
-    from mechgen.sources import CorruptCheckpoint, fetch_checkpoint, load_model
+    from mechgen.sources.checkpoints import CorruptCheckpoint, fetch_checkpoint, load_model
 
     step = tmp_path / "run" / "step0"
     step.mkdir(parents=True)
@@ -424,7 +426,7 @@ def test_workflow_start_loads_no_model_or_statistics_stack(tmp_path) -> None:
     """Snakemake parses the workflow and validates the config at every start (on a cluster, in
     every job): that must not import torch, transformers, statsmodels or scipy (seconds per
     start). The definitions it reads live in mechgen.settings, mechgen.config, the mechanism
-    catalog and mechgen.baselines."""
+    catalog and mechgen.tables.baselines."""
     heavy = ("torch", "transformers", "statsmodels", "scipy")
     code = (
         "import atexit, sys\n"

@@ -1,4 +1,4 @@
-"""Tests of mechgen.configurational: spectra, offset profiles, similarities, CKA, alignment,
+"""Tests of mechgen.scoring.configurational: spectra, offset profiles, similarities, CKA, alignment,
 stability.
 
 Independent checks: SVD of explicit d x d circuits and their invariance under a rotation of
@@ -23,17 +23,7 @@ from scipy import stats
 from scipy.stats import ortho_group
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mechgen.configurational import (
-    OffsetProfileAccumulator,
-    head_outputs,
-    head_spectra,
-    offset_profile,
-    offset_profile_hooks,
-    offset_profiles,
-    qk_factors,
-)
-from mechgen.relational import HeadWeights, head_weights
-from mechgen.similarity import (
+from mechgen.axes.similarity import (
     align_by_similarity,
     align_heads,
     cka_vs_random_heads,
@@ -48,6 +38,16 @@ from mechgen.similarity import (
     spectrum_similarity_matrix,
     strongest_head_qk_stability,
 )
+from mechgen.scoring.configurational import (
+    OffsetProfileAccumulator,
+    head_outputs,
+    head_spectra,
+    offset_profile,
+    offset_profile_hooks,
+    offset_profiles,
+    qk_factors,
+)
+from mechgen.scoring.relational import HeadWeights, head_weights
 
 torch.set_num_threads(1)
 
@@ -196,7 +196,7 @@ def test_offset_profile_matches_brute_force_with_padding(model):
 
 
 def test_offset_hooks_ride_along_the_one_back_scorer(model):
-    from mechgen.metrics import score_heads
+    from mechgen.scoring.metrics import score_heads
 
     input_ids, mask = padded_batch(seed=1)
     sentences = [row[: int(m.sum())].tolist() for row, m in zip(input_ids, mask)]

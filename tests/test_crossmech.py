@@ -1,4 +1,4 @@
-"""Cross-mechanism analyses (mechgen.crossmech): hand-worked Kendall's W, P(A before B) with its
+"""Cross-mechanism analyses (mechgen.stats.crossmech): hand-worked Kendall's W, P(A before B) with its
 Wilson interval, distinct orderings with a never-formed run, the stratified permutation null,
 head sharing, the normalised onset, and the profile of a synthetic suite whose order is planted;
 and the rule's scripts run on synthetic inputs."""
@@ -18,9 +18,10 @@ from crossmech_data import EVAL_LENGTHS, HALF_LENGTH, planted_heads
 from scipy import stats as scipy_stats
 from snakemake.iocontainers import Namedlist
 
-from mechgen import crossmech, mechanisms
-from mechgen.developmental import DEFAULT_THRESHOLDS, threshold_onset
+from mechgen import mechanisms
+from mechgen.axes.developmental import DEFAULT_THRESHOLDS, threshold_onset
 from mechgen.mechanisms import Mechanism, NullContext
+from mechgen.stats import crossmech
 
 REPO = Path(__file__).resolve().parent.parent
 NEVER = "syn-big-seed3"
@@ -366,7 +367,7 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
 def test_profile_heatmap_draws_the_all_rows_readably(planted, tmp_path: Path) -> None:
     from test_figures import check_png, readability_problems
 
-    from mechgen import figures
+    from mechgen.figures import suite as figures
 
     _, _, cross = planted
     profile = cross["profile"]
@@ -413,8 +414,8 @@ def test_profile_heatmap_draws_the_all_rows_readably(planted, tmp_path: Path) ->
 def test_previous_token_keeps_the_studys_absolute_onset() -> None:
     # On the published tables' subset (no induction column, no sentence lengths: the step-0
     # median null), the absolute-threshold onset is stats/per_seed.csv's onset, unchanged.
-    from mechgen.developmental import per_seed_summary
-    from mechgen.tables import read_trott2025
+    from mechgen.axes.developmental import per_seed_summary
+    from mechgen.tables.heads import read_trott2025
 
     heads = read_trott2025(REPO / "tests" / "data" / "trott2025")
     heads = heads[heads["model"].isin(["pythia-14m", "pythia-70m"])]
@@ -442,9 +443,9 @@ def test_profile_caption_renders() -> None:
 def test_positional_head_alignment_of_every_mechanism_matches_the_positional_axis() -> None:
     # On the published tables' subset, the previous-token mechanism's final-step head alignment
     # is the positional axis's (stats/positional_size_step.csv at the final step), unchanged.
-    from mechgen import positional
-    from mechgen.developmental import trajectories
-    from mechgen.tables import read_trott2025
+    from mechgen.axes import positional
+    from mechgen.axes.developmental import trajectories
+    from mechgen.tables.heads import read_trott2025
 
     heads = read_trott2025(REPO / "tests" / "data" / "trott2025")
     heads = heads[heads["model"].isin(["pythia-14m", "pythia-70m"])]

@@ -1,10 +1,10 @@
-"""Identical weight blobs are scored once: the score cache of mechgen.scoring.
+"""Identical weight blobs are scored once: the score cache of mechgen.scoring.job.
 
 Pythia branches such as ``step0`` and ``step1`` can hold byte-identical weights. The fake hub
 (tests/support/fakehub.py, on 127.0.0.1, reached by huggingface_hub through its endpoint constants)
 serves ``step0`` and ``step1`` with the same ``model.safetensors`` and ``step1000`` with other
 weights; the tests count the GETs it answers and the forward passes (calls of
-``mechgen.metrics.score_heads``) to show that a duplicate costs neither, and compare its rows
+``mechgen.scoring.metrics.score_heads``) to show that a duplicate costs neither, and compare its rows
 with the original's.
 """
 
@@ -29,17 +29,18 @@ from support.fakehub import (
 )
 from support.offline_hub import build_offline_cache
 
-from mechgen import metrics, scoring
-from mechgen.aggregate import concat_head_tables, read_sidecars
 from mechgen.config import Run
 from mechgen.schema import ATTENTION_METRICS, HEAD_COLUMNS
-from mechgen.scoring import (
+from mechgen.scoring import job as scoring
+from mechgen.scoring import metrics
+from mechgen.scoring.job import (
     ScoreCache,
     score_cache_key,
     score_checkpoint,
     token_ids_sha256,
     write_result,
 )
+from mechgen.tables.aggregate import concat_head_tables, read_sidecars
 
 torch.set_num_threads(1)
 
@@ -103,7 +104,7 @@ def hub(checkpoints, tmp_path, monkeypatch):
 
 @pytest.fixture
 def forward_passes(monkeypatch) -> list[int]:
-    """Counts calls of mechgen.metrics.score_heads (the forward pass of a scoring job)."""
+    """Counts calls of mechgen.scoring.metrics.score_heads (the forward pass of a scoring job)."""
     calls: list[int] = []
     real = metrics.score_heads
 
@@ -125,7 +126,7 @@ def _score(run: Run, step: int, cache_dir: Path, **kwargs):
 def _independent_scores(
     step_dir: Path, batch_size: int = 1, clipped_window: int = 8
 ) -> pd.DataFrame:
-    """Scores computed outside mechgen.sources/scoring: transformers loads the folder directly."""
+    """Scores computed outside mechgen.sources.checkpoints/scoring: transformers loads the folder directly."""
     from transformers import GPTNeoXForCausalLM
 
     model = GPTNeoXForCausalLM.from_pretrained(str(step_dir), attn_implementation="eager")
@@ -264,7 +265,8 @@ def test_cache_key_holds_the_scored_mechanisms_versions(monkeypatch):
     mechanisms count only when the circuit scores are in the entry."""
     import dataclasses
 
-    from mechgen import mechanisms, scoring
+    from mechgen import mechanisms
+    from mechgen.scoring import job as scoring
 
     args = ("a" * 64, "c" * 64, "t" * 64, 8, {"torch": "1", "transformers": "2"})
     key, fields = score_cache_key(*args)

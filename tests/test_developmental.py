@@ -1,4 +1,4 @@
-"""Tests of mechgen.tables (reading/validating per-head tables) and mechgen.developmental.
+"""Tests of mechgen.tables.heads (reading/validating per-head tables) and mechgen.axes.developmental.
 
 Every expected value comes from an independent computation: a brute-force loop over the rows,
 a hand-worked example, numpy's polyfit, or a curve with a known midpoint.
@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechgen import developmental as dev
+from mechgen.axes import developmental as dev
 from mechgen.schema import ID_COLUMNS, TRAJECTORY_COLUMNS
-from mechgen.tables import TROTT2025_COLUMNS, read_trott2025, validate_heads
+from mechgen.tables.heads import TROTT2025_COLUMNS, read_trott2025, validate_heads
 
 TOKENS_PER_STEP = 2048
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]

@@ -14,11 +14,16 @@ import pandas as pd
 import pytest
 import torch
 
-from mechgen import circuit, mechanisms
-from mechgen.baselines import uniform_induction_baseline
+from mechgen import mechanisms
 from mechgen.mechanisms import NullContext, meets_criterion_in_table
 from mechgen.mechanisms.base import strongest_rows
-from mechgen.relational import make_repeated_sequences, repeat_offset_attention, score_induction
+from mechgen.scoring import circuit
+from mechgen.scoring.relational import (
+    make_repeated_sequences,
+    repeat_offset_attention,
+    score_induction,
+)
+from mechgen.tables.baselines import uniform_induction_baseline
 
 VOCAB = 40
 HALF = 5

@@ -1,4 +1,4 @@
-"""Tests of mechgen.evaltext: corpus readers, the hash-checked download, tokenization."""
+"""Tests of mechgen.sources.evaltext: corpus readers, the hash-checked download, tokenization."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import
 import pandas as pd
 import pytest
 
-from mechgen import evaltext
-from mechgen.evaltext import (
+from mechgen.sources import evaltext
+from mechgen.sources.evaltext import (
     ChecksumMismatch,
     evaluation_sentences,
     fetch_natural_stories,
@@ -298,7 +298,7 @@ def test_load_tokenizer_gives_what_autotokenizer_gives(tmp_path):
     tokenizer of another class still goes through AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    from mechgen.toy import train_tokenizer
+    from mechgen.sources.toy import train_tokenizer
 
     toy_dir = train_tokenizer(tmp_path / "toy", vocab_size=512).parent
     config = json.loads((toy_dir / "tokenizer_config.json").read_text())
@@ -310,7 +310,7 @@ def test_load_tokenizer_gives_what_autotokenizer_gives(tmp_path):
         auto, cells, 512
     )
     code = (
-        "import sys; from mechgen.evaltext import load_tokenizer; "
+        "import sys; from mechgen.sources.evaltext import load_tokenizer; "
         f"load_tokenizer({str(toy_dir)!r}); "
         "print('transformers.models.auto.tokenization_auto' in sys.modules)"
     )

@@ -1,4 +1,4 @@
-"""A study that combines suites and compares mechanisms across model families (mechgen.families).
+"""A study that combines suites and compares mechanisms across model families (mechgen.stats.families).
 
 Fast tests: members built by running the single-suite mechanism analysis on the planted per-head
 table of tests/crossmech_data.py, written as a member's stats directory would be; statistics
@@ -21,10 +21,11 @@ from conftest import TOY_TEST_CONFIGFILES, TOY_TEST_SUITE, copy_run, logged_jobs
 from crossmech_data import EVAL_LENGTHS, HALF_LENGTH, planted_heads
 from test_outputs import assert_documented
 
-from mechgen import crossmech, families, mechanisms
+from mechgen import mechanisms
 from mechgen.config import ConfigError, load_yaml, validate_config
 from mechgen.mechanisms import NullContext
-from mechgen.outputs import read_csv, write_csv
+from mechgen.stats import crossmech, families
+from mechgen.tables.outputs import read_csv, write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["previous_token", "induction"]

@@ -38,11 +38,11 @@ from support.fakehub import (
     train_tiny_tokenizer,
 )
 
-from mechgen import developmental
+from mechgen.axes import developmental
 from mechgen.config import Run
-from mechgen.hubcache import DownloadSlots, file_sha256
-from mechgen.scoring import score_checkpoint
-from mechgen.sources import HubSettings, HubUnavailable, fetch_checkpoint, retry_wait_s
+from mechgen.scoring.job import score_checkpoint
+from mechgen.sources.checkpoints import HubSettings, HubUnavailable, fetch_checkpoint, retry_wait_s
+from mechgen.sources.hubcache import DownloadSlots, file_sha256
 
 torch.set_num_threads(1)
 
@@ -306,7 +306,7 @@ def test_truncated_downloads_are_detected_and_fetched_again(hub, checkpoints):
 def test_download_slots_hold_across_processes(tmp_path):
     """4 processes, 2 slots: never more than 2 holders at once, and 2 do overlap."""
     code = (
-        "import sys, time; from mechgen.hubcache import DownloadSlots\n"
+        "import sys, time; from mechgen.sources.hubcache import DownloadSlots\n"
         "slots = DownloadSlots(sys.argv[1], 2, poll_s=0.01, max_poll_s=0.02)\n"
         "with slots.acquire('test'):\n"
         "    start = time.time(); time.sleep(0.4); end = time.time()\n"
@@ -360,7 +360,7 @@ def test_download_limit_against_the_fake_hub(hub, checkpoints, monkeypatch):
             try:
                 files = fetch_checkpoint(_hf_run(), step, hub=settings)
                 assert files.sha256 == file_sha256(files.weight_file)
-                from mechgen.sources import release
+                from mechgen.sources.checkpoints import release
 
                 release(files)
             except BaseException as err:  # noqa: BLE001 - surfaced by the assert below

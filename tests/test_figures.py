@@ -20,8 +20,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from snakemake.iocontainers import Namedlist
 
-from mechgen import convergence, figures, functional, positional, stats, summary
-from mechgen.developmental import trajectories
+from mechgen.axes import convergence, functional, positional
+from mechgen.axes.developmental import trajectories
+from mechgen.figures import suite as figures
+from mechgen.stats import analysis as stats
+from mechgen.tables import summary
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = (0, 1, 2, 4, 8, 16, 32)
@@ -429,7 +432,7 @@ def test_analyze_and_figures_read_trajectories_and_mds(
                     if value is function:
                         monkeypatch.setattr(module, attr, forbidden(name))
 
-    from mechgen import developmental
+    from mechgen.axes import developmental
 
     real_trajectories, real_mds = developmental.trajectories, convergence.mds_coordinates
     paths = run_scripts(
@@ -566,7 +569,7 @@ def render_all(
 ) -> dict[str, object]:
     """Every figure of the pipeline drawn from ``heads`` (and its ``stats.analyze`` results)
     into ``directory``, at ``width`` inches: ``{name: Figure}``."""
-    from mechgen.developmental import trajectories
+    from mechgen.axes.developmental import trajectories
 
     relational, configurational = synthetic_relational(heads)
     tables = functional.functional_tables(heads, 0.125, "token_lengths", multiple=2.0)

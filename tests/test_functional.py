@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechgen import baselines, functional
+from mechgen.axes import functional
+from mechgen.tables import baselines
 
 
 def synthetic_heads(seed: int = 0) -> pd.DataFrame:

@@ -15,7 +15,6 @@ from test_weight_mechanisms import PLANTED_TASKS, WORDS
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from mechgen.mechanisms import catalog, successor
-from mechgen.metrics import score_heads
 from mechgen.model import adapter as architectures
 from mechgen.model import gpt2, gpt_neox
 from mechgen.model.weight_scores import (
@@ -25,13 +24,14 @@ from mechgen.model.weight_scores import (
     ov_logits,
     score_weight_mechanisms,
 )
-from mechgen.relational import (
+from mechgen.schema import ATTENTION_METRICS
+from mechgen.scoring.metrics import score_heads
+from mechgen.scoring.relational import (
     make_repeated_sequences,
     mean_ablated,
     mean_head_outputs,
     score_induction,
 )
-from mechgen.schema import ATTENTION_METRICS
 
 N_LAYERS, N_HEADS, D_MODEL = 3, 4, 32
 HEAD_DIM = D_MODEL // N_HEADS
@@ -369,7 +369,7 @@ def test_every_catalog_mechanism_scores_a_gpt2_model() -> None:
 def test_head_outputs_in_the_residual_stream_match_the_hand_attention() -> None:
     """configurational.head_outputs (pre-hooks on c_proj, W_O from the adapter) equals the
     hand-computed z and W_O z of each head, sentence by sentence."""
-    from mechgen.configurational import head_outputs
+    from mechgen.scoring.configurational import head_outputs
 
     model = random_gpt2()
     rows = [[5, 9, 2, 33, 9], [7, 1, 60]]
@@ -404,7 +404,7 @@ def test_relational_and_configurational_scores_run_on_gpt2() -> None:
     """The scoring job's relational part (ride-along hooks, induction and its controls, spectra,
     QK factors, composition, mean ablation, CKA outputs) runs on a GPT-2 model through the
     adapter, and its induction equals score_induction's."""
-    from mechgen import circuit
+    from mechgen.scoring import circuit
 
     model = random_gpt2(dtype=torch.float32)
     settings = circuit.CircuitSettings(

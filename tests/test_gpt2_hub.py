@@ -1,4 +1,4 @@
-"""The toy GPT-2 family on the data side: trained by mechgen.toy with ``architecture="gpt2"``, saved
+"""The toy GPT-2 family on the data side: trained by mechgen.sources.toy with ``architecture="gpt2"``, saved
 with ``checkpoint-N`` revisions, and served through the offline Hugging Face cache and the fake
 hub so that the real ``hf`` download code (huggingface_hub, revision="checkpoint-N") fetches GPT-2
 weights and names. Every check compares with an independent reading of the saved files.
@@ -24,16 +24,16 @@ from safetensors.torch import load_file
 from support.fakehub import FakeHub
 from support.offline_hub import build_offline_cache, run_revisions
 
-from mechgen import toy
 from mechgen.config import Run
-from mechgen.hubcache import file_sha256, repo_cache_dir
-from mechgen.sources import (
+from mechgen.sources import toy, toytext
+from mechgen.sources.checkpoints import (
     MissingCheckpoint,
     fetch_checkpoint,
     fetch_tokenizer,
     release,
     resolve_checkpoint,
 )
+from mechgen.sources.hubcache import file_sha256, repo_cache_dir
 
 VOCAB = 512
 SIZE = {"n_layers": 2, "n_heads": 2, "d_model": 32}
@@ -173,7 +173,7 @@ def test_hf_tokenizer_of_a_checkpoint_revision_adds_no_bos(gpt2_run, tmp_path) -
 
 
 def test_missing_revision_is_recorded_and_the_sweep_goes_on(gpt2_run, tmp_path) -> None:
-    from mechgen.scoring import score_checkpoint
+    from mechgen.scoring.job import score_checkpoint
 
     run_dir, _ = gpt2_run
     cache = tmp_path / "hub"
@@ -260,14 +260,14 @@ def test_gpt2_scores_through_the_hf_path_match_brute_force(gpt2_run, tmp_path) -
     from huggingface_hub import constants
     from tokenizers import Tokenizer
 
-    from mechgen.scoring import score_checkpoint
+    from mechgen.scoring.job import score_checkpoint
 
     cache = tmp_path / "hub"
     revisions = run_revisions(run_dir, "gpt2")
     revisions["checkpoint-7"] = revisions["checkpoint-6"]  # the same weights under another branch
     build_offline_cache(cache, REPO, revisions, weight_format="pytorch", legacy_pythia_keys=False)
     raw = Tokenizer.from_file(str(run_dir / "checkpoint-6" / "tokenizer.json"))
-    sentences = toy.heldout_sentences(12)
+    sentences = toytext.heldout_sentences(12)
     token_ids = [raw.encode(s, add_special_tokens=False).ids for s in sentences]
     saved = constants.HF_HUB_CACHE
     constants.HF_HUB_CACHE = str(cache)

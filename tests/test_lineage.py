@@ -15,8 +15,9 @@ import torch
 from support.fakehub import save_random_checkpoint, tiny_gpt_neox_config
 from support.offline_hub import build_offline_cache
 
-from mechgen import lineage
-from mechgen.model.fingerprint import N_SAMPLE, SAMPLE_SEED, cosine, weight_fingerprint
+from mechgen.model.fingerprint import N_SAMPLE, SAMPLE_SEED, weight_fingerprint
+from mechgen.stats import lineage
+from mechgen.stats.lineage import cosine
 
 STEPS = (0, 1, 2, 4)
 

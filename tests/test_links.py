@@ -1,4 +1,4 @@
-"""The relational axis for every declared link (mechgen.links): the four relations of each link
+"""The relational axis for every declared link (mechgen.axes.links): the four relations of each link
 read from the mechanisms' per-seed tables and a circuit file built by hand, NA where a relation
 is not measured or a mechanism never formed; the declared links of the catalog; and the
 mechanisms rule writes links.csv for the planted suite."""
@@ -13,9 +13,10 @@ import pytest
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
-from mechgen import links, mechanisms
-from mechgen.circuit_files import CircuitResult
+from mechgen import mechanisms
+from mechgen.axes import links
 from mechgen.mechanisms import Link
+from mechgen.tables.circuit_files import CircuitResult
 
 
 def per_seed(rows: list[tuple[str, int, int, float, bool]]) -> pd.DataFrame:

@@ -20,7 +20,7 @@ from mechgen.mechanisms.locality import (
     received_concentration_of_uniform,
     uniform_received_concentration,
 )
-from mechgen.metrics import score_heads
+from mechgen.scoring.metrics import score_heads
 
 VOCAB = 32
 

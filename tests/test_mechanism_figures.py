@@ -1,4 +1,4 @@
-"""Per-mechanism figures (mechgen.mechanism_figures): what each panel draws equals a computation
+"""Per-mechanism figures (mechgen.figures.mechanism_figures): what each panel draws equals a computation
 from heads.parquet alone (the planted suite of crossmech_data), the figure is readable at one
 paper column, its caption renders for every catalog mechanism, and the rule's script draws a
 placeholder for a mechanism the suite did not score."""
@@ -18,10 +18,12 @@ from docutils.core import publish_parts
 from snakemake.iocontainers import Namedlist
 from test_figures import check_png, lines_by_gid, readability_problems
 
-from mechgen import crossmech, figures, mechanisms
-from mechgen.developmental import threshold_onset
-from mechgen.mechanism_figures import plot_mechanism
+from mechgen import mechanisms
+from mechgen.axes.developmental import threshold_onset
+from mechgen.figures import suite as figures
+from mechgen.figures.mechanism_figures import plot_mechanism
 from mechgen.mechanisms import NullContext
+from mechgen.stats import crossmech
 
 REPO = Path(__file__).resolve().parent.parent
 NEVER = "syn-big-seed3"

@@ -1,4 +1,4 @@
-"""Tests of mechgen.metrics: the per-head attention scorer.
+"""Tests of mechgen.scoring.metrics: the per-head attention scorer.
 
 Three independent checks: hand-worked attention patterns with metrics derived on paper, the
 batched scorer against a brute-force loop over sentences and heads of the full causal LM's
@@ -18,8 +18,8 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mechgen.metrics import score_heads, sentence_attention_metrics
 from mechgen.schema import ATTENTION_METRICS
+from mechgen.scoring.metrics import score_heads, sentence_attention_metrics
 
 torch.set_num_threads(1)
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import (
     REPO_ROOT,
     TOY_TEST_CONFIGFILES,
@@ -30,8 +29,9 @@ from conftest import (
     copy_workflow,
     logged_jobs,
 )
+
 from mechgen import atomic, runguard
-from mechgen.toy import STEP_DELAY_ENV
+from mechgen.sources.toy import STEP_DELAY_ENV
 
 PYTHON = sys.executable
 VENV = sys.prefix  # the venv running the tests (not resolved: its python is a symlink)

@@ -17,11 +17,13 @@ import pytest
 from conftest import TOY_TEST_SUITE
 from test_figures import synthetic_heads
 
-from mechgen import circuit_tables, convergence, functional, positional, schema, stats
-from mechgen.aggregate import read_sidecars
-from mechgen.circuit_tables import RUN_TABLE_COLUMNS, relation_fraction_by_size
-from mechgen.developmental import trajectories
-from mechgen.outputs import read_csv, write_csv
+from mechgen import schema
+from mechgen.axes import circuit_tables, convergence, functional, positional
+from mechgen.axes.circuit_tables import RUN_TABLE_COLUMNS, relation_fraction_by_size
+from mechgen.axes.developmental import trajectories
+from mechgen.stats import analysis as stats
+from mechgen.tables.aggregate import read_sidecars
+from mechgen.tables.outputs import read_csv, write_csv
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "outputs.md"
@@ -180,8 +182,9 @@ def test_every_pipeline_output_is_documented(toy_test_run: Path) -> None:
 def test_mechanism_tables_are_documented() -> None:
     from crossmech_data import EVAL_LENGTHS, HALF_LENGTH, planted_heads
 
-    from mechgen import crossmech, mechanisms
+    from mechgen import mechanisms
     from mechgen.mechanisms import NullContext
+    from mechgen.stats import crossmech
 
     heads = planted_heads(never=("syn-big-seed3",))
     context = NullContext(

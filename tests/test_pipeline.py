@@ -20,7 +20,7 @@ import yaml
 from conftest import TOY_TEST_CONFIGFILES, copy_workflow, run_snakemake
 
 from mechgen import mechanisms
-from mechgen.evaltext import read_sentence_file
+from mechgen.sources.evaltext import read_sentence_file
 
 SUITE = "toy-test"
 pytestmark = pytest.mark.slow

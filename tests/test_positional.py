@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechgen import positional
-from mechgen.developmental import trajectories
+from mechgen.axes import positional
+from mechgen.axes.developmental import trajectories
 
 STEPS = (0, 1, 2, 4, 8, 16, 32)
 

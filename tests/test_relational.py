@@ -1,4 +1,4 @@
-"""Tests of mechgen.relational: induction score, copying, composition, ablation, run tables.
+"""Tests of mechgen.scoring.relational: induction score, copying, composition, ablation, run tables.
 
 Independent checks:
 - a 2-layer attention-only GPTNeoXForCausalLM whose weights are set by hand so that head 0.0
@@ -24,8 +24,8 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mechgen.circuit_tables import relation_fraction_by_size, relational_run_table
-from mechgen.relational import (
+from mechgen.axes.circuit_tables import relation_fraction_by_size, relational_run_table
+from mechgen.scoring.relational import (
     HeadWeights,
     RepeatedSequences,
     causal_dependence,
@@ -207,8 +207,8 @@ def test_every_declared_link_gets_its_ablation_test_on_the_hand_built_circuit(
     """The detail step's mean-ablation test of links other than previous_token -> induction,
     with answers known from the construction: head 0.0 the previous-token head, 1.0 the
     induction head, every other head zero (uniform attention, zero output)."""
-    from mechgen import circuit, metrics
     from mechgen.mechanisms import Link
+    from mechgen.scoring import circuit, metrics
 
     settings = circuit.CircuitSettings(
         n_sequences=16, half_length=12, token_lo=0, token_hi=VOCAB, seed=3, batch_size=16,
@@ -256,7 +256,7 @@ def test_every_declared_link_gets_its_ablation_test_on_the_hand_built_circuit(
     assert other["control_drop"] > 0.85 if control == 0 else abs(other["control_drop"]) < 1e-6
     # Every mechanism that declares the repeated-sequence pass is a score that pass yields.
     from mechgen import mechanisms
-    from mechgen.relational import REPEATED_SEQUENCE_SCORES
+    from mechgen.scoring.relational import REPEATED_SEQUENCE_SCORES
 
     for mechanism in mechanisms.catalog().values():
         if mechanism.ablation_pass is not None:
@@ -391,8 +391,8 @@ def test_shared_first_halves_equal_separate_full_passes(family: str) -> None:
     copying count is exactly the full passes'."""
     from test_gpt2_adapter import random_gpt2
 
-    from mechgen import circuit
-    from mechgen.relational import score_induction_with_control
+    from mechgen.scoring import circuit
+    from mechgen.scoring.relational import score_induction_with_control
 
     if family == "gpt_neox":
         model, vocab = random_model(seed=2, vocab=13), 13
@@ -451,7 +451,7 @@ def test_mean_head_outputs_match_manual_capture():
 
 
 def test_mean_head_outputs_ride_along_the_one_back_scorer():
-    from mechgen.metrics import score_heads
+    from mechgen.scoring.metrics import score_heads
 
     model = random_model(seed=2)
     torch.manual_seed(3)
@@ -750,7 +750,7 @@ def test_finite_svdvals_isolates_a_nonfinite_head():
     import numpy as np
     import torch
 
-    from mechgen.relational import finite_svdvals
+    from mechgen.scoring.relational import finite_svdvals
 
     gen = torch.Generator().manual_seed(0)
     matrices = torch.randn(2, 3, 4, 6, generator=gen)
@@ -780,7 +780,7 @@ def test_copying_count_equals_the_full_argmax(bias: bool, monkeypatch) -> None:
     # refuted by itself).
     from types import SimpleNamespace
 
-    from mechgen import relational
+    from mechgen.scoring import relational
 
     torch.manual_seed(0)
     vocab, width, half = 6000, 32, 40

@@ -72,7 +72,7 @@ def test_induction_column_matches_brute_force(toy_test_run: Path) -> None:
 
 
 def test_relational_table_agrees_with_a_pandas_max_over_heads(toy_test_run: Path) -> None:
-    from mechgen.developmental import onset_thresholds, threshold_onset
+    from mechgen.axes.developmental import onset_thresholds, threshold_onset
 
     results = _results(toy_test_run)
     heads = pd.read_parquet(results / "heads.parquet")
@@ -92,7 +92,7 @@ def test_relational_table_agrees_with_a_pandas_max_over_heads(toy_test_run: Path
             final = per_step[per_step["step"] == per_step["step"].max()]
             best[metric] = final.loc[final[metric].idxmax()]
         row = table.loc[run]
-        # The CSV carries 6 significant digits (mechgen.outputs.CSV_FLOAT_FORMAT).
+        # The CSV carries 6 significant digits (mechgen.tables.outputs.CSV_FLOAT_FORMAT).
         assert row["lag_steps"] == pytest.approx(
             onsets["induction"] - onsets["one_back"], rel=1e-5, nan_ok=True
         )
@@ -110,7 +110,7 @@ def test_relational_rule_classifies_planted_induction_heads(
 ) -> None:
     """The `relational` rule rerun on a per-head table whose final step holds planted heads.
 
-    The documented verdicts (mechgen.circuit): an induction head is formed when the strongest
+    The documented verdicts (mechgen.scoring.circuit): an induction head is formed when the strongest
     head scores at least 2 x the uniform level and its non-repeating control stays below half
     its score; positional when the control reaches half. Planted close to both limits, on
     either side, so that another multiple or fraction changes a verdict:
@@ -161,7 +161,7 @@ def test_relational_rule_classifies_planted_induction_heads(
 
 
 def test_detail_step_and_configurational_outputs(toy_test_run: Path) -> None:
-    from mechgen.circuit_files import load_circuit
+    from mechgen.tables.circuit_files import load_circuit
 
     results = _results(toy_test_run)
     final = _final_step(toy_test_run)

@@ -24,9 +24,9 @@ import statsmodels.formula.api as smf
 from scipy import optimize
 from test_stats import brute_force_fit, profile_likelihood
 
-from mechgen import stats
-from mechgen.developmental import trajectories
-from mechgen.tables import compare_trott2025, read_trott2025, trott2025_value
+from mechgen.axes.developmental import trajectories
+from mechgen.stats import analysis as stats
+from mechgen.tables.heads import compare_trott2025, read_trott2025, trott2025_value
 
 DATA = Path(__file__).parent / "data" / "trott2025"
 PUBLISHED = json.loads((DATA / "published.json").read_text())["numbers"]

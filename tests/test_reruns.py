@@ -41,8 +41,8 @@ from conftest import (
     run_snakemake,
 )
 
-from mechgen.circuit_files import load_circuit
-from mechgen.evaltext import read_sentence_file
+from mechgen.sources.evaltext import read_sentence_file
+from mechgen.tables.circuit_files import load_circuit
 
 pytestmark = pytest.mark.slow
 
@@ -482,7 +482,7 @@ def test_a_failed_score_run_rerun_rescores_only_the_unfinished_checkpoints(workd
     for step in STEPS:
         sidecar = json.loads((workdir / RES / "scores" / one / f"step{step}.json").read_text())
         assert sidecar["status"] == "ok"
-        # A hit is read from the cache: no forward pass (mechgen.scoring).
+        # A hit is read from the cache: no forward pass (mechgen.scoring.job).
         assert sidecar["score_cache"] == {
             "key": entries[step].stem,
             "hit": step != broken,

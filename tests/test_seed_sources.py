@@ -1,4 +1,4 @@
-"""mechgen.seed_sources against independent computations: numpy variances, hand-worked shares and
+"""mechgen.stats.seed_sources against independent computations: numpy variances, hand-worked shares and
 chi-square bounds, a brute-force enumeration of the permutation test, and a planted data set
 with known variance components."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mechgen import seed_sources as ss
+from mechgen.stats import seed_sources as ss
 
 
 def _runs(values: dict[str, list[float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -141,7 +141,7 @@ def test_convergence_rows_match_numpy():
 def test_columns_are_documented():
     from test_outputs import documented_columns
 
-    from mechgen import lineage
+    from mechgen.stats import lineage
 
     sections = documented_columns()
     assert set(ss.COLUMNS) == sections["stats/seed_sources.csv"]

@@ -40,7 +40,7 @@ from conftest import (
     run_snakemake,
 )
 
-from mechgen.evaltext import read_sentence_file
+from mechgen.sources.evaltext import read_sentence_file
 
 pytestmark = [
     pytest.mark.slurm,

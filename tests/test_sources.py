@@ -1,7 +1,7 @@
-"""Tests of mechgen.sources and mechgen.hubcache: the real huggingface_hub download path, offline.
+"""Tests of mechgen.sources.checkpoints and mechgen.sources.hubcache: the real huggingface_hub download path, offline.
 
 A tiny random GPT-NeoX and a tiny byte-level BPE tokenizer are saved as hub-layout ``step{N}``
-folders; mechgen.hubcache lays them out as a huggingface_hub cache for
+folders; mechgen.sources.hubcache lays them out as a huggingface_hub cache for
 ``EleutherAI/pythia-14m-seed1`` (and friends); then ``fetch_checkpoint`` must resolve them through
 ``hf_hub_download`` with ``HF_HUB_OFFLINE=1``.
 
@@ -29,8 +29,7 @@ import torch
 from support.offline_hub import build_offline_cache
 
 from mechgen.config import Run
-from mechgen.hubcache import git_blob_sha1, repo_cache_dir
-from mechgen.sources import (
+from mechgen.sources.checkpoints import (
     CorruptCheckpoint,
     HubUnavailable,
     MissingCheckpoint,
@@ -41,6 +40,7 @@ from mechgen.sources import (
     load_model,
     release,
 )
+from mechgen.sources.hubcache import git_blob_sha1, repo_cache_dir
 
 torch.set_num_threads(1)
 
@@ -205,7 +205,7 @@ def test_env_vars_in_a_fresh_process(tmp_path, checkpoints):
     hf_home = tmp_path / "home"
     built = _cache(hf_home / "hub", checkpoints)
     code = (
-        "from mechgen.config import Run; from mechgen.sources import fetch_checkpoint;"
+        "from mechgen.config import Run; from mechgen.sources.checkpoints import fetch_checkpoint;"
         f"f = fetch_checkpoint(Run('p','r','m','14m',1,'hf',{REPO!r}), 1000);"
         "print(f.commit, f.directory)"
     )

@@ -1,4 +1,4 @@
-"""Tests of mechgen.stats (mixed models, OLS tables, bootstrap, analyze) and mechgen.convergence.
+"""Tests of mechgen.stats.analysis (mixed models, OLS tables, bootstrap, analyze) and mechgen.axes.convergence.
 
 The mixed-model answers are checked against an independent computation written here: the
 closed-form profile (RE)ML likelihood of a linear model with random intercepts, maximised by
@@ -18,8 +18,9 @@ import statsmodels.formula.api as smf
 from scipy import optimize
 from statsmodels.regression.mixed_linear_model import MixedLMParams
 
-from mechgen import convergence, stats
-from mechgen.developmental import trajectories
+from mechgen.axes import convergence
+from mechgen.axes.developmental import trajectories
+from mechgen.stats import analysis as stats
 
 
 def make_heads(
@@ -462,7 +463,7 @@ def test_wilson_interval_known_answers_and_exact_bounds() -> None:
     (1 + z^2/n), and exact 0 and 1 at 0 of n and n of n (statsmodels gives 5.6e-17 for 0/3)."""
     from scipy.stats import norm
 
-    from mechgen.stats import wilson_interval
+    from mechgen.stats.analysis import wilson_interval
 
     z = norm.ppf(0.975)
     for count, n in ((1, 3), (2, 5), (7, 10)):

@@ -1,4 +1,4 @@
-"""Tests of the embedded toy suite (mechgen.toy and scripts/toy_*.py).
+"""Tests of the embedded toy suite (mechgen.sources.toy and scripts/toy_*.py).
 
 Every training here is a few updates of a tiny GPT-NeoX (1-2 layers, d_model 32-64) on a
 512-entry tokenizer, so the file runs in well under a minute on one thread.
@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mechgen import toy
+from mechgen.sources import toy, toytext
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 512
@@ -73,28 +73,28 @@ def test_heldout_sentences_come_from_pydoc_and_are_not_trained_on() -> None:
     from pydoc_data.topics import topics
 
     source = " ".join(" ".join(topics[k].split()) for k in sorted(topics))
-    training = " ".join(toy.read_training_text().split())
-    sentences = toy.heldout_sentences(toy.heldout_pool_size())
+    training = " ".join(toytext.read_training_text().split())
+    sentences = toytext.heldout_sentences(toytext.heldout_pool_size())
     assert len(sentences) >= 300  # the toy eval asks for 200 by default
     for sentence in sentences:
         assert sentence in source, sentence  # real text of the source, not an artefact
         assert sentence not in training, sentence
-        assert toy.SENTENCE_MIN_WORDS <= len(sentence.split()) <= toy.SENTENCE_MAX_WORDS
+        assert toytext.SENTENCE_MIN_WORDS <= len(sentence.split()) <= toytext.SENTENCE_MAX_WORDS
         assert sentence[-1] in ".!?"
     # Holding out must leave most of the text for training: ~87% of the characters.
     assert 0.8 * len(source) < len(training) < 0.95 * len(source)
 
 
 def test_heldout_sentences_are_deterministic_distinct_and_checked() -> None:
-    first = toy.heldout_sentences(200)
-    assert first == toy.heldout_sentences(200)
+    first = toytext.heldout_sentences(200)
+    assert first == toytext.heldout_sentences(200)
     assert len(set(first)) == 200
     # Spread over the pool: 200 of ~340 must not simply be a prefix of it.
-    assert first != toy.heldout_sentences(toy.heldout_pool_size())[:200]
+    assert first != toytext.heldout_sentences(toytext.heldout_pool_size())[:200]
     with pytest.raises(ValueError, match="only"):
-        toy.heldout_sentences(toy.heldout_pool_size() + 1)
+        toytext.heldout_sentences(toytext.heldout_pool_size() + 1)
     with pytest.raises(ValueError, match="positive int"):
-        toy.heldout_sentences(0)
+        toytext.heldout_sentences(0)
 
 
 # --- tokenizer -------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The toy GPT-2 suite through Snakemake: rule toy_train builds GPT-2 runs with ``checkpoint-N``
-revisions (checked bitwise against mechgen.toy called directly), and, once the GPT-2 adapter is
+revisions (checked bitwise against mechgen.sources.toy called directly), and, once the GPT-2 adapter is
 merged, the whole DAG scores them through the ``hf`` path (offline cache, revision="checkpoint-N")
 against a brute-force GPT2LMHeadModel forward."""
 
@@ -17,7 +17,7 @@ import yaml
 from conftest import copy_workflow, run_snakemake
 from safetensors.torch import load_file
 
-from mechgen import toy
+from mechgen.sources import toy, toytext
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +138,7 @@ def test_toy_gpt2_end_to_end_through_the_hf_path(trained, tmp_path, monkeypatch)
         weight_format="pytorch", legacy_pythia_keys=False,
     )
     sentences = tmp_path / "sentences.txt"
-    sentences.write_text("\n".join(toy.heldout_sentences(24)) + "\n")
+    sentences.write_text("\n".join(toytext.heldout_sentences(24)) + "\n")
     hf_overlay = tmp_path / "hf.yaml"
     hf_overlay.write_text(yaml.safe_dump({
         "suite": "offline-gpt2",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_toy import SCHEDULE, SIZE, TRAINING, VOCAB, _same_weights, _weights
 
-from mechgen import toy
 from mechgen.config import ConfigError, load_yaml, suite_runs, validate_config
+from mechgen.sources import toy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

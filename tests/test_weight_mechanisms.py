@@ -285,9 +285,9 @@ def test_scoring_job_adds_the_weight_columns_and_caches_them(tmp_path: Path, mon
     tasks, and a byte-identical checkpoint reads them from the score cache (no forward pass)."""
     from support.fakehub import save_random_checkpoint, tiny_gpt_neox_config
 
-    from mechgen import metrics
     from mechgen.config import Run
-    from mechgen.scoring import score_checkpoint
+    from mechgen.scoring import metrics
+    from mechgen.scoring.job import score_checkpoint
 
     run_dir = tmp_path / "tiny-a-seed1"
     save_random_checkpoint(run_dir / "step0", tiny_gpt_neox_config(), seed=1)

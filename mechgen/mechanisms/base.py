@@ -36,7 +36,7 @@ Unit = Literal["head", "layer"]
 ABLATION_PASSES = ("repeated_sequences",)
 """The passes the scoring job reruns with a head mean-ablated, at detail steps
 (``Mechanism.ablation_pass``): ``repeated_sequences``, the [x_1 .. x_L] x 2 passes of the
-induction score (:func:`mechgen.relational.score_induction`), whose per-head scores are the
+induction score (:func:`mechgen.scoring.relational.score_induction`), whose per-head scores are the
 mechanism's ``score_column``."""
 
 
@@ -174,7 +174,7 @@ def strongest_rows(table: pd.DataFrame, column: str) -> pd.Series:
     (run, step).
 
     Non-finite scores and flagged heads (``nonfinite``) are left out; ties go to the lowest
-    layer, then head (as :func:`mechgen.developmental.trajectories` picks its argmax). A
+    layer, then head (as :func:`mechgen.axes.developmental.trajectories` picks its argmax). A
     (run, step) with no finite score has no strongest head.
     """
     missing = [c for c in ("run", "step", "layer", "head", column) if c not in table.columns]

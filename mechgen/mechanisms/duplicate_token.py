@@ -3,9 +3,9 @@ position p of the second copy attends to the same token's earlier occurrence, p 
 
 Score: ``duplicate_token``, the mean over sequences and second-half positions p = L..2L-1 of
 A[p, p-L] (attention probability), read in the induction score's forward passes
-(:func:`mechgen.relational.score_induction`, :func:`mechgen.relational.repeat_offset_attention`).
+(:func:`mechgen.scoring.relational.score_induction`, :func:`mechgen.scoring.relational.repeat_offset_attention`).
 Control: ``duplicate_token_control``, the same positions on the induction control's sequences,
-whose halves differ (:func:`mechgen.circuit.positional_controls`), so a head that attends to the
+whose halves differ (:func:`mechgen.scoring.circuit.positional_controls`), so a head that attends to the
 fixed offset L whatever the content scores as high there. Null: uniform causal attention at
 those positions, (1/L) sum_{p=L}^{2L-1} 1/(p+1), the induction null (uniform attention puts
 1/(p+1) on every key, p - L as much as p - L + 1). Criterion: duplicate_token >= 2 x null,

@@ -2,11 +2,11 @@
 of the second copy attends to the token after p's earlier occurrence, p - L + 1.
 
 Score: ``induction``, the mean over sequences and second-half positions p = L..2L-1 of
-A[p, p-L+1] (:mod:`mechgen.relational`; attention probability). Control:
+A[p, p-L+1] (:mod:`mechgen.scoring.relational`; attention probability). Control:
 ``induction_control``, the same positions on sequences whose halves differ, so a head that
 attends to the fixed offset L-1 whatever the content scores as high there (a positional head,
 not an induction head). Null: uniform causal attention at those positions,
-(1/L) sum_{p=L}^{2L-1} 1/(p+1) (:func:`mechgen.baselines.uniform_induction_baseline`).
+(1/L) sum_{p=L}^{2L-1} 1/(p+1) (:func:`mechgen.tables.baselines.uniform_induction_baseline`).
 Criterion: induction >= 2 x null and control < 0.5 x induction.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechgen.baselines import uniform_induction_baseline
 from mechgen.mechanisms.base import Mechanism, NullContext
+from mechgen.tables.baselines import uniform_induction_baseline
 
 
 def uniform_induction_null(table: pd.DataFrame, context: NullContext) -> pd.Series:

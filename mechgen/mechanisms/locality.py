@@ -2,7 +2,7 @@
 focused heads), against heads that spread their attention.
 
 Score: ``received_concentration`` (dimensionless, 0..1), from the evaluation-sentence pass
-(:func:`mechgen.metrics.sentence_attention_metrics`). Per sentence of L >= 4 tokens and head,
+(:func:`mechgen.scoring.metrics.sentence_attention_metrics`). Per sentence of L >= 4 tokens and head,
 the *future-attention index* of key position j is the mean attention it receives from the
 later queries, r_j = (1/(L-1-j)) sum_{i=j+1}^{L-1} A[i, j], for j = 1..L-2 (position 0, the
 attention sink most heads park on, and the last position, which no later query sees, are left
@@ -30,8 +30,8 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from mechgen.baselines import step0_median_baseline
 from mechgen.mechanisms.base import Mechanism, NullContext
+from mechgen.tables.baselines import step0_median_baseline
 
 SCORE_COLUMN = "received_concentration"
 MIN_TOKENS = 4

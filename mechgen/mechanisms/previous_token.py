@@ -1,11 +1,11 @@
 """The previous-token (1-back) head: the reference study's mechanism (Trott 2025).
 
 Score: ``one_back``, the mean over query positions 1..L-1 of A[i, i-1] on the evaluation
-sentences, then the unweighted mean over sentences (:mod:`mechgen.metrics`; attention
+sentences, then the unweighted mean over sentences (:mod:`mechgen.scoring.metrics`; attention
 probability). Null: uniform causal attention on the same sentences,
-b = mean_s (1/(L_s-1)) sum_{i=1}^{L_s-1} 1/(i+1) (:func:`mechgen.baselines.
+b = mean_s (1/(L_s-1)) sum_{i=1}^{L_s-1} 1/(i+1) (:func:`mechgen.tables.baselines.
 uniform_one_back_baseline`); for a suite imported from published tables, whose sentence lengths
-are unknown, the median step-0 head (:func:`mechgen.baselines.step0_median_baseline`).
+are unknown, the median step-0 head (:func:`mechgen.tables.baselines.step0_median_baseline`).
 Criterion: one_back >= 2 x b. Onsets may also use the study's absolute thresholds (0.01..0.30
 per decade of steps on the raw score), so the reproduction prints every published number.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mechgen.baselines import step0_median_baseline, uniform_one_back_baseline
 from mechgen.mechanisms.base import Link, Mechanism, NullContext
+from mechgen.tables.baselines import step0_median_baseline, uniform_one_back_baseline
 
 
 def uniform_attention_null(table: pd.DataFrame, context: NullContext) -> pd.Series:

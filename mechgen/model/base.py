@@ -177,7 +177,7 @@ def new_cache() -> Any:
     would, up to float rounding. A pass ended by :class:`StopForward` after the last layer's
     attention has stored every layer (each attention module stores its keys and values before
     its hook runs)."""
-    # Imported here: table-side processes import the adapters (through mechgen.circuit)
+    # Imported here: table-side processes import the adapters (through mechgen.scoring.circuit)
     # without loading transformers, which only a process that holds a model needs.
     from transformers import DynamicCache
 

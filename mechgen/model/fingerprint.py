@@ -1,6 +1,7 @@
 """A cheap fingerprint of a checkpoint's weights, computed in the scoring job from the loaded model.
 
-The lineage check (:mod:`mechgen.lineage`) compares checkpoints without keeping their weights:
+The lineage check (:mod:`mechgen.stats.lineage`, which also compares two fingerprints) compares
+checkpoints without keeping their weights:
 the blob sha256 says whether two files are identical, and this fingerprint how close two
 checkpoints are. It is a fixed sample of the matrix entries: every parameter with ndim >= 2
 (embeddings, attention and MLP matrices; biases and LayerNorm gains are left out since they
@@ -61,25 +62,3 @@ def weight_fingerprint(model: Any) -> dict[str, Any]:
         "norm": sq**0.5,
         "sample_sha256": hashlib.sha256(sample.tobytes()).hexdigest(),
     }
-
-
-def cosine(a: Any, b: Any) -> float:
-    """Cosine similarity of two fingerprint samples (NaN if either is all zero or they differ
-    in length, e.g. two architectures)."""
-    x = np.asarray(a, dtype=float)
-    y = np.asarray(b, dtype=float)
-    if x.shape != y.shape:
-        return float("nan")
-    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
-    if nx == 0 or ny == 0:
-        return float("nan")
-    return float(x @ y / (nx * ny))
-
-
-def relative_distance(a: Any, b: Any) -> float:
-    """||a - b|| / ||b|| of two fingerprint samples (NaN as :func:`cosine`)."""
-    x = np.asarray(a, dtype=float)
-    y = np.asarray(b, dtype=float)
-    if x.shape != y.shape or np.linalg.norm(y) == 0:
-        return float("nan")
-    return float(np.linalg.norm(x - y) / np.linalg.norm(y))

@@ -3,7 +3,7 @@
 Tests and benchmarks must drive the real online download path (``huggingface_hub``'s HEAD and
 GET on ``/{repo}/resolve/{revision}/{file}``) without the internet. :class:`FakeHub` answers
 those two requests the way the hub does, from caches laid out by
-:func:`mechgen.hubcache.build_offline_cache` (the server's own copy, never the client's):
+:func:`mechgen.sources.hubcache.build_offline_cache` (the server's own copy, never the client's):
 
 - ``HEAD``/``GET /{org}/{name}/resolve/{revision}/{file}`` with ``X-Repo-Commit``, ``ETag`` (and,
   for LFS files, ``X-Linked-Etag``/``X-Linked-Size``), ``Content-Length``, ``Accept-Ranges``;
@@ -53,7 +53,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
-from mechgen.hubcache import is_lfs_file
+from mechgen.sources.hubcache import is_lfs_file
 from support.offline_hub import build_offline_cache
 
 FAULT_KINDS = ("status", "truncate", "short", "corrupt", "replace")
@@ -680,7 +680,7 @@ def _main(argv: list[str] | None = None) -> None:
         description="Serve a hub cache folder as a fake hub on 127.0.0.1."
     )
     parser.add_argument(
-        "cache_dir", type=Path, help="a cache laid out by mechgen.hubcache.build_offline_cache"
+        "cache_dir", type=Path, help="a cache laid out by mechgen.sources.hubcache.build_offline_cache"
     )
     parser.add_argument(
         "--max-seconds", type=float, default=900.0, help="stop after this long (default 900)"

@@ -7,7 +7,7 @@ but the hub cannot be reached. :func:`build_offline_cache` writes exactly the la
 ``huggingface_hub`` itself leaves behind after a download (see ``huggingface_hub/file_download.py``:
 ``_hf_hub_download_to_cache_dir``, ``_cache_commit_hash_for_specific_revision``,
 ``_create_symlink``, ``repo_folder_name``; the layout and the etags are described in
-:mod:`mechgen.hubcache`, which holds the bookkeeping mechgen itself does in such a cache).
+:mod:`mechgen.sources.hubcache`, which holds the bookkeeping mechgen itself does in such a cache).
 Commit hashes are made up (the hub's are git commit hashes over trees we do not have) but
 deterministic: the sha1 of the repo id, the revision name and every (filename, etag) pair, so
 rebuilding the same cache gives the same commits.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mechgen import architectures
-from mechgen.hubcache import (
+from mechgen.sources.hubcache import (
     PYTORCH_WEIGHTS,
     SAFETENSORS_WEIGHTS,
     file_git_sha1,

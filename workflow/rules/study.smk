@@ -1,6 +1,6 @@
 # A combined study (config `studies:`; `suite:` names one): the suites it combines have run their
 # own pipelines under results/<member>/; this reads their tables (nothing is rescored) and writes
-# the comparison across model families under results/<study>/ (mechgen/families.py).
+# the comparison across model families under results/<study>/ (mechgen/stats/families.py).
 import sys
 from pathlib import Path
 
@@ -49,7 +49,7 @@ def study_member_info():
 
 
 def study_inputs():
-    from mechgen.families import Member, member_files
+    from mechgen.stats.families import Member, member_files
 
     files = []
     for info in study_member_info():
