@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mechgen import atomic
 
-_TITLE = re.compile(r"<title>.*?</title>", re.S | re.I)
+_TITLE = re.compile(r"<title>.*?</title>", re.DOTALL | re.IGNORECASE)
 
 
 def report_title(suite: str) -> str:

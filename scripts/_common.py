@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-def setup_logging(snakemake) -> logging.Logger:  # noqa: ANN001 - Snakemake's injected object
+def setup_logging(snakemake) -> logging.Logger:
     """Send log records (and warnings) to the rule's log file and to stderr; silence bars.
 
     Snakemake shows a local job's stderr in its own output, interleaved with every other job's:

@@ -6,9 +6,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import setup_logging  # noqa: E402
+from _common import setup_logging
 
-from mechgen.tables.aggregate import concat_head_tables, read_sidecars  # noqa: E402
+from mechgen.tables.aggregate import concat_head_tables, read_sidecars
 from mechgen.tables.outputs import write_csv, write_parquet
 
 sm = snakemake  # noqa: F821

@@ -6,9 +6,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import setup_logging  # noqa: E402
+from _common import setup_logging
 
-from mechgen.sources import evaltext  # noqa: E402
+from mechgen.sources import evaltext
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)

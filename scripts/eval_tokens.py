@@ -7,12 +7,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import setup_logging  # noqa: E402
+from _common import setup_logging
 
-from mechgen import atomic  # noqa: E402
-from mechgen.config import Run  # noqa: E402
-from mechgen.mechanisms import successor  # noqa: E402
-from mechgen.sources import checkpoints as sources  # noqa: E402
+from mechgen import atomic
+from mechgen.config import Run
+from mechgen.mechanisms import successor
+from mechgen.sources import checkpoints as sources
 from mechgen.sources import evaltext
 
 sm = snakemake  # noqa: F821

@@ -6,11 +6,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pandas as pd  # noqa: E402
-from _common import setup_logging  # noqa: E402
+import pandas as pd
+from _common import setup_logging
 
-from mechgen.atomic import atomic_path  # noqa: E402
-from mechgen.tables.heads import read_trott2025  # noqa: E402
+from mechgen.atomic import atomic_path
+from mechgen.tables.heads import read_trott2025
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)

@@ -16,17 +16,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import setup_logging  # noqa: E402
+from _common import setup_logging
 
 # Before anything imports transformers: its "Loading weights" bar reads this at import time.
 setup_logging(snakemake)  # noqa: F821
 
-from mechgen.config import Run, suite_steps  # noqa: E402
-from mechgen.model.weight_scores import WeightTasks  # noqa: E402
-from mechgen.progress import format_duration  # noqa: E402
-from mechgen.scoring.circuit import CircuitSettings  # noqa: E402
-from mechgen.scoring.job import score_checkpoint, write_result  # noqa: E402
-from mechgen.sources.checkpoints import CorruptCheckpoint, HubUnavailable  # noqa: E402
+from mechgen.config import Run, suite_steps
+from mechgen.model.weight_scores import WeightTasks
+from mechgen.progress import format_duration
+from mechgen.scoring.circuit import CircuitSettings
+from mechgen.scoring.job import score_checkpoint, write_result
+from mechgen.sources.checkpoints import CorruptCheckpoint, HubUnavailable
 
 sm = snakemake  # noqa: F821
 log = logging.getLogger(f"mechgen.{sm.rule}")

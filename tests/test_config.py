@@ -125,7 +125,7 @@ def test_snakemake_fails_at_start_naming_the_key(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120, check=False,
     )
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT, TOY_TEST_CONFIGFILES, copy_workflow
 
 VENV = sys.prefix  # the venv running the tests (not resolved: its python is a symlink)
@@ -19,7 +18,7 @@ COMMANDS = ("run", "resume", "test", "setup")
 def _front_door(workdir: Path, *args: str, venv: str = VENV) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, MECHGEN_VENV=venv, HF_HUB_OFFLINE="1")
     return subprocess.run(
-        ["./mechgen.sh", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
+        ["./mechgen.sh", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=600, check=False
     )
 
 

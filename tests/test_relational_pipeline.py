@@ -191,7 +191,7 @@ def test_detail_step_and_configurational_outputs(toy_test_run: Path) -> None:
     # The CSV carries 6 significant digits.
     assert row["cka"] == pytest.approx(hsic_cka(x, y), rel=1e-5)
     # The null: B's seeded random heads (``cka_random``), not the other mechanisms' heads.
-    assert a["cka_random"][0] == False and a["cka_random"][1:].any()  # noqa: E712
+    assert a["cka_random"][0] == False and a["cka_random"][1:].any()
     null = [hsic_cka(x, other.astype(float)) for other in b["cka_outputs"][b["cka_random"]]]
     assert row["cka_null_mean"] == pytest.approx(np.mean(null), rel=1e-5)
     # The p-value is counted on the full-precision CKA; the CSV's is rounded.
