@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from mechgen.sources import toy, toytext
+from mechgen.sources.toy_tokenizer import train_tokenizer
 
 
 def log_schedule(steps: int) -> list[int]:
@@ -110,7 +111,7 @@ def main() -> None:
     size_spec = json.loads(args.size)
     tokenizer_dir = args.out / "tokenizer"
     if not (tokenizer_dir / "special_tokens_map.json").exists():
-        toy.train_tokenizer(tokenizer_dir, args.vocab_size)
+        train_tokenizer(tokenizer_dir, args.vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     encoded = [
         torch.tensor(tokenizer(s)["input_ids"]) for s in toytext.heldout_sentences(args.n_sentences)

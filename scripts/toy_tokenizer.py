@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mechgen.sources import toy
+from mechgen.sources.toy_tokenizer import train_tokenizer
 
 if "snakemake" in globals():
     from _common import setup_logging
@@ -26,7 +26,7 @@ if "snakemake" in globals():
             f"mechgen: toy_tokenizer's output must be named tokenizer.json, got {tokenizer_json}"
         )
     vocab_size = int(sm.params.vocab_size)
-    written = toy.train_tokenizer(tokenizer_json.parent, vocab_size)
+    written = train_tokenizer(tokenizer_json.parent, vocab_size)
     log.info("toy tokenizer: %d entries, written to %s", vocab_size, written.parent)
 else:
     import argparse
@@ -37,4 +37,4 @@ else:
     )
     parser.add_argument("--vocab-size", type=int, default=2048)
     args = parser.parse_args()
-    print(toy.train_tokenizer(args.out_dir, args.vocab_size))
+    print(train_tokenizer(args.out_dir, args.vocab_size))

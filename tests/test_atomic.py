@@ -13,6 +13,7 @@ import pytest
 from mechgen import atomic
 from mechgen.progress import Progress, format_duration
 from mechgen.sources import toy
+from mechgen.sources.toy_tokenizer import train_tokenizer
 
 
 def test_atomic_path_replaces_only_on_success(tmp_path: Path) -> None:
@@ -139,7 +140,7 @@ def test_toy_training_writes_atomically_and_manifest_last(
     """Every checkpoint directory and the manifest pass through a temporary name; the manifest
     is the last rename, and nothing temporary is left."""
     tokenizer_dir = tmp_path / "tok"
-    toy.train_tokenizer(tokenizer_dir, 300)
+    train_tokenizer(tokenizer_dir, 300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no staging left behind
     renames: list[tuple[str, str]] = []
     real_replace = os.replace

@@ -298,7 +298,7 @@ def test_load_tokenizer_gives_what_autotokenizer_gives(tmp_path):
     tokenizer of another class still goes through AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    from mechgen.sources.toy import train_tokenizer
+    from mechgen.sources.toy_tokenizer import train_tokenizer
 
     toy_dir = train_tokenizer(tmp_path / "toy", vocab_size=512).parent
     config = json.loads((toy_dir / "tokenizer_config.json").read_text())

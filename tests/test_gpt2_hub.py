@@ -34,6 +34,7 @@ from mechgen.sources.checkpoints import (
     resolve_checkpoint,
 )
 from mechgen.sources.hubcache import file_sha256, repo_cache_dir
+from mechgen.sources.toy_tokenizer import train_tokenizer
 
 VOCAB = 512
 SIZE = {"n_layers": 2, "n_heads": 2, "d_model": 32}
@@ -59,7 +60,7 @@ def gpt2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A toy GPT-2 run: ``<dir>/checkpoint-{0,2,4,6}/`` and its manifest."""
     torch.set_num_threads(1)
     tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-    toy.train_tokenizer(tokenizer_dir, VOCAB)
+    train_tokenizer(tokenizer_dir, VOCAB)
     out = tmp_path_factory.mktemp("toy-gpt2-tiny-seed1")
     manifest = toy.train_run(
         tokenizer_dir, out, SIZE, 1, TRAINING, SCHEDULE, VOCAB, threads=1, progress=False,

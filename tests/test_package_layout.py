@@ -50,6 +50,7 @@ def test_no_test_support_in_the_package() -> None:
 
 
 LIGHT_MODULES = {
+    "mechgen.sources.toy_tokenizer": ("torch", "transformers", "statsmodels", "scipy"),
     "mechgen.tables.baselines": ("torch", "transformers", "statsmodels", "scipy"),
     "mechgen.mechanisms": ("torch", "transformers", "statsmodels", "scipy"),
     "mechgen.figures.suite": ("torch", "transformers", "statsmodels"),
@@ -60,7 +61,8 @@ LIGHT_MODULES = {
     "mechgen.axes.links": ("torch", "transformers"),
 }
 """Modules that start many light processes (every Snakemake start parses the catalog; one figure
-job per mechanism; the `relational` and `mechanisms` jobs read the circuit files) and the heavy
+job per mechanism; the `relational` and `mechanisms` jobs read the circuit files; every toy suite trains its
+tokenizer in a job of its own) and the heavy
 libraries (seconds of imports each) they must not pull in, in import order: each module is
 checked after it and the ones above it are imported."""
 

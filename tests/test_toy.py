@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from mechgen.sources import toy, toytext
+from mechgen.sources.toy_tokenizer import train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 512
@@ -44,7 +45,7 @@ def _one_thread() -> None:
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
-    toy.train_tokenizer(out, VOCAB)
+    train_tokenizer(out, VOCAB)
     return out
 
 
@@ -124,7 +125,7 @@ def test_tokenizer_loads_adds_no_bos_and_is_deterministic(
     assert len(hf) == VOCAB
 
     again = tmp_path / "again"
-    toy.train_tokenizer(again, VOCAB)
+    train_tokenizer(again, VOCAB)
     assert (again / "tokenizer.json").read_bytes() == (
         tokenizer_dir / "tokenizer.json"
     ).read_bytes()
@@ -132,7 +133,7 @@ def test_tokenizer_loads_adds_no_bos_and_is_deterministic(
 
 def test_train_tokenizer_rejects_tiny_vocab(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="vocab_size"):
-        toy.train_tokenizer(tmp_path, 100)
+        train_tokenizer(tmp_path, 100)
 
 
 # --- model -----------------------------------------------------------------------------------

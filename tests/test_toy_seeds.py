@@ -12,6 +12,7 @@ from test_toy import SCHEDULE, SIZE, TRAINING, VOCAB, _same_weights, _weights
 
 from mechgen.config import ConfigError, load_yaml, suite_runs, validate_config
 from mechgen.sources import toy
+from mechgen.sources.toy_tokenizer import train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
-    toy.train_tokenizer(out, VOCAB)
+    train_tokenizer(out, VOCAB)
     return out
 
 

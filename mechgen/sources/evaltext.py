@@ -127,7 +127,7 @@ def fetch_natural_stories(dest: Path, url: str, sha256: str, *, timeout_s: float
 
 FAST_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 """The generic fast-tokenizer class that mechgen's toy tokenizer names in its
-``tokenizer_config.json`` (:func:`mechgen.sources.toy.train_tokenizer`)."""
+``tokenizer_config.json`` (:func:`mechgen.sources.toy_tokenizer.train_tokenizer`)."""
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> Any:
