@@ -7,6 +7,12 @@ Layers and heads are 0-indexed.
 
 from __future__ import annotations
 
+RUN_ID_COLUMNS = ["suite", "model", "size", "seed", "run", "n_params"]
+"""What identifies a training run in the per-run and per-link tables (n_params as the study
+counts it)."""
+RUN_SHAPE_COLUMNS = [*RUN_ID_COLUMNS, "n_layers", "n_heads"]
+"""A run's identity and its model's shape (0-indexed layers and heads counted)."""
+
 ID_COLUMNS = [
     "suite",  # suite name from config.yaml
     "model",  # size label with the suite prefix, e.g. "pythia-70m", "toy-small"

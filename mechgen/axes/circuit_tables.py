@@ -44,6 +44,7 @@ from mechgen.axes.similarity import (
     similarity_vs_random_pairs,
     spectrum_similarity_matrix,
 )
+from mechgen.schema import RUN_ID_COLUMNS, RUN_SHAPE_COLUMNS
 from mechgen.stats.analysis import fit_mixed, wilson_interval
 from mechgen.tables.baselines import uniform_induction_baseline
 from mechgen.tables.circuit_files import CircuitResult
@@ -92,7 +93,7 @@ OnsetFn = Callable[[np.ndarray, np.ndarray], float]
 
 
 RUN_TABLE_COLUMNS = [
-    "suite", "model", "size", "seed", "run", "n_params", "n_layers", "n_heads",
+    *RUN_SHAPE_COLUMNS,
     "n_checkpoints", "final_step",
     "induction_layer", "induction_head", "induction_max",
     "one_back_layer", "one_back_head", "one_back_max",
@@ -163,19 +164,7 @@ def relational_run_table(
         lag = onset_induction - onset_one_back
         rows.append(
             {
-                **{
-                    col: final_induction[col]
-                    for col in [
-                        "suite",
-                        "model",
-                        "size",
-                        "seed",
-                        "run",
-                        "n_params",
-                        "n_layers",
-                        "n_heads",
-                    ]
-                },
+                **{col: final_induction[col] for col in RUN_SHAPE_COLUMNS},
                 "n_checkpoints": len(run_induction),
                 "final_step": int(final_induction["step"]),
                 "induction_layer": int(final_induction["argmax_layer"]),
@@ -255,8 +244,6 @@ def relation_fraction_by_size(
 # ---------------------------------------------------------------------------------------------
 # Per suite: the relational tables
 
-
-RUN_ID_COLUMNS = ["suite", "model", "size", "seed", "run", "n_params"]
 
 
 RELATIONAL_EXTRA_COLUMNS = [

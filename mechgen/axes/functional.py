@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from mechgen.schema import RUN_SHAPE_COLUMNS
 from mechgen.stats.analysis import wilson_interval
 from mechgen.tables.baselines import FUNCTIONAL_METRIC
 from mechgen.tables.heads import validate_heads
@@ -25,7 +26,7 @@ from mechgen.tables.heads import validate_heads
 DEFAULT_FUNCTIONAL_MULTIPLE = 2.0
 """A head meets the 1-back criterion when one_back > this x the uniform baseline."""
 
-RUN_COLUMNS = ["suite", "model", "size", "seed", "run", "n_params", "n_layers", "n_heads"]
+RUN_COLUMNS = RUN_SHAPE_COLUMNS
 """Columns constant within a run, carried into every run-level row."""
 
 _CRITERION_COLUMNS = ["baseline", "baseline_source", "multiple", "threshold"]

@@ -49,6 +49,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from mechgen.mechanisms import Link, get, names
+from mechgen.schema import RUN_ID_COLUMNS
 from mechgen.stats.analysis import wilson_interval
 from mechgen.tables.circuit_files import CircuitResult
 
@@ -56,7 +57,7 @@ LEGACY_ABLATION_LINK = ("previous_token", "induction")
 """The link whose test a circuit file written before ``link_ablations`` existed holds in its
 ``ablation`` record (:func:`mechgen.scoring.relational.causal_dependence`)."""
 
-RUN_COLUMNS = ["suite", "model", "size", "seed", "run", "n_params"]
+RUN_COLUMNS = RUN_ID_COLUMNS
 
 LINK_COLUMNS = [
     "link",

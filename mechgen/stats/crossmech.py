@@ -52,11 +52,12 @@ from mechgen.axes import convergence, positional
 from mechgen.axes.developmental import DEFAULT_THRESHOLDS, per_seed_from_trajectories, trajectories
 from mechgen.mechanisms import Mechanism, NullContext
 from mechgen.mechanisms.base import strongest_rows
+from mechgen.schema import RUN_SHAPE_COLUMNS
 from mechgen.stats.analysis import REGRESSION_COLUMNS, fit_mixed, wilson_interval
 
 log = logging.getLogger(__name__)
 
-RUN_COLUMNS = ["suite", "model", "size", "seed", "run", "n_params", "n_layers", "n_heads"]
+RUN_COLUMNS = RUN_SHAPE_COLUMNS
 ALL_SIZES = "all"
 """The ``size`` (and ``model``) of a profile row over every size."""
 
