@@ -13,7 +13,9 @@ Every checkpoint (cheap)
   (:mod:`mechgen.mechanisms.duplicate_token`), and ``duplicate_token_control``, its positions
   on the positional control's sequences (same passes as ``induction_control``);
 - ``induction`` per head and the model's in-context ``copying_accuracy``
-  (:func:`mechgen.scoring.relational.score_induction`) on N sequences of L random token ids repeated
+  (:func:`mechgen.scoring.relational.score_induction_with_control`, which also runs the
+  controls above: the repeated and the control sequences share their first halves, which run
+  once per batch with a key/value cache) on N sequences of L random token ids repeated
   twice (:func:`mechgen.scoring.relational.make_repeated_sequences`; ids from
   ``[token_lo, min(token_hi, vocab_size))`` with ``seed``; their seed, range and sha256 go into
   the sidecar, so a rerun scores the same ids). Induction score of a head = mean over sequences
