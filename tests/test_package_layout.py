@@ -53,10 +53,11 @@ LIGHT_MODULES = {
     "mechgen.sources.toy_tokenizer": ("torch", "transformers", "statsmodels", "scipy"),
     "mechgen.tables.baselines": ("torch", "transformers", "statsmodels", "scipy"),
     "mechgen.mechanisms": ("torch", "transformers", "statsmodels", "scipy"),
+    "mechgen.tables.circuit_files": ("torch", "transformers", "statsmodels", "scipy"),
+    # Every scoring job imports it (QKFactors): scipy.stats alone is ~0.7 CPU-s per job.
+    "mechgen.axes.similarity": ("torch", "transformers", "statsmodels", "scipy"),
     "mechgen.figures.suite": ("torch", "transformers", "statsmodels"),
     "mechgen.figures.mechanism_figures": ("torch", "transformers", "statsmodels"),
-    "mechgen.tables.circuit_files": ("torch", "transformers", "statsmodels", "scipy"),
-    "mechgen.axes.similarity": ("torch", "transformers", "statsmodels"),
     "mechgen.axes.circuit_tables": ("torch", "transformers"),
     "mechgen.axes.links": ("torch", "transformers"),
 }

@@ -26,8 +26,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from scipy import stats
-from scipy.optimize import linear_sum_assignment
 
 from mechgen.atomic import atomic_path
 
@@ -99,6 +97,10 @@ def spectrum_similarity_matrix(
             return 1.0 - distance
         a_positions = (np.arange(a.shape[1]) + 0.5) / a.shape[1]
         b_positions = (np.arange(b.shape[1]) + 0.5) / b.shape[1]
+        # Imported here, not at module level: the scoring job imports this module (QKFactors)
+        # and would pay scipy.stats' import (~0.7 CPU-s per job) for a table-side function.
+        from scipy import stats
+
         similarity = np.full((a.shape[0], b.shape[0]), np.nan)
         for i, a_row in enumerate(a_mass):
             for j, b_row in enumerate(b_mass):
@@ -272,6 +274,10 @@ def align_heads(cost: np.ndarray) -> np.ndarray:
     worst = matrix[finite].max()
     spread = worst - matrix[finite].min()
     matrix = np.where(finite, matrix, worst + spread + 1.0)
+    # Here, not at module level: see spectrum_similarity_matrix (the scoring job imports this
+    # module).
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(matrix)
     match = np.full(matrix.shape[0], -1, dtype=int)
     match[rows] = cols
