@@ -126,7 +126,7 @@ def bench_shape(name: str, args: argparse.Namespace, rel) -> dict[str, float]:
         ),
         "weights": lambda: score_weight_mechanisms(model, tasks),
         "induction alone": lambda: score_induction(model, sequences, copying=copying),
-        "controls alone": lambda: positional_controls(model, sequences, 0, 16),
+        "controls alone": lambda: positional_controls(model, sequences, 16),
     }
     if copying:
         # The LM head alone on the N x (L - 1) copying positions: random hidden states (as with

@@ -345,9 +345,9 @@ def runs_jobs(args: list[str]) -> bool:
             break
         if arg.split("=", 1)[0] in _NO_JOB_LONG:
             return False
-        if arg.startswith("-") and not arg.startswith("--") and arg[1:].isalpha():
-            if set(arg[1:]) & _NO_JOB_SHORT:
-                return False
+        short_flags = arg.startswith("-") and not arg.startswith("--") and arg[1:].isalpha()
+        if short_flags and set(arg[1:]) & _NO_JOB_SHORT:
+            return False
     return True
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -111,7 +112,7 @@ def test_progress_lines_are_throttled_and_estimate_linearly(
     # First step, then every 10% (100 steps = 50 s, more than the 10 s floor and above the
     # 30 s ceiling, so the ceiling rules: every 60 steps), and the last step.
     assert logged[0] == 1 and logged[-1] == 1000
-    gaps = {b - a for a, b in zip(logged[1:-1], logged[2:-1], strict=False)}
+    gaps = {b - a for a, b in itertools.pairwise(logged[1:-1])}
     assert gaps == {60}
     lines = [r.getMessage() for r in caplog.records]
     # At step 121 (t = 60.5 s): left = 60.5 x 879 / 121 = 439.5 s = 7 min 19 s.

@@ -134,7 +134,7 @@ def forced_model():
 def test_forced_heads_score_their_known_values(forced_model) -> None:
     sequences = make_repeated_sequences(2, VOCAB, n_sequences=4, half_length=HALF, seed=3)
     result = score_induction(forced_model, sequences, batch_size=3, copying=False)
-    controls = circuit.positional_controls(forced_model, sequences, seed=3, batch_size=3)
+    controls = circuit.positional_controls(forced_model, sequences, batch_size=3)
     # Both heads hit p - L at every second-half query of the repeated sequences.
     np.testing.assert_allclose(result.duplicate_token[1], [1.0, 1.0], rtol=1e-12)
     np.testing.assert_allclose(result.induction[1], [0.0, 0.0], atol=1e-12)
@@ -148,7 +148,7 @@ def test_forced_heads_score_their_known_values(forced_model) -> None:
     # The induction control is unchanged by the refactor into positional_controls.
     np.testing.assert_array_equal(
         controls["induction_control"],
-        circuit.positional_control(forced_model, sequences, seed=3, batch_size=3),
+        circuit.positional_control(forced_model, sequences, batch_size=3),
     )
     # The criterion: the content head qualifies; the positional one fails its control.
     table = pd.DataFrame(
@@ -181,7 +181,7 @@ def test_duplicate_token_matches_output_attentions() -> None:
             layer.attention.query_key_value.weight.mul_(10.0)
     sequences = make_repeated_sequences(2, VOCAB, n_sequences=5, half_length=HALF, seed=0)
     result = score_induction(model, sequences, batch_size=2, copying=False)
-    controls = circuit.positional_controls(model, sequences, seed=0, batch_size=2)
+    controls = circuit.positional_controls(model, sequences, batch_size=2)
     other = make_repeated_sequences(2, VOCAB, n_sequences=5, half_length=HALF, seed=1)
     for ids, expected_array in (
         (sequences.input_ids, result.duplicate_token),

@@ -93,7 +93,7 @@ def _start_fake_run(tmp_path: Path, fake_head: Path) -> tuple[subprocess.Popen, 
     )
     procs = runguard.find_run_processes(state["run_id"], state["sid"])
     # The head (setsid: its own session and group leader) and its children, all tagged.
-    assert [p.pid for p in procs][0] == state["head_pid"] == state["sid"]
+    assert procs and procs[0].pid == state["head_pid"] == state["sid"]
     assert all(p.sid == state["sid"] and p.pgid == state["sid"] for p in procs)
     children = [p.pid for p in procs if p.pid != state["head_pid"]]
     assert sorted(p.args for p in procs if p.pid in children) == ["sleep 300", "sleep 301"]

@@ -207,7 +207,7 @@ def eval_token_prefix(
 
 
 def positional_controls(
-    model: torch.nn.Module, sequences: Any, seed: int, batch_size: int
+    model: torch.nn.Module, sequences: Any, batch_size: int
 ) -> dict[str, np.ndarray]:
     """Per head: the induction and duplicate-token attention patterns on sequences that do
     *not* repeat, from one set of forward passes.
@@ -248,11 +248,9 @@ def _control_arrays(control: Any) -> dict[str, np.ndarray]:
     }
 
 
-def positional_control(
-    model: torch.nn.Module, sequences: Any, seed: int, batch_size: int
-) -> np.ndarray:
+def positional_control(model: torch.nn.Module, sequences: Any, batch_size: int) -> np.ndarray:
     """``induction_control`` of :func:`positional_controls` ([n_layers, n_heads], probability)."""
-    return positional_controls(model, sequences, seed, batch_size)["induction_control"]
+    return positional_controls(model, sequences, batch_size)["induction_control"]
 
 
 def per_head_scores(one_back: pd.DataFrame, induction: Any) -> pd.DataFrame:
