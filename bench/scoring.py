@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import statistics
 import sys
 import time
@@ -184,6 +185,46 @@ def check_agreement(reference: pd.DataFrame, scores: pd.DataFrame) -> float:
     )
 
 
+def least_multiply_adds_per_token(model: torch.nn.Module) -> int:
+    """A lower bound on the multiply-adds per token of any exact scorer of every head's pattern.
+
+    The body's weight matrices (2-D parameters inside a layer: the fused QKV, the attention
+    output, the MLP), but of the last layer only the query and key two thirds of its fused
+    QKV: the attention patterns of the last layer need nothing else. Embeddings (no layer
+    index), layernorms, biases, the attention scores and the softmax are left out, so the
+    bound is low (generous to the scorer)."""
+    body = architectures.for_model(model).body(model, need_attention=False)
+    per_layer: dict[int, list[tuple[str, int]]] = {}
+    for name, parameter in body.named_parameters():
+        match = re.search(r"(?:^|\.)(\d+)\.", name)
+        if parameter.ndim == 2 and match:
+            per_layer.setdefault(int(match.group(1)), []).append((name, parameter.numel()))
+    last = max(per_layer)
+    total = sum(n for layer, weights in per_layer.items() if layer != last for _, n in weights)
+    qkv = [n for name, n in per_layer[last] if "query_key_value" in name or "c_attn" in name]
+    if len(qkv) != 1:
+        raise ValueError(f"no single fused QKV weight in the last layer: {per_layer[last]}")
+    return total + 2 * qkv[0] // 3
+
+
+def gemm_peak_gflops(repeats: int = 5) -> float:
+    """This core's float32 matrix-product speed (GFLOP per CPU second, the current torch
+    threads): the best of three large products (a square 2048 one and GPT-2 small's QKV and MLP
+    shapes at 1536 rows), each the median of ``repeats``. No fp32 scorer runs its products
+    faster."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (1536, 768, 2304), (1536, 768, 3072)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        times = []
+        for _ in range(repeats):
+            started = time.process_time()
+            torch.mm(a, b)
+            times.append(time.process_time() - started)
+        best = max(best, 2 * m * k * n / statistics.median(times) / 1e9)
+    return best
+
+
 def bench_model(name: str, args: argparse.Namespace, checkpoint: Path | None) -> None:
     """Build the model and sentences, time (a), (b), (c), (c') and print the results."""
     model = build_model(name, checkpoint, args.seed)
@@ -242,6 +283,17 @@ def bench_model(name: str, args: argparse.Namespace, checkpoint: Path | None) ->
             f"    (a)/(b) = {a / b:.2f}x (target >= 5);  (b)/(c) = {b / c:.3f}x (target <= 1.2, "
             f"eager floor);  (b)/(c') = {b / c_sdpa:.3f}x (sdpa floor, for information)"
         )
+    # How fast any exact float32 scorer could be here: the least work at the core's best
+    # matrix-product speed, against the reference's CPU time.
+    peak = gemm_peak_gflops()
+    least_gflop = 2 * least_multiply_adds_per_token(model) * n_tokens / 1e9
+    least_s = least_gflop / peak
+    print(
+        f"  bound: the least work of any exact scorer is {least_gflop:.0f} GFLOP "
+        f"({least_multiply_adds_per_token(model):,} multiply-adds per token, no padding); at this "
+        f"core's best float32 product speed ({peak:.0f} GFLOP/s) that takes {least_s:.2f} s, so "
+        f"no such scorer is more than {medians['(a) reference'] / least_s:.2f}x faster than (a)"
+    )
     difference = check_agreement(warm_results["(a) reference"], warm_results["(b) score_heads"])
     print(f"  max |(a) - (b)| over 1-back, self, prev/self, prev/all: {difference:.2e}")
 
