@@ -30,8 +30,8 @@ from mechgen.stats import crossmech
 from mechgen.tables.aggregate import layer_table
 
 VOCAB = 40
-HALF = 6
-N_SEQUENCES = 5
+HALF = 10
+N_SEQUENCES = 12
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -119,7 +119,9 @@ def test_retrieval_equals_a_brute_force_logit_lens(build) -> None:
     scored, expected = _retrieval(model)
     assert scored.shape == (3,)
     np.testing.assert_array_equal(scored, expected)
-    # Not every layer at chance or at the same value: the comparison can tell layers apart.
+    # Not every layer at the same value: the comparison can tell layers apart. (With N = 12,
+    # L = 10 both families' counts change when the last layer's block output is taken as
+    # already normalised, i.e. without the final layernorm.)
     assert len(set(expected.tolist())) > 1
 
 
