@@ -221,9 +221,9 @@ PROFILE_COLUMNS = [
 
 @dataclass
 class Scored:
-    """One mechanism's per-head rows (``heads``: id columns, ``score``, ``control``, ``null``,
-    ``normalised``, ``qualifies``) and its per-mechanism tables; or ``note`` why it is not
-    scored."""
+    """One mechanism's per-unit rows (``heads``: id columns, ``score``, ``control``, ``null``,
+    ``normalised``, ``qualifies``; a layer-unit mechanism's layers with ``head`` 0) and its
+    per-mechanism tables; or ``note`` why it is not scored."""
 
     mechanism: Mechanism
     heads: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -835,7 +835,9 @@ def profile(
 ) -> pd.DataFrame:
     """``stats/profile.csv``: one row per mechanism x size, and per mechanism over all sizes
     (``size`` = ``all``); a mechanism not scored has one row, ``scored`` False, with the reason
-    in ``note``. Columns :data:`PROFILE_COLUMNS`, one summary per axis:
+    in ``note``; a scored layer-unit mechanism's ``note`` says that configurational and head
+    sharing are not applicable (:data:`LAYER_UNIT_NOTE`). Columns :data:`PROFILE_COLUMNS`, one
+    summary per axis:
 
     - functional: ``fraction_qualifying`` of runs with a head meeting the criterion at their
       final step (Wilson CI);
