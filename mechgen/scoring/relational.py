@@ -386,13 +386,15 @@ def _retrieval_hits(
     final_norm: Any,
     unembedding: torch.Tensor,
 ) -> int:
-    """Count of positions whose top candidate logit is their target: ``residual`` ``[B, P, d]``
-    the residual stream after one layer (before the final layernorm), ``candidates`` ``[B, C]``
-    each sequence's candidate ids, ``targets`` ``[B, P]`` the next token ids; ``final_norm`` (the adapter's
-    ``final_layernorm``) and ``unembedding`` ``[vocab, d]`` on the residual's device. The logits of
-    candidate c at position p are ``W_U[candidates[b, c]] . LN_f(residual[b, p])`` (neither
-    family has an unembedding bias); the argmax over c (ties to the first candidate) is a hit
-    when its id is the target."""
+    """Count of positions whose top candidate logit is their target.
+
+    ``residual`` ``[B, P, d]``: the residual stream after one layer (before the final
+    layernorm); ``candidates`` ``[B, C]``: each sequence's candidate ids; ``targets``
+    ``[B, P]``: the next token ids; ``final_norm`` (the adapter's ``final_layernorm``) and
+    ``unembedding`` ``[vocab, d]`` on the residual's device. The logit of candidate c at
+    position p is ``W_U[candidates[b, c]] . LN_f(residual[b, p])`` (neither family has an
+    unembedding bias); the argmax over c (ties to the first candidate) is a hit when its id is
+    the target."""
     normed = final_norm(residual)  # float32 weights: promoted to the residual's dtype if wider
     rows = unembedding[candidates].to(normed.dtype)  # [B, C, d]
     logits = torch.einsum("bpd,bcd->bpc", normed, rows)
