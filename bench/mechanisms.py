@@ -10,8 +10,9 @@ this times what the scoring job runs for each mechanism at an ordinary (non-deta
   N x [L random ids] x 2 and the positional controls' N x [the same L ids, L other ids]: per
   batch the shared first halves run once (key/value cache), then the repeated second halves
   (induction, and duplicate-token's attention read in the same pass, plus the LM head on the
-  second half for copying accuracy; ``--no-copying`` skips it) and the control second halves
-  against that cache;
+  second half for copying accuracy; ``--no-copying`` skips it; the in-context retrieval
+  logit lens read by hooks on every block in the same pass, which then runs through the last
+  layer's MLP) and the control second halves against that cache;
 - ``weights``: :func:`mechgen.model.weight_scores.score_weight_mechanisms`, successor heads
   and copy suppression from the weights alone, with the task items of Pythia's tokenizer
   (``tests/data/pythia-tokenizer``) and the evaluation text's frequent tokens.
@@ -19,7 +20,9 @@ this times what the scoring job runs for each mechanism at an ordinary (non-deta
 For comparison (not in the total): ``induction alone`` (:func:`mechgen.scoring.relational.score_induction`)
 and ``controls alone`` (:func:`mechgen.scoring.circuit.positional_controls`), each with its own first-half
 passes, as two separate calls would run them; their sum minus ``induction+controls`` is what the
-shared first halves save.
+shared first halves save; ``induction+controls, no retrieval``: the same passes without the
+in-context retrieval hooks (``retrieval=False``), whose difference to ``induction+controls`` is
+what that layer-level mechanism costs.
 
 The copying-accuracy LM head skips the positions a few unembedding rows provably refute
 (``mechgen.scoring.relational._refuted_positions``): with random weights nearly all of them. Where
@@ -125,6 +128,9 @@ def bench_shape(name: str, args: argparse.Namespace, rel) -> dict[str, float]:
             model, sequences, others, 16, copying
         ),
         "weights": lambda: score_weight_mechanisms(model, tasks),
+        "induction+controls, no retrieval": lambda: score_induction_with_control(
+            model, sequences, others, 16, copying, retrieval=False
+        ),
         "induction alone": lambda: score_induction(model, sequences, copying=copying),
         "controls alone": lambda: positional_controls(model, sequences, 16),
     }
@@ -152,7 +158,7 @@ def bench_shape(name: str, args: argparse.Namespace, rel) -> dict[str, float]:
     return interleaved_medians(parts, args.repeats, clock)
 
 
-COMPARISON = ("induction alone", "controls alone")
+COMPARISON = ("induction+controls, no retrieval", "induction alone", "controls alone")
 """Parts timed for comparison only, not summed into the catalog's total."""
 
 
@@ -185,10 +191,16 @@ def main() -> None:
             worst = total - lm_random + lm_hits
             print(f"  LM head alone: {lm_random:.2f} s on random states, {lm_hits:.2f} s when every position is a hit")
             print(f"  {'total, copying works':20s} {worst:8.2f} s   {worst / base:5.2f} x previous_token")
-        separate = sum(comparison.values())
         for part, seconds in comparison.items():
             print(f"  ({part:18s} {seconds:8.2f} s   {seconds / base:5.2f} x previous_token)")
-        shared = times["induction+controls"]
+        # Like for like: the two separate calls read no retrieval either.
+        separate = comparison["induction alone"] + comparison["controls alone"]
+        shared = comparison["induction+controls, no retrieval"]
+        retrieval = times["induction+controls"] - shared
+        print(
+            f"  in-context retrieval costs {retrieval:.2f} s "
+            f"({retrieval / base:.2f} x previous_token) in the shared passes"
+        )
         print(
             f"  shared first halves save {separate - shared:.2f} s "
             f"({(separate - shared) / base:.2f} x previous_token) against the two separate calls"

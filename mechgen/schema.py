@@ -28,6 +28,11 @@ ID_COLUMNS = [
     "n_params",  # all parameters of the causal LM, embeddings and LM head included
 ]
 
+LAYER_COLUMNS = [*RUN_SHAPE_COLUMNS, "step", "tokens_seen", "layer"]
+"""Id columns of the per-layer table (``results/<suite>/layers.parquet``): one row per suite x
+model x seed x step x layer, then one column per layer-level score (a layer-unit mechanism's
+``score_column``, from the scoring sidecars' ``layer_scores``)."""
+
 ATTENTION_METRICS = [
     "one_back",  # mean over query positions 1..L-1 of A[i, i-1]
     "self_attention",  # mean over query positions 0..L-1 of A[i, i]

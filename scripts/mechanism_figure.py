@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import setup_logging
 
+from mechgen import mechanisms
 from mechgen.figures.mechanism_figures import plot_mechanism
 from mechgen.tables.outputs import read_csv
 
@@ -34,6 +35,7 @@ def main(sm: Any) -> None:
         read_csv(sm.input.per_seed),
         sm.output.figure,
         note=note,
+        unit=mechanisms.get(name).unit,
     )
     log.info("%s: %d run x step rows -> %s", name, len(run_step), sm.output.figure)
 

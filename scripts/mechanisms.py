@@ -1,7 +1,8 @@
 """Snakemake script of rule `mechanisms`: every catalog mechanism of the suite through the axes,
 and the cross-mechanism tables.
 
-Inputs: ``heads`` (heads.parquet: a mechanism's score is its ``score_column``), ``tokens`` (the
+Inputs: ``heads`` (heads.parquet: a head-unit mechanism's score is its ``score_column``),
+``layers`` (layers.parquet, a layer-unit mechanism's; absent for a table suite), ``tokens`` (the
 eval token files ``eval/tokens/<run>.json``, for the nulls that depend on the sentence lengths;
 none for a table suite), and, when the relational axis runs, ``relational`` and
 ``configurational`` (stats/relational.csv, stats/configurational.csv) for the profile and
@@ -65,6 +66,9 @@ def mechanism_configurational(
     for name, result in results.items():
         if result.note:
             continue
+        if result.mechanism.unit != "head":
+            log.info("%s: configurational %s (no head weights)", name, crossmech.LAYER_UNIT_NOTE)
+            continue
         out[name] = circuit_tables.configurational_table(
             heads,
             circuits,
@@ -80,6 +84,7 @@ def main(sm: Any) -> None:
     """Run the analyses and write every output of the rule (``sm`` is Snakemake's object)."""
     log = setup_logging(sm)
     heads = pd.read_parquet(sm.input.heads)
+    layers = pd.read_parquet(sm.input.layers) if "layers" in sm.input.keys() else None  # noqa: SIM118
     context = NullContext(
         eval_lengths={Path(p).stem: read_token_lengths(p) for p in sm.input.tokens},
         settings=dict(sm.params.settings),
@@ -98,6 +103,7 @@ def main(sm: Any) -> None:
         relational=optional_table(sm, "relational"),
         configurational=optional_table(sm, "configurational"),
         alignment_cost=sm.params.alignment_cost,
+        layers=layers,
     )
     circuits = read_circuits(sm.input.circuits) if "circuits" in sm.input.keys() else {}  # noqa: SIM118
     configurational = mechanism_configurational(sm, heads, results, circuits, log)

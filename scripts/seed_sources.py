@@ -1,7 +1,8 @@
 """Snakemake script of rule `seed_sources`: split each mechanism quantity's seed variance into
 data order and initialisation (:mod:`mechgen.stats.seed_sources`).
 
-Inputs: ``heads`` (heads.parquet, for the normalised trajectories), ``tokens`` (eval token files,
+Inputs: ``heads`` and ``layers`` (heads.parquet, layers.parquet: the head- and layer-unit
+mechanisms' scores, for the normalised trajectories), ``tokens`` (eval token files,
 for the nulls), ``per_seed`` (stats/<mechanism>/per_seed.csv, in the order of
 params.mechanisms), ``lineage`` (stats/lineage.csv: flagged runs are left out), and
 ``relational`` (stats/relational.csv) when the relational axis runs. Params: ``runs`` (run, kind,
@@ -32,6 +33,7 @@ def main(sm: Any) -> None:
     log = setup_logging(sm)
     runs = pd.DataFrame(list(sm.params.runs))
     heads = pd.read_parquet(sm.input.heads)
+    layers = pd.read_parquet(sm.input.layers) if "layers" in sm.input.keys() else None  # noqa: SIM118
     context = NullContext(
         eval_lengths={Path(p).stem: read_token_lengths(p) for p in sm.input.tokens},
         settings=dict(sm.params.settings),
@@ -42,7 +44,7 @@ def main(sm: Any) -> None:
         if table.empty:
             continue
         per_seed[name] = table
-        scored = crossmech.scored_heads(heads, mechanisms.get(name), context)
+        scored = crossmech.scored_heads(heads, mechanisms.get(name), context, layers)
         if not scored.note:
             trajectories[name] = crossmech.normalised_trajectories(scored.heads)[0]
     relational = read_csv(sm.input.relational) if "relational" in sm.input.keys() else None  # noqa: SIM118

@@ -546,7 +546,7 @@ def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch
     real = metrics.score_heads
     monkeypatch.setattr(metrics, "score_heads", lambda *a, **k: calls.append(1) or real(*a, **k))
     sentences = [[5, 17, 99, 3, 7], [11, 12, 13], [20, 21, 22, 23, 24, 25]]
-    tables = {}
+    tables, layer_scores = {}, {}
     for step in (0, 1):
         tables[step], sidecar = scoring.score_checkpoint(
             run,
@@ -558,7 +558,12 @@ def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch
             circuit_path=tmp_path / f"step{step}.circuit.npz",
         )
         assert sidecar["relational"]["sequences"]["n_sequences"] == 4
+        layer_scores[step] = sidecar["layer_scores"]
     assert len(calls) == 1  # the duplicate was not scored again, circuit scores included
+    # The layer-unit mechanism's per-layer values reach the sidecar from the fresh scores and
+    # from the cache entry alike (the aggregate's layers.parquet reads them there).
+    assert layer_scores[0] == layer_scores[1]
+    assert len(layer_scores[0]["in_context_retrieval"]) == config.num_hidden_layers
     columns = ["layer", "head", "induction", "induction_control", "copying_accuracy"]
     pd.testing.assert_frame_equal(tables[0][columns], tables[1][columns])
     first = circuit_files.load_circuit(tmp_path / "step0.circuit.npz")
@@ -566,6 +571,7 @@ def test_scoring_job_caches_circuit_scores_with_duplicates(tmp_path, monkeypatch
     assert first.arrays.keys() == second.arrays.keys() and "k_composition" in first.arrays
     for key in first.arrays:
         np.testing.assert_array_equal(first.arrays[key], second.arrays[key])
+    assert first.arrays["in_context_retrieval"].tolist() == layer_scores[0]["in_context_retrieval"]
     # Other relational settings are another cache entry: scored again.
     scoring.score_checkpoint(
         run,

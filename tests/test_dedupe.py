@@ -274,6 +274,7 @@ def test_cache_key_holds_the_scored_mechanisms_versions(monkeypatch):
     circuit_key, circuit_fields = score_cache_key(*args, circuit={"n_sequences": 5})
     assert circuit_fields["mechanisms"] == {
         "previous_token": 1, "locality": 1, "induction": 1, "duplicate_token": 1,
+        "in_context_retrieval": 1,
     }  # fmt: skip
     bumped = {
         name: dataclasses.replace(m, version=m.version + 1) if name == "duplicate_token" else m

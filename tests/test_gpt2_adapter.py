@@ -30,6 +30,7 @@ from mechgen.scoring.relational import (
     make_repeated_sequences,
     mean_ablated,
     mean_head_outputs,
+    score_continuations,
     score_induction,
 )
 
@@ -347,11 +348,15 @@ def test_ov_logits_brute_force_through_the_modules() -> None:
 
 
 def test_every_catalog_mechanism_scores_a_gpt2_model() -> None:
-    """Each mechanism of the catalog gets a finite score column for every head of a GPT-2
-    model, from the model-side scorer that computes it in the pipeline."""
+    """Each head-unit mechanism of the catalog gets a finite score column for every head of a
+    GPT-2 model, and each layer-unit one a finite score for every layer, from the model-side
+    scorer that computes it in the pipeline."""
     model = random_gpt2(dtype=torch.float32)
     table = score_heads(model, sentences(), batch_size=4)
-    induction = score_induction(model, make_repeated_sequences(2, VOCAB_SIZE, 4, 6, seed=1))
+    first = torch.from_numpy(make_repeated_sequences(2, VOCAB_SIZE, 4, 6, seed=1).first_half)
+    # score_induction's pass (the repeat against the first half's cache), with the layer scores.
+    (induction,) = score_continuations(model, first, [first], [False], retrieval=[True])
+    layer_scores = {"in_context_retrieval": induction.retrieval}
     table["induction"] = induction.induction.reshape(-1)
     table["duplicate_token"] = induction.duplicate_token.reshape(-1)
     record = successor.task_token_ids(WORDS.__getitem__, tasks=PLANTED_TASKS)
@@ -361,6 +366,10 @@ def test_every_catalog_mechanism_scores_a_gpt2_model() -> None:
     for column in WEIGHT_COLUMNS:
         table[column] = weights[column].to_numpy()
     for name, mechanism in catalog().items():
+        if mechanism.unit == "layer":
+            values = np.asarray(layer_scores[mechanism.score_column], dtype=float)
+            assert values.shape == (N_LAYERS,) and np.isfinite(values).all(), name
+            continue
         assert mechanism.unit == "head", name
         values = table[mechanism.score_column].to_numpy(dtype=float)
         assert values.shape == (N_LAYERS * N_HEADS,) and np.isfinite(values).all(), name

@@ -132,6 +132,8 @@ def test_caption_renders_for_every_mechanism(name: str) -> None:
     params = {
         "mechanism": {
             "description": mechanism.description,
+            "unit": mechanism.unit,
+            "table": f"{mechanism.unit}s.parquet",
             "score_column": mechanism.score_column,
             "units": mechanism.units,
             "criterion": mechanism.criterion_text(),
@@ -151,6 +153,7 @@ def test_caption_renders_for_every_mechanism(name: str) -> None:
     )["body"]
     assert f'<tt class="docutils literal">{name}</tt>' in html
     assert mechanism.units in html and len(html) > 1000
+    assert f"{mechanism.unit}s.parquet" in html  # where the score is: heads or layers
 
 
 def test_criterion_text_states_the_criterion() -> None:

@@ -71,17 +71,15 @@ def test_induction_null_at_the_scored_positions() -> None:
     assert Link("previous_token", "induction") in mechanisms.get("previous_token").links
 
 
-def test_a_layer_unit_mechanism_fails_at_start_naming_the_key(monkeypatch) -> None:
-    # The first catalog is head-level only: no suite writes layers.parquet, and selecting a
-    # layer-unit mechanism is refused before any job runs.
-    import dataclasses
-
-    from mechgen import mechanisms as registry
-
-    assert all(m.unit == "head" for m in registry.catalog().values())
-    registry.require_head_units(registry.names())  # the whole catalog passes
-    layered = dataclasses.replace(registry.get("locality"), name="layer_norm_growth", unit="layer")
-    extended = {**registry.catalog(), layered.name: layered}
-    monkeypatch.setattr(registry, "catalog", lambda: extended)
-    with pytest.raises(ValueError, match="layer_norm_growth.*layers.parquet.*allowed"):
-        registry.require_head_units(["previous_token", "layer_norm_growth"])
+def test_the_catalog_has_one_layer_unit_mechanism_with_a_chance_null() -> None:
+    # in_context_retrieval is scored per layer (layers.parquet); every other mechanism per head.
+    units = {name: m.unit for name, m in mechanisms.catalog().items()}
+    assert [name for name, unit in units.items() if unit == "layer"] == ["in_context_retrieval"]
+    retrieval = mechanisms.get("in_context_retrieval")
+    table = pd.DataFrame({"run": ["b", "a", "b"], "in_context_retrieval": [0.1, 0.2, 0.3]})
+    null = retrieval.null(table, NullContext(settings={"half_length": 8}))
+    assert null.to_dict() == {"a": 1 / 8, "b": 1 / 8}  # chance among the L = 8 candidates
+    with pytest.raises(KeyError, match="half_length"):
+        retrieval.null(table, NullContext())
+    assert list(retrieval.meets_criterion([0.25, 0.24], [1 / 8, 1 / 8])) == [True, False]
+    assert retrieval.normalised(1.0, 1 / 8) == pytest.approx(1.0)

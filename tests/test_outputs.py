@@ -17,7 +17,7 @@ import pytest
 from conftest import TOY_TEST_SUITE
 from test_figures import synthetic_heads
 
-from mechgen import schema
+from mechgen import mechanisms, schema
 from mechgen.axes import circuit_tables, convergence, functional, positional
 from mechgen.axes.circuit_tables import RUN_TABLE_COLUMNS, relation_fraction_by_size
 from mechgen.axes.developmental import trajectories
@@ -109,6 +109,9 @@ def test_library_tables_are_documented(tmp_path: Path) -> None:
         assert_documented(path, traj.columns)
     head_columns = schema.HEAD_COLUMNS + schema.CIRCUIT_COLUMNS + schema.WEIGHT_COLUMNS
     assert_documented("heads.parquet", head_columns)
+    layer_scores = [m.score_column for m in mechanisms.catalog().values() if m.unit == "layer"]
+    assert layer_scores  # the catalog's layer-unit mechanisms write layers.parquet
+    assert_documented("layers.parquet", schema.LAYER_COLUMNS + layer_scores)
     assert_documented("scores/toy-tiny-seed1/step300.parquet", head_columns)
     assert_documented("stats/mds.csv", convergence.MDS_COLUMNS)
     assert_documented(

@@ -132,6 +132,18 @@ def test_report_embeds_every_figure(toy_test_run, tmp_path):
     assert sorted(p.stem for p in per_mechanism) == sorted(mechanisms.names())
     for name in mechanisms.names():
         assert f"Mechanism: {name}" in html, name
+    # The layer-unit mechanism went through the run: layers.parquet (2 runs x 4 checkpoints x 2
+    # layers, each value the sidecar's), and its tables take the layers as units (head 0).
+    res = _results(toy_test_run)
+    layers = pd.read_parquet(res / "layers.parquet")
+    assert len(layers) == 2 * 4 * 2 and set(layers["layer"]) == {0, 1}
+    for row in layers.itertuples():
+        sidecar = json.loads((res / "scores" / row.run / f"step{row.step}.json").read_text())
+        assert sidecar["layer_scores"]["in_context_retrieval"][row.layer] == pytest.approx(
+            row.in_context_retrieval, abs=0
+        )
+    per_seed = pd.read_csv(res / "stats" / "in_context_retrieval" / "per_seed.csv")
+    assert len(per_seed) == 2 and (per_seed["final_head"] == 0).all()
     for fig in figures + per_mechanism:
         # Snakemake embeds each registered result base64-encoded: the exact bytes must be there.
         encoded = base64.b64encode(fig.read_bytes()).decode()

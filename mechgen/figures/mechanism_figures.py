@@ -20,7 +20,9 @@ in every figure of :mod:`mechgen.figures.suite` (Okabe-Ito, ordered by parameter
 
 Artists carrying data have a ``gid``: ``fraction:<model>``, ``ci:<model>``, ``depth:<model>``
 (formed) / ``depth_not_formed:<model>``, ``run:<run>``, ``onset:<run>``, ``null`` and
-``ceiling``. A mechanism with no scored rows gets a placeholder that says why.
+``ceiling``. A mechanism with no scored rows gets a placeholder that says why. A layer-unit
+mechanism's units are layers (``unit="layer"``): the labels then say "layer" where they say
+"head".
 """
 
 from __future__ import annotations
@@ -96,7 +98,12 @@ def _style(ax: Axes) -> None:
 
 
 def _functional_panel(
-    ax: Axes, run_step: pd.DataFrame, sizes: pd.DataFrame, models: list[str], styles: dict
+    ax: Axes,
+    run_step: pd.DataFrame,
+    sizes: pd.DataFrame,
+    models: list[str],
+    styles: dict,
+    unit: str = "head",
 ) -> None:
     fractions = qualifying_fraction(run_step)
     final = sizes.set_index("model")
@@ -129,12 +136,17 @@ def _functional_panel(
     ax.set_xscale("log")
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel(STEP_AXIS_LABEL, fontsize=LABEL_PT)
-    ax.set_ylabel("fraction of seeds\nwith a qualifying head", fontsize=LABEL_PT)
+    ax.set_ylabel(f"fraction of seeds\nwith a qualifying {unit}", fontsize=LABEL_PT)
     ax.set_title("functional: criterion vs null", fontsize=TITLE_PT)
 
 
 def _positional_panel(
-    ax: Axes, per_seed: pd.DataFrame, models: list[str], styles: dict, width: float
+    ax: Axes,
+    per_seed: pd.DataFrame,
+    models: list[str],
+    styles: dict,
+    width: float,
+    unit: str = "head",
 ) -> None:
     for i, model in enumerate(models):
         colour, marker = styles[model]
@@ -165,13 +177,18 @@ def _positional_panel(
             label.set_rotation_mode("anchor")
     ax.set_xlim(-0.6, len(models) - 0.4)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("relative depth of the\nstrongest head, final step", fontsize=LABEL_PT)
+    ax.set_ylabel(f"relative depth of the\nstrongest {unit}, final step", fontsize=LABEL_PT)
     ax.set_title("positional: layer / depth", fontsize=TITLE_PT)
     ax.grid(False, axis="x")
 
 
 def _developmental_panel(
-    ax: Axes, run_step: pd.DataFrame, per_seed: pd.DataFrame, models: list[str], styles: dict
+    ax: Axes,
+    run_step: pd.DataFrame,
+    per_seed: pd.DataFrame,
+    models: list[str],
+    styles: dict,
+    unit: str = "head",
 ) -> None:
     onsets = onset_points(run_step, per_seed).set_index("run")
     for model in models:
@@ -201,7 +218,7 @@ def _developmental_panel(
     ax.axhline(1.0, color="0.35", ls=":", lw=0.9, gid="ceiling")
     ax.set_xscale("log")
     ax.set_xlabel(STEP_AXIS_LABEL, fontsize=LABEL_PT)
-    ax.set_ylabel("max over heads,\n(score - null) / (ceiling - null)", fontsize=LABEL_PT)
+    ax.set_ylabel(f"max over {unit}s,\n(score - null) / (ceiling - null)", fontsize=LABEL_PT)
     ax.set_title("developmental: normalised trajectories", fontsize=TITLE_PT)
 
 
@@ -213,6 +230,7 @@ def plot_mechanism(
     path: str | Path,
     width: float | None = None,
     note: str = "",
+    unit: str = "head",
 ) -> Figure:
     """The figure of mechanism ``name`` from its ``functional_run_step``, ``functional_size``
     and ``per_seed`` tables (see the module docstring for the panels).
@@ -220,6 +238,7 @@ def plot_mechanism(
     Without ``width``: one row of three panels; with it: as many columns as fit
     :data:`mechgen.figures.suite.MIN_PANEL_WIDTH`-inch panels, the legend in a spare slot. A
     mechanism without scored rows (``run_step`` empty) gets a placeholder naming ``note``.
+    ``unit``: the mechanism's unit ("head" or "layer"), as the axis labels name it.
     """
     if run_step.empty:
         return placeholder_figure(
@@ -238,9 +257,9 @@ def plot_mechanism(
     )
     flat = list(grid.ravel())
     axes = dict(zip(PANELS, flat))
-    _functional_panel(axes["functional"], run_step, sizes, models, styles)
-    _positional_panel(axes["positional"], per_seed, models, styles, fig_width / ncols)
-    _developmental_panel(axes["developmental"], run_step, per_seed, models, styles)
+    _functional_panel(axes["functional"], run_step, sizes, models, styles, unit)
+    _positional_panel(axes["positional"], per_seed, models, styles, fig_width / ncols, unit)
+    _developmental_panel(axes["developmental"], run_step, per_seed, models, styles, unit)
     for ax in axes.values():
         _style(ax)
     axes["positional"].grid(False, axis="x")

@@ -26,7 +26,6 @@ __all__ = [
     "links",
     "meets_criterion_in_table",
     "names",
-    "require_head_units",
 ]
 
 ORDER = ("previous_token", "induction")
@@ -69,22 +68,6 @@ def links(chosen: list[str] | None = None) -> list[Link]:
             if link.source in selected and link.target in selected:
                 found.setdefault((link.source, link.target), link)
     return list(found.values())
-
-
-def require_head_units(chosen: list[str]) -> None:
-    """Raise ``ValueError`` naming every mechanism of ``chosen`` whose unit is ``layer``.
-
-    Layer-level scores would go to ``layers.parquet``, but the first catalog has no layer-unit
-    mechanism and the scoring job no layer scorer; so no suite writes ``layers.parquet``, and a
-    suite that selected a layer-unit mechanism fails at start instead of reporting it "not
-    scored" after the whole run. A layer-unit mechanism brings its scorer, the ``layers.parquet``
-    aggregation and the removal of this check."""
-    layered = [name for name in chosen if get(name).unit == "layer"]
-    if layered:
-        raise ValueError(
-            f"layer-unit mechanism(s) {', '.join(layered)}: no scorer writes layers.parquet yet; "
-            f"allowed (head-unit): {', '.join(n for n in names() if get(n).unit == 'head')}"
-        )
 
 
 def composition_kinds() -> tuple[str, ...]:

@@ -16,6 +16,10 @@ LM or its body). Shapes and conventions, whatever the family's storage layout:
 - ``attention(model, layer)``: the module whose forward returns ``(output, probabilities
   [B, H, T, T], ...)`` in eager mode and receives the 4-D attention mask as keyword
   ``attention_mask``;
+- ``block(model, layer)``: layer ``layer``'s whole block, whose forward returns the residual
+  stream after it (a tensor ``[B, T, d]``, or a tuple whose first element is), before the final
+  layernorm, also for the last layer (transformers' ``output_hidden_states`` applies the final
+  layernorm to its last entry; a hook on the block does not): :func:`block_output_hooks`;
 - ``embedding`` W_E ``[vocab, d]``, ``unembedding`` W_U ``[vocab, d]`` (logits = W_U x after
   ``final_layernorm``), ``input_layernorm`` (what the heads read through), ``mlp_layernorm`` and
   ``mlp`` (layer l's MLP and the layernorm in front of it), ``parallel_residual``;
@@ -75,6 +79,7 @@ class ArchitectureAdapter(Protocol):
     def max_positions(self, model: torch.nn.Module) -> int: ...
     def attention(self, model: torch.nn.Module, layer: int) -> torch.nn.Module: ...
     def output_projection(self, model: torch.nn.Module, layer: int) -> torch.nn.Module: ...
+    def block(self, model: torch.nn.Module, layer: int) -> torch.nn.Module: ...
     def lm_head(self, model: torch.nn.Module) -> torch.nn.Module | None: ...
     def embedding(self, model: torch.nn.Module) -> torch.Tensor: ...
     def unembedding(self, model: torch.nn.Module) -> torch.Tensor: ...
@@ -159,6 +164,34 @@ def attention_hooks(
     handles = [
         adapter.attention(model, index).register_forward_hook(hook_for(index), with_kwargs=True)
         for index in selected
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def block_output_hooks(
+    adapter: ArchitectureAdapter,
+    model: torch.nn.Module,
+    callback: Callable[[int, torch.Tensor], None],
+) -> Iterator[None]:
+    """Within the block, every forward pass calls ``callback(layer, residual [B, T, d])`` with
+    the residual stream after each layer (the adapter's ``block`` output, before the final
+    layernorm)."""
+    n_layers = adapter.shape(model)[0]
+
+    def hook_for(layer_index: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: object, output: object) -> None:
+            callback(layer_index, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    handles = [
+        adapter.block(model, index).register_forward_hook(hook_for(index))
+        for index in range(n_layers)
     ]
     try:
         yield

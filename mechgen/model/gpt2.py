@@ -192,6 +192,12 @@ class GPT2Adapter:
         return _block(model, layer).attn
 
     @staticmethod
+    def block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+        """Block ``layer`` (``h[layer]``): its forward returns the residual stream after the
+        block, before ``ln_f`` (also for the last block)."""
+        return _block(model, layer)
+
+    @staticmethod
     def output_projection(model: torch.nn.Module, layer: int) -> torch.nn.Module:
         return _block(model, layer).attn.c_proj
 

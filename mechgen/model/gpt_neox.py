@@ -196,6 +196,12 @@ class GPTNeoXAdapter:
         return gpt_neox_body(model, need_attention=False).layers[layer].attention.dense
 
     @staticmethod
+    def block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+        """Layer ``layer`` (``layers[layer]``): its forward returns the residual stream after
+        the layer, before ``final_layer_norm`` (also for the last layer)."""
+        return gpt_neox_body(model, need_attention=False).layers[layer]
+
+    @staticmethod
     def lm_head(model: torch.nn.Module) -> torch.nn.Module | None:
         """The LM head (None for a bare ``GPTNeoXModel``)."""
         if model is gpt_neox_body(model, need_attention=False):

@@ -21,6 +21,11 @@ Every checkpoint (cheap)
   the sidecar, so a rerun scores the same ids). Induction score of a head = mean over sequences
   and second-half positions p of A[p, p - L + 1] (probability; uniform attention gives
   about 1/(p + 1), i.e. ~0.013 for L = 50).
+- ``in_context_retrieval`` per layer, read by hooks on every block during the repeated
+  sequences' second-half pass (no extra pass): the fraction of positions p = L..2L-2 where
+  the residual stream after the layer, through the final layernorm and the unembedding rows of
+  the first-half ids, gives the next token the top logit
+  (:mod:`mechgen.mechanisms.in_context_retrieval`; the sidecar's ``layer_scores``);
 - the relative-offset profile of every head on the evaluation text (mean attention to offsets
   0..``max_offset``; :func:`mechgen.scoring.configurational.offset_profile_hooks`), and the mean output
   z of every head (:func:`mechgen.scoring.relational.mean_head_output_hooks`, for mean ablation), both
@@ -112,11 +117,12 @@ __all__ = [
     "score_circuit",
 ]
 
-CIRCUIT_VERSION = 3
+CIRCUIT_VERSION = 4
 """Bump when what a circuit file holds changes: it is part of the score cache key
 (:func:`cache_record`), so every cached circuit result is then recomputed. 2: the
 ``link_ablations`` record (every declared link's mean-ablation test); 3: the per-token
-outputs of every head-level mechanism's strongest head (``cka_random``, ``cka_strongest``)."""
+outputs of every head-level mechanism's strongest head (``cka_random``, ``cka_strongest``);
+4: the per-layer ``in_context_retrieval`` (a layer-unit mechanism)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +426,11 @@ def score_circuit(
         "duplicate_token": induction.duplicate_token.astype(np.float64),
         "duplicate_token_control": controls["duplicate_token_control"].astype(np.float64),
         "copying_accuracy": np.array(induction.copying_accuracy, dtype=np.float64),
+        **(
+            {"in_context_retrieval": induction.retrieval.astype(np.float64)}
+            if induction.retrieval is not None
+            else {}
+        ),
         "offset_profile": np.asarray(ride.offsets.profile, dtype=np.float64),
         "qk_spectrum": spectra.qk.astype(np.float64),
         "ov_spectrum": spectra.ov.astype(np.float64),

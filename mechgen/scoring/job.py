@@ -76,7 +76,7 @@ CACHED_MECHANISMS: dict[str, tuple[str, ...]] = {
     # The evaluation-sentence pass (mechgen.scoring.metrics.score_heads): always scored.
     "scores": ("previous_token", "locality"),
     # The [random]x2 passes and their positional control (mechgen.scoring.circuit): relational on.
-    "circuit": ("induction", "duplicate_token"),
+    "circuit": ("induction", "duplicate_token", "in_context_retrieval"),
     # From the weights alone (mechgen.model.weight_scores): when their task data is given.
     "weights": ("successor", "copy_suppression"),
 }
@@ -483,6 +483,10 @@ def _finish_sidecar(job: _Job, ref: Any, scored: _Scored, table: pd.DataFrame) -
             # 1-back scoring with the ride-along hooks, for the cost ratio of the relational scores.
             "one_back_seconds": job.one_back_seconds,
         }
+        layer_scores = job.circuit_result.layer_scores()
+        if layer_scores:
+            # Per layer-unit mechanism, its value per layer: the aggregate's layers.parquet.
+            sidecar["layer_scores"] = layer_scores
     if job.weight_record is not None:
         sidecar["weight_mechanisms"] = job.weight_record
     sidecar.update(
@@ -554,7 +558,9 @@ def score_checkpoint(
     ``circuit_settings`` (a :class:`mechgen.scoring.circuit.CircuitSettings`; None: off) adds the
     relational/configurational scores of the same loaded model (:mod:`mechgen.scoring.circuit`): the
     table gets ``induction``, ``induction_control`` and ``copying_accuracy`` columns, the
-    sidecar a ``relational`` record, and the arrays are written to ``circuit_path`` (an empty
+    sidecar a ``relational`` record and ``layer_scores`` (per layer-unit mechanism, e.g.
+    ``in_context_retrieval``, its value per layer, which the aggregate writes to layers.parquet),
+    and the arrays are written to ``circuit_path`` (an empty
     file for a missing checkpoint). With the score cache they are cached next to the scores.
 
     ``weight_tasks`` (a :class:`mechgen.model.weight_scores.WeightTasks`; None: off) adds the

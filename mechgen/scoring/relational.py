@@ -24,7 +24,9 @@ Per checkpoint (model-level, torch)
   :func:`score_induction_with_control` uses to score the non-repeating control sequences,
   which share the first halves, against the same cache); attention is reduced inside a hook
   on each layer so only one layer's attention is alive at a time, and the LM head runs only
-  on the second half (or not at all with ``copying=False``).
+  on the second half (or not at all with ``copying=False``). In the repeated second halves'
+  pass, hooks on every block read the per-layer in-context retrieval accuracy
+  (:attr:`InductionResult.retrieval`; :mod:`mechgen.mechanisms.in_context_retrieval`).
 - :func:`composition_scores`: weight-space K-, Q- and V-composition between every head of an
   earlier layer and every head of a later layer, with a random-rotation baseline.
 - :func:`mean_head_outputs` (or :func:`mean_head_output_hooks`, riding along the 1-back
@@ -48,6 +50,7 @@ intervenes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -60,7 +63,14 @@ import pandas as pd
 import torch
 
 from mechgen.model import adapter as architectures
-from mechgen.model.base import attention_hooks, fork_cache, forward_body, new_cache
+from mechgen.model.base import (
+    LayerNormWeights,
+    attention_hooks,
+    block_output_hooks,
+    fork_cache,
+    forward_body,
+    new_cache,
+)
 
 __all__ = [
     "REPEATED_SEQUENCE_SCORES",
@@ -284,6 +294,10 @@ class InductionResult:
     ``duplicate_token[layer, head]`` = (1/(N L)) sum_n sum_{p=L}^{2L-1} A_n[p, p - L], the
     attention to the same token's earlier occurrence, from the same forward passes
     (probability; None only for results built without it).
+    ``retrieval[layer]`` = fraction of the N (L - 1) positions p = L..2L-2 at which the residual
+    stream after ``layer``, through the final layernorm and the unembedding rows of the
+    sequence's L first-half ids, gives token p + 1 the top logit (:func:`_retrieval_hits`;
+    None where not computed).
     """
 
     induction: np.ndarray
@@ -291,6 +305,7 @@ class InductionResult:
     n_sequences: int
     half_length: int
     duplicate_token: np.ndarray | None = None
+    retrieval: np.ndarray | None = None
 
 
 def repeat_offset_attention(attention: torch.Tensor, half: int, offset: int) -> torch.Tensor:
@@ -362,6 +377,29 @@ def _copying_hits(model: torch.nn.Module, states: torch.Tensor, targets: torch.T
         predicted = lm_head(flat_states[start : start + rows_per_chunk]).argmax(dim=-1)
         hits += int((predicted == flat_targets[start : start + rows_per_chunk]).sum())
     return hits
+
+
+def _retrieval_hits(
+    residual: torch.Tensor,
+    candidates: torch.Tensor,
+    targets: torch.Tensor,
+    final_norm: Any,
+    unembedding: torch.Tensor,
+) -> int:
+    """Count of positions whose top candidate logit is their target.
+
+    ``residual`` ``[B, P, d]``: the residual stream after one layer (before the final
+    layernorm); ``candidates`` ``[B, C]``: each sequence's candidate ids; ``targets``
+    ``[B, P]``: the next token ids; ``final_norm`` (the adapter's ``final_layernorm``) and
+    ``unembedding`` ``[vocab, d]`` on the residual's device. The logit of candidate c at
+    position p is ``W_U[candidates[b, c]] . LN_f(residual[b, p])`` (neither family has an
+    unembedding bias); the argmax over c (ties to the first candidate) is a hit when its id is
+    the target."""
+    normed = final_norm(residual)  # float32 weights: promoted to the residual's dtype if wider
+    rows = unembedding[candidates].to(normed.dtype)  # [B, C, d]
+    logits = torch.einsum("bpd,bcd->bpc", normed, rows)
+    predicted = torch.gather(candidates, 1, logits.argmax(dim=-1))
+    return int((predicted == targets).sum())
 
 
 REFUTING_ROWS = 2048
@@ -449,19 +487,21 @@ def score_induction_with_control(
     control_half: np.ndarray | torch.Tensor,
     batch_size: int | None = DEFAULT_INDUCTION_BATCH,
     copying: bool = True,
+    retrieval: bool = True,
 ) -> tuple[InductionResult, InductionResult]:
     """:func:`score_induction` on ``sequences`` and the same scores on the non-repeating
     sequences [first half, ``control_half``] (``[N, L]`` ids; copying accuracy NaN), sharing
     the first halves' passes (:func:`score_continuations`): each batch's first halves run once,
     then both second halves against their cache. The results equal those of the two separate
-    calls up to float rounding."""
+    calls up to float rounding. With ``retrieval``, the repeated sequences' result also holds
+    the per-layer in-context retrieval accuracy (``retrieval``, read during their pass)."""
     adapter = architectures.for_model(model)
     adapter.body(model, need_attention=True)
     input_ids, half = _repeated_input_ids(sequences, adapter.vocab_size(model))
     first_half = input_ids[:, :half]
     control = torch.as_tensor(control_half)
     induction, controls = score_continuations(
-        model, first_half, [first_half, control], [copying, False], batch_size
+        model, first_half, [first_half, control], [copying, False], batch_size, [retrieval, False]
     )
     return induction, controls
 
@@ -472,6 +512,7 @@ def score_continuations(
     continuations: Sequence[torch.Tensor],
     copying: Sequence[bool],
     batch_size: int | None = DEFAULT_INDUCTION_BATCH,
+    retrieval: Sequence[bool] | None = None,
 ) -> list[InductionResult]:
     """:func:`score_induction`'s scores on the sequences [prefix, continuation] of each
     continuation, with the prefixes run once for all of them.
@@ -483,6 +524,12 @@ def score_continuations(
     logits_n[p, v] = S_n[p + 1]} when ``copying`` says so for c and the model has an LM head,
     else NaN. Whether the offsets are the induction and duplicate-token keys depends on c: on
     a repeat of the prefix they are, on other ids they are the positional controls.
+    ``retrieval`` (default: none) says per continuation whether to compute the per-layer
+    in-context retrieval accuracy (:attr:`InductionResult.retrieval`; needs an LM head, else
+    None): ``retrieval[l]`` = (1/(N (L-1))) #{(n, p): p in L..2L-2, the prefix id of largest
+    logit ``W_U[id] . LN_f(x_n^l[p])`` is S_n[p + 1]}, x^l the residual stream after layer l
+    (:func:`_retrieval_hits`), read by hooks on the blocks during the continuation's pass
+    (:func:`mechgen.model.base.block_output_hooks`), which then runs through every layer.
 
     Per batch of ``batch_size`` sequences (None: all at once), the prefixes run once through
     every layer's attention (stopped there: nothing later feeds a cache) with a key/value cache
@@ -508,6 +555,9 @@ def score_continuations(
         )
     if len(copying) != len(continuations):
         raise ValueError("copying must say, for each continuation, whether to count copying")
+    retrieval = [False] * len(continuations) if retrieval is None else list(retrieval)
+    if len(retrieval) != len(continuations):
+        raise ValueError("retrieval must say, for each continuation, whether to compute it")
     batch_size = n_sequences if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -517,8 +567,14 @@ def score_continuations(
     continuations = [c.to(device) for c in continuations]
     has_lm_head = adapter.lm_head(model) is not None
     counts = [bool(wanted) and has_lm_head for wanted in copying]
+    lens = [bool(wanted) and has_lm_head for wanted in retrieval]
     sums = torch.zeros(len(continuations), 2, n_layers, n_heads, dtype=torch.float64, device=device)
     hits = [0] * len(continuations)
+    layer_hits = np.zeros((len(continuations), n_layers), dtype=np.int64)
+    if any(lens):
+        norm = adapter.final_layernorm(model)
+        final_norm = LayerNormWeights(norm.weight.to(device), norm.bias.to(device), norm.eps)
+        unembedding = adapter.unembedding(model).to(device)
 
     def on_attention_of(index: int) -> Callable[[int, torch.Tensor], None]:
         def on_attention(layer: int, attention: torch.Tensor) -> None:
@@ -537,13 +593,29 @@ def score_continuations(
             for index, continuation in enumerate(continuations):
                 last = index == len(continuations) - 1
                 batch = continuation[start:stop]
-                hidden = forward_with_attention(
-                    model,
-                    batch,
-                    on_attention_of(index),
-                    need_hidden=counts[index],
-                    cache=cache if last else fork_cache(cache),
-                )
+                hooks = contextlib.nullcontext()
+                if lens[index]:
+                    # Positions L..2L-2 (rows 0..L-2) against the batch's prefix ids.
+                    def on_block(
+                        layer: int,
+                        residual: torch.Tensor,
+                        index: int = index,
+                        candidates: torch.Tensor = prefixes[start:stop],
+                        targets: torch.Tensor = batch[:, 1:],
+                    ) -> None:
+                        layer_hits[index, layer] += _retrieval_hits(
+                            residual[:, :-1], candidates, targets, final_norm, unembedding
+                        )
+
+                    hooks = block_output_hooks(adapter, model, on_block)
+                with hooks:
+                    hidden = forward_with_attention(
+                        model,
+                        batch,
+                        on_attention_of(index),
+                        need_hidden=counts[index] or lens[index],
+                        cache=cache if last else fork_cache(cache),
+                    )
                 if counts[index]:
                     # Positions L..2L-2 (rows 0..L-2) predict tokens L+1..2L-1.
                     hits[index] += _copying_hits(model, hidden[:, :-1], batch[:, 1:])
@@ -557,6 +629,7 @@ def score_continuations(
             n_sequences=n_sequences,
             half_length=half,
             duplicate_token=means[index, 1],
+            retrieval=(layer_hits[index] / (n_sequences * (half - 1)) if lens[index] else None),
         )
         for index in range(len(continuations))
     ]

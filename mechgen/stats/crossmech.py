@@ -1,9 +1,17 @@
 """Every catalog mechanism through the axes, and what no single-mechanism analysis reports.
 
-Table-side (pandas, no torch). Input: the per-head table (``heads.parquet``), whose column
-``Mechanism.score_column`` holds a mechanism's score; a mechanism whose column is absent (or
-all NaN) is *not scored*: it gets a ``not scored`` row in the profile, header-only tables and a
-logged reason, never an error.
+Table-side (pandas, no torch). Input: the per-head table (``heads.parquet``) and the per-layer
+table (``layers.parquet``), whose column ``Mechanism.score_column`` holds a mechanism's score
+(a head-unit mechanism's in heads.parquet, a layer-unit mechanism's in layers.parquet); a
+mechanism whose column is absent (or all NaN) is *not scored*: it gets a ``not scored`` row in
+the profile, header-only tables and a logged reason, never an error.
+
+Units. Every analysis below runs on *units*: the heads of a head-unit mechanism; for a
+layer-unit mechanism, its layers, each a row with ``head = 0`` (the layer itself), so that "the
+strongest head" reads "the strongest layer" and ``final_head`` is 0. The analyses that need a
+layer's heads say "not applicable: layer unit": the Hungarian head alignment (NaN), head sharing
+(:func:`order_table`) and the configurational comparison (no head weights; the rule's script
+leaves its table header-only); the profile's ``note`` says so.
 
 Normalised scale. Per run, ``z = (score - null) / (ceiling - null)``
 (:meth:`mechgen.mechanisms.Mechanism.normalised`; ``null`` from ``Mechanism.null(table,
@@ -213,9 +221,9 @@ PROFILE_COLUMNS = [
 
 @dataclass
 class Scored:
-    """One mechanism's per-head rows (``heads``: id columns, ``score``, ``control``, ``null``,
-    ``normalised``, ``qualifies``) and its per-mechanism tables; or ``note`` why it is not
-    scored."""
+    """One mechanism's per-unit rows (``heads``: id columns, ``score``, ``control``, ``null``,
+    ``normalised``, ``qualifies``; a layer-unit mechanism's layers with ``head`` 0) and its
+    per-mechanism tables; or ``note`` why it is not scored."""
 
     mechanism: Mechanism
     heads: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -223,19 +231,30 @@ class Scored:
     note: str = ""
 
 
-def scored_heads(heads: pd.DataFrame, mechanism: Mechanism, context: NullContext) -> Scored:
-    """The rows of ``heads`` with a finite score of ``mechanism`` (and no ``nonfinite`` flag),
-    with the null, the normalised score and the criterion; or a :class:`Scored` whose ``note``
-    says why the mechanism cannot be scored (a layer-level unit, an absent or all-NaN column, a
-    null that needs settings the suite lacks)."""
-    if mechanism.unit != "head":
-        return Scored(
-            mechanism,
-            note=f"unit {mechanism.unit!r}: read from layers.parquet, not by this analysis",
-        )
+LAYER_UNIT_NOTE = "not applicable: layer unit"
+"""What the analyses that need a layer's heads say of a layer-unit mechanism."""
+
+
+def scored_heads(
+    heads: pd.DataFrame,
+    mechanism: Mechanism,
+    context: NullContext,
+    layers: pd.DataFrame | None = None,
+) -> Scored:
+    """The units of ``mechanism`` with a finite score (and no ``nonfinite`` flag), with the
+    null, the normalised score and the criterion; or a :class:`Scored` whose ``note`` says why
+    the mechanism cannot be scored (an absent or all-NaN column, a null that needs settings the
+    suite lacks). The units are the rows of ``heads`` for a head-unit mechanism, those of
+    ``layers`` (``layers.parquet``; None: the suite has none) with ``head = 0`` for a
+    layer-unit one."""
+    if mechanism.unit == "layer":
+        if layers is None:
+            return Scored(mechanism, note="no layers.parquet in this suite")
+        heads = layers.assign(head=0)
+    source = f"{mechanism.unit}s.parquet"
     column = mechanism.score_column
     if column not in heads.columns:
-        return Scored(mechanism, note=f"column {column!r} not in heads.parquet")
+        return Scored(mechanism, note=f"column {column!r} not in {source}")
     usable = np.isfinite(heads[column].to_numpy(dtype=float))
     if "nonfinite" in heads.columns:
         usable &= ~heads["nonfinite"].fillna(False).to_numpy(dtype=bool)
@@ -631,7 +650,9 @@ def order_table(
     - ``seed_speed`` (all): :func:`seed_speed` rho and permutation p;
     - ``head_sharing`` (per size and all, per pair): ``estimate`` = fraction of runs, of ``n``
       with a qualifying head of both, whose strongest qualifying heads are one head (Wilson CI);
-      ``detail`` = mean Jaccard of the qualifying head sets.
+      ``detail`` = mean Jaccard of the qualifying head sets; for a pair with a layer-unit
+      mechanism (absent from ``qualifying``), ``estimate`` NaN and ``detail``
+      :data:`LAYER_UNIT_NOTE`.
     """
     names = list(per_seed)
     matrix = onset_matrix(per_seed)
@@ -701,6 +722,18 @@ def order_table(
                 )
             )
         for a, b in itertools.combinations(names, 2):
+            if a not in qualifying or b not in qualifying:
+                rows.append(
+                    _row(
+                        "head_sharing",
+                        **ids,
+                        mechanism_a=a,
+                        mechanism_b=b,
+                        estimate=np.nan,
+                        detail=LAYER_UNIT_NOTE,
+                    )
+                )
+                continue
             shared = head_sharing(
                 qualifying[a].reindex(runs).dropna(how="all"),
                 qualifying[b].reindex(runs).dropna(how="all"),
@@ -802,7 +835,9 @@ def profile(
 ) -> pd.DataFrame:
     """``stats/profile.csv``: one row per mechanism x size, and per mechanism over all sizes
     (``size`` = ``all``); a mechanism not scored has one row, ``scored`` False, with the reason
-    in ``note``. Columns :data:`PROFILE_COLUMNS`, one summary per axis:
+    in ``note``; a scored layer-unit mechanism's ``note`` says that configurational and head
+    sharing are not applicable (:data:`LAYER_UNIT_NOTE`). Columns :data:`PROFILE_COLUMNS`, one
+    summary per axis:
 
     - functional: ``fraction_qualifying`` of runs with a head meeting the criterion at their
       final step (Wilson CI);
@@ -869,7 +904,11 @@ def profile(
                     "size": size,
                     "n_params": int(group["n_params"].iloc[0]) if size != ALL_SIZES else np.nan,
                     "scored": True,
-                    "note": "",
+                    "note": (
+                        f"configurational, head sharing: {LAYER_UNIT_NOTE}"
+                        if result.mechanism.unit == "layer"
+                        else ""
+                    ),
                     "n_runs": n,
                     "n_runs_qualifying": k,
                     "fraction_qualifying": k / n,
@@ -987,17 +1026,20 @@ def analyze_mechanisms(
     relational: pd.DataFrame | None = None,
     configurational: pd.DataFrame | None = None,
     alignment_cost: positional.AlignmentCost = "euclidean",
+    layers: pd.DataFrame | None = None,
 ) -> tuple[dict[str, Scored], dict[str, pd.DataFrame]]:
     """Every mechanism of ``mechanisms`` through the axes (its tables in ``Scored.tables``,
     header-only for a mechanism not scored), then the cross-mechanism tables ``profile``,
-    ``mechanism_order`` and ``mechanism_lags``. ``thresholds`` are read in normalised units
-    per decade for every mechanism, and on the raw score for a mechanism with
-    ``absolute_thresholds``; ``alignment_cost`` is the head alignment's cost
-    (:func:`head_alignment`). One random generator (``seed``) drives every permutation null."""
+    ``mechanism_order`` and ``mechanism_lags``. ``layers``: the per-layer table
+    (``layers.parquet``) of the layer-unit mechanisms (:func:`scored_heads`). ``thresholds``
+    are read in normalised units per decade for every mechanism, and on the raw score for a
+    mechanism with ``absolute_thresholds``; ``alignment_cost`` is the head alignment's cost
+    (:func:`head_alignment`; not applicable to a layer unit). One random generator (``seed``)
+    drives every permutation null."""
     rng = np.random.default_rng(seed)
     results: dict[str, Scored] = {}
     for mechanism in mechanisms:
-        result = scored_heads(heads, mechanism, context)
+        result = scored_heads(heads, mechanism, context, layers)
         if result.note:
             log.warning("mechanism %s not scored: %s", mechanism.name, result.note)
             result.tables = {n: pd.DataFrame(columns=c) for n, c in TABLE_COLUMNS.items()}
@@ -1009,7 +1051,11 @@ def analyze_mechanisms(
             )
             result.tables["per_seed"] = per_seed
             result.tables["positional_size"] = positional_table(
-                per_seed, rng, n_permutations, scored, alignment_cost
+                per_seed,
+                rng,
+                n_permutations,
+                scored if mechanism.unit == "head" else None,  # no heads to align in a layer
+                alignment_cost,
             )
             result.tables["convergence"] = convergence_table(norm)
             log.info(
@@ -1021,7 +1067,11 @@ def analyze_mechanisms(
         results[mechanism.name] = result
     scored_names = [n for n, r in results.items() if not r.note]
     per_seed_tables = {n: results[n].tables["per_seed"] for n in scored_names}
-    qualifying = {n: strongest_qualifying(results[n].heads) for n in scored_names}
+    qualifying = {
+        n: strongest_qualifying(results[n].heads)
+        for n in scored_names
+        if results[n].mechanism.unit == "head"
+    }
     cross = {
         "profile": profile(results, confidence, rng, n_permutations, relational, configurational),
         "mechanism_order": order_table(

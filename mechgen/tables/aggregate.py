@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mechgen.schema import HEAD_COLUMNS
+from mechgen.schema import HEAD_COLUMNS, LAYER_COLUMNS, RUN_SHAPE_COLUMNS
 
 
 def concat_head_tables(paths: list[str | Path]) -> pd.DataFrame:
@@ -21,6 +21,41 @@ def concat_head_tables(paths: list[str | Path]) -> pd.DataFrame:
         return pd.DataFrame(columns=HEAD_COLUMNS)
     heads = pd.concat(frames, ignore_index=True)
     return heads.sort_values(["model", "seed", "step", "layer", "head"], kind="stable").reset_index(drop=True)
+
+
+def layer_table(sidecar_paths: list[str | Path], heads: pd.DataFrame) -> pd.DataFrame:
+    """The per-layer table (``layers.parquet``): one row per (run, step, layer) of every sidecar
+    with ``layer_scores`` ({score column: [value of layer 0, ..., layer n_layers - 1]}), with
+    :data:`mechgen.schema.LAYER_COLUMNS` and one column per score (NaN where a sidecar lacks
+    it), sorted like heads.parquet. The run's identity and shape come from ``heads`` (its rows
+    of that run); step and tokens_seen from the sidecar. No sidecar with layer scores (a
+    missing checkpoint, relational scores off): the header alone."""
+    runs = heads.drop_duplicates("run").set_index("run")[
+        [c for c in RUN_SHAPE_COLUMNS if c != "run"]
+    ]
+    rows = []
+    for p in sidecar_paths:
+        with open(p) as fh:
+            s = json.load(fh)
+        scores = s.get("layer_scores") or {}
+        if not scores:
+            continue
+        run = runs.loc[s["run"]]
+        n_layers = len(next(iter(scores.values())))
+        for layer in range(n_layers):
+            row = {c: run[c] for c in runs.columns}
+            row.update(run=s["run"], step=int(s["step"]), tokens_seen=int(s["tokens_seen"]))
+            row["layer"] = layer
+            row.update({name: float(values[layer]) for name, values in scores.items()})
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=LAYER_COLUMNS)
+    table = pd.DataFrame(rows)
+    scores = sorted(c for c in table.columns if c not in LAYER_COLUMNS)
+    table = table[LAYER_COLUMNS + scores]
+    return table.sort_values(["model", "seed", "step", "layer"], kind="stable").reset_index(
+        drop=True
+    )
 
 
 def read_sidecars(paths: list[str | Path]) -> pd.DataFrame:

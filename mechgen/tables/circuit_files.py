@@ -17,6 +17,10 @@ key                    shape                meaning
                                             (:func:`mechgen.scoring.circuit.positional_controls`)
 ``duplicate_token``    [L, H]               mean A[p, p - L] on the [random]x2 sequences
 ``copying_accuracy``   []                   fraction of second-half positions copied (top-1)
+``in_context_retrieval`` [L]                per layer: fraction of second-half positions whose
+                                            next token tops a logit lens over the first-half
+                                            ids (:mod:`mechgen.mechanisms.in_context_retrieval`;
+                                            absent without an LM head)
 ``offset_profile``     [L, H, K+1]          mean attention to offsets 0..K on the eval text
 ``qk_spectrum``        [L, H, hd]           sigma(W_QK) / ||sigma||_2, descending
 ``ov_spectrum``        [L, H, hd]           sigma(W_OV) / ||sigma||_2, descending
@@ -81,6 +85,17 @@ class CircuitResult:
     def copying_accuracy(self) -> float:
         """Copying accuracy of the model (NaN without an LM head or with copying off)."""
         return float(self.arrays["copying_accuracy"])
+
+    def layer_scores(self) -> dict[str, list[float]]:
+        """``{score column: [value of layer 0, ..., layer L - 1]}`` of every layer-unit
+        mechanism of the catalog whose array the file holds (the sidecar's ``layer_scores``)."""
+        from mechgen.mechanisms import catalog
+
+        return {
+            m.score_column: [float(v) for v in self.arrays[m.score_column]]
+            for m in catalog().values()
+            if m.unit == "layer" and m.score_column in self.arrays
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write one ``.npz`` (arrays + the record as a JSON string); no pickles."""

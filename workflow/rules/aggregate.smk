@@ -1,5 +1,5 @@
-# Aggregation: every (run, step) result into the tidy per-head table and the max-over-heads
-# trajectories. A `table` suite imports published per-head tables instead of scoring.
+# Aggregation: every (run, step) result into the tidy per-head table, the per-layer table
+# (layers.parquet, from the sidecars' layer_scores) and the max-over-heads trajectories. A `table` suite imports published per-head tables instead of scoring.
 
 if SOURCE == "table":
 
@@ -30,6 +30,7 @@ else:
             score_files(),
         output:
             heads=f"{RES}/heads.parquet",
+            layers=f"{RES}/layers.parquet",
             missing=f"{RES}/missing.csv",
             checkpoints=f"{RES}/checkpoints.csv",
         log:

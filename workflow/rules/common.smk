@@ -215,10 +215,6 @@ def relational_targets():
 # ---- the mechanism catalog on the table side (rules in mechanisms.smk)
 
 MECHANISMS = list(SPEC["mechanisms"])  # validated: the schema's default is the whole catalog
-try:
-    mechanisms_catalog.require_head_units(MECHANISMS)
-except ValueError as exc:
-    raise WorkflowError(f"suites.{SUITE}.mechanisms: {exc}") from None
 MECHANISM_TABLES = [
     "functional_run_step",
     "functional_size",
@@ -238,6 +234,8 @@ CROSS_STATS = [
 
 def mechanism_inputs(wildcards):
     inputs = {"heads": f"{RES}/heads.parquet", "tokens": eval_token_files(wildcards)}
+    if SOURCE != "table":  # the layer-unit mechanisms' scores (a table suite imports heads only)
+        inputs["layers"] = f"{RES}/layers.parquet"
     if RELATIONAL_ENABLED:
         inputs["relational"] = f"{RES}/stats/relational.csv"
         inputs["configurational"] = f"{RES}/stats/configurational.csv"
@@ -256,6 +254,8 @@ def mechanism_caption_params(wildcards):
     mechanism = mechanisms_catalog.get(wildcards.mechanism)
     return {
         "description": mechanism.description,
+        "unit": mechanism.unit,
+        "table": f"{mechanism.unit}s.parquet",
         "score_column": mechanism.score_column,
         "units": mechanism.units,
         "criterion": mechanism.criterion_text(),
@@ -304,6 +304,7 @@ def seed_runs(fields):
 def seed_sources_inputs(wildcards):
     inputs = {
         "heads": f"{RES}/heads.parquet",
+        "layers": f"{RES}/layers.parquet",  # the layer-unit mechanisms' trajectories
         "tokens": eval_token_files(wildcards),
         "per_seed": [f"{RES}/stats/{name}/per_seed.csv" for name in MECHANISMS],
         "lineage": f"{RES}/stats/lineage.csv",
