@@ -2,9 +2,9 @@
 
 Inputs: ``heads`` (heads.parquet), ``trajectories`` (trajectories.parquet, rule
 `trajectories`: the max over heads of ``analysis.metric``, which every analysis here uses) and
-``tokens`` (the eval token files ``results/<suite>/eval/tokens/<run>.json``; none for a suite
-imported from published tables).
-Params: ``thresholds`` {start, stop, step}, ``functional_multiple``,
+``tokens`` (the eval token files ``results/<suite>/eval/tokens/<key>.json``, one per tokenizer;
+none for a suite imported from published tables).
+Params: ``token_files`` ({run: its eval token file}), ``thresholds`` {start, stop, step}, ``functional_multiple``,
 ``bootstrap`` {n_resamples, seed, confidence, method}, ``tokens_per_step``, ``positional``
 {n_permutations, alignment_cost ('euclidean' or 'correlation')}: the config's ``analysis``
 keys, every one present after validation (defaults: workflow/schemas/config.schema.yaml).
@@ -34,13 +34,15 @@ from mechgen.tables.outputs import write_declared_csvs
 
 
 def uniform_baseline(
-    heads: pd.DataFrame, token_files: list[str]
+    heads: pd.DataFrame, token_files: dict[str, str]
 ) -> tuple[float | dict[str, float], str]:
-    """The uniform one_back baseline per run from the eval token files (named ``<run>.json``),
-    or, without token files, the step-0 median head of the table; and which of the two it is."""
+    """The uniform one_back baseline per run from its eval token file (``{run: path}``), or,
+    without token files, the step-0 median head of the table; and which of the two it is."""
     if token_files:
+        lengths = baselines.run_token_lengths(token_files)
         return {
-            Path(p).stem: baselines.token_file_baseline(p) for p in token_files
+            run: baselines.uniform_one_back_baseline(run_lengths)
+            for run, run_lengths in lengths.items()
         }, "token_lengths"
     return baselines.step0_median_baseline(heads), "step0_median"
 
@@ -66,7 +68,7 @@ def main(sm: Any) -> None:
             tokens_per_step=int(sm.params.tokens_per_step),
             bootstrap_cfg=bootstrap_cfg,
         )
-        baseline, baseline_source = uniform_baseline(heads, list(sm.input.tokens))
+        baseline, baseline_source = uniform_baseline(heads, dict(sm.params.token_files))
         # The 1-back criterion is defined on one_back whatever metric the other axes analyse.
         results.update(
             functional.functional_tables(

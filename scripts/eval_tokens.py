@@ -1,4 +1,5 @@
-"""Snakemake script of rule `eval_tokens`: token ids of the evaluation text for one run."""
+"""Snakemake script of rule `eval_tokens`: token ids of the evaluation text for one tokenizer:
+a toy suite's (``params.run`` is None; the tokenizer is the input) or one run's own."""
 
 import json
 import sys
@@ -17,10 +18,11 @@ from mechgen.sources import evaltext
 
 sm = snakemake  # noqa: F821
 log = setup_logging(sm)
-run = Run(**sm.params.run)
+run = Run(**sm.params.run) if sm.params.run is not None else None
+label = run.run if run is not None else "the suite's tokenizer"
 sentences = evaltext.read_sentence_file(sm.input.sentences)
 sources.configure_hub(sm.config["hub"])
-if run.source == "toy":
+if run is None:
     tokenizer_dir = Path(sm.input.tokenizer[0]).parent
 else:
     tokenizer_dir = sources.fetch_tokenizer(run, sm.params.tokenizer_revision)
@@ -30,7 +32,7 @@ token_ids, n_truncated = evaltext.tokenize_sentences(tokenizer, sentences, int(s
 if n_truncated:
     log.warning("%d sentences truncated to %d tokens", n_truncated, sm.params.max_tokens)
 record = {
-    "run": run.run,
+    "run": run.run if run is not None else None,
     "tokenizer": str(tokenizer_dir),
     "tokenizer_revision": sm.params.tokenizer_revision,
     "n_sentences": len(token_ids),
@@ -43,11 +45,11 @@ record = {
     ),
 }
 atomic.write_text(sm.output[0], json.dumps(record))
-log.info("%s: %d sentences, %d tokens", run.run, record["n_sentences"], record["n_tokens"])
+log.info("%s: %d sentences, %d tokens", label, record["n_sentences"], record["n_tokens"])
 tasks = record["successor_tasks"]
 log.info(
     "%s: successor tasks kept %s (items per task); dropped tasks %s",
-    run.run,
+    label,
     {name: len(task["items"]) for name, task in tasks["tasks"].items()},
     tasks["dropped_tasks"] or "none",
 )

@@ -3,12 +3,12 @@ and the cross-mechanism tables.
 
 Inputs: ``heads`` (heads.parquet: a head-unit mechanism's score is its ``score_column``),
 ``layers`` (layers.parquet, a layer-unit mechanism's; absent for a table suite), ``tokens`` (the
-eval token files ``eval/tokens/<run>.json``, for the nulls that depend on the sentence lengths;
-none for a table suite), and, when the relational axis runs, ``relational`` and
+eval token files ``eval/tokens/<key>.json``, one per tokenizer, for the nulls that depend on the
+sentence lengths; none for a table suite), and, when the relational axis runs, ``relational`` and
 ``configurational`` (stats/relational.csv, stats/configurational.csv) for the profile and
 ``circuits`` (scores/<run>/step<N>.circuit.npz) for the composition and ablation of every
 declared link and each mechanism's configurational table.
-Params: ``mechanisms`` (the suite's ``mechanisms:``), ``settings`` (its resolved relational
+Params: ``token_files`` ({run: its eval token file}), ``mechanisms`` (the suite's ``mechanisms:``), ``settings`` (its resolved relational
 scoring settings, for the nulls; empty for a table suite), ``thresholds`` {start, stop, step}
 (``analysis.onset_thresholds``, read in normalised units per decade), ``tokens_per_step``,
 ``confidence`` and ``seed`` (``analysis.bootstrap``), ``n_permutations`` and
@@ -38,7 +38,7 @@ from mechgen.axes import circuit_tables, links
 from mechgen.axes.developmental import onset_thresholds
 from mechgen.mechanisms import NullContext
 from mechgen.stats import crossmech
-from mechgen.tables.baselines import read_token_lengths
+from mechgen.tables.baselines import run_token_lengths
 from mechgen.tables.circuit_files import read_circuits
 from mechgen.tables.outputs import read_csv, write_declared_csvs
 
@@ -86,7 +86,7 @@ def main(sm: Any) -> None:
     heads = pd.read_parquet(sm.input.heads)
     layers = pd.read_parquet(sm.input.layers) if "layers" in sm.input.keys() else None  # noqa: SIM118
     context = NullContext(
-        eval_lengths={Path(p).stem: read_token_lengths(p) for p in sm.input.tokens},
+        eval_lengths=run_token_lengths(sm.params.token_files),
         settings=dict(sm.params.settings),
     )
     chosen = [mechanisms.get(name) for name in sm.params.mechanisms]

@@ -6,7 +6,7 @@ mechanisms' scores, for the normalised trajectories), ``tokens`` (eval token fil
 for the nulls), ``per_seed`` (stats/<mechanism>/per_seed.csv, in the order of
 params.mechanisms), ``lineage`` (stats/lineage.csv: flagged runs are left out), and
 ``relational`` (stats/relational.csv) when the relational axis runs. Params: ``runs`` (run, kind,
-base_size), ``mechanisms``, ``settings`` (relational scoring settings, for the nulls),
+base_size), ``token_files`` ({run: its eval token file}), ``mechanisms``, ``settings`` (relational scoring settings, for the nulls),
 ``confidence``, ``n_resamples``, ``seed`` (``analysis.bootstrap``). Outputs: ``table``
 (stats/seed_sources.csv) and ``figure`` (figures/seed_sources.png).
 """
@@ -25,7 +25,7 @@ from mechgen import mechanisms
 from mechgen.figures import seed_figures
 from mechgen.mechanisms import NullContext
 from mechgen.stats import crossmech, seed_sources
-from mechgen.tables.baselines import read_token_lengths
+from mechgen.tables.baselines import run_token_lengths
 from mechgen.tables.outputs import read_csv, write_csv
 
 
@@ -35,7 +35,7 @@ def main(sm: Any) -> None:
     heads = pd.read_parquet(sm.input.heads)
     layers = pd.read_parquet(sm.input.layers) if "layers" in sm.input.keys() else None  # noqa: SIM118
     context = NullContext(
-        eval_lengths={Path(p).stem: read_token_lengths(p) for p in sm.input.tokens},
+        eval_lengths=run_token_lengths(sm.params.token_files),
         settings=dict(sm.params.settings),
     )
     per_seed, trajectories = {}, {}

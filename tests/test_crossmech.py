@@ -288,12 +288,12 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
     heads = planted_heads(never=(NEVER,))
     heads_path = tmp_path / "heads.parquet"
     heads.to_parquet(heads_path)
-    tokens = []
+    tokens = {}  # one file per run, as an hf suite's runs each read their own tokenizer
     for run in heads["run"].unique():
         path = tmp_path / "eval" / f"{run}.json"
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps({"token_ids": [list(range(n)) for n in EVAL_LENGTHS]}))
-        tokens.append(str(path))
+        tokens[run] = str(path)
     names = mechanisms.names()
     outputs = {
         f"{m}__{t}": str(tmp_path / "stats" / m / f"{t}.csv")
@@ -308,10 +308,11 @@ def test_rule_scripts_on_synthetic_inputs(tmp_path: Path) -> None:
     )
     load_script("mechanisms").main(
         SimpleNamespace(
-            input=Namedlist(fromdict={"heads": str(heads_path), "tokens": tokens}),
+            input=Namedlist(fromdict={"heads": str(heads_path), "tokens": list(tokens.values())}),
             output=Namedlist(fromdict=outputs),
             params=Namedlist(
                 fromdict={
+                    "token_files": tokens,
                     "mechanisms": names,
                     "settings": {"half_length": HALF_LENGTH},
                     "thresholds": {"start": 0.01, "stop": 0.3, "step": 0.01},

@@ -354,7 +354,7 @@ def declared_stats() -> list[str]:
 def run_scripts(
     tmp_path: Path,
     heads: pd.DataFrame,
-    token_files: list[str],
+    token_files: dict[str, str],
     before_analyze=lambda: None,
     before_figures=lambda: None,
 ) -> dict[str, Path]:
@@ -379,10 +379,11 @@ def run_scripts(
     (tmp_path / "stats").mkdir()
     tables = {"heads": str(heads_path), "trajectories": traj_paths["parquet"]}
     analyze = SimpleNamespace(
-        input=Namedlist(fromdict={**tables, "tokens": token_files}),
+        input=Namedlist(fromdict={**tables, "tokens": sorted(set(token_files.values()))}),
         output=Namedlist(fromdict=stats_paths),
         params=Namedlist(
             fromdict={
+                "token_files": token_files,
                 "thresholds": {"start": 0.01, "stop": 0.3, "step": 0.01},
                 "functional_multiple": 2.0,
                 "bootstrap": {"n_resamples": 100, "seed": 0, "confidence": 0.95},
@@ -397,7 +398,9 @@ def run_scripts(
     load_script("analyze").main(analyze)
     figure_paths = {name: str(tmp_path / "figures" / f"{name}.png") for name in declared_figures()}
     draw = SimpleNamespace(
-        input=Namedlist(fromdict={**tables, "tokens": token_files, **stats_paths}),
+        input=Namedlist(
+            fromdict={**tables, "tokens": sorted(set(token_files.values())), **stats_paths}
+        ),
         output=Namedlist(fromdict=figure_paths),
         params=Namedlist(fromdict={"metric": "one_back", "functional_multiple": 2.0}),
         log=[str(tmp_path / "figures.log")],
@@ -438,7 +441,7 @@ def test_analyze_and_figures_read_trajectories_and_mds(
     paths = run_scripts(
         tmp_path,
         heads,
-        [],
+        {},
         before_analyze=lambda: patch_everywhere(real_trajectories, "trajectories"),
         before_figures=lambda: patch_everywhere(real_mds, "mds_coordinates"),
     )
@@ -455,11 +458,10 @@ def test_analyze_and_figures_read_trajectories_and_mds(
 
 
 def test_scripts_end_to_end(tmp_path: Path, heads: pd.DataFrame) -> None:
-    token_files = []
-    for run in heads["run"].unique():
-        path = tmp_path / f"{run}.json"
-        path.write_text(json.dumps({"token_ids": [[1, 2, 3]] * 4}))  # baseline (1/2 + 1/3) / 2
-        token_files.append(str(path))
+    # One token file for every run, as a toy suite's runs share their tokenizer's.
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps({"token_ids": [[1, 2, 3]] * 4}))  # baseline (1/2 + 1/3) / 2
+    token_files = {run: str(path) for run in heads["run"].unique()}
     paths = run_scripts(tmp_path, heads, token_files)
     for name in ("functional_run_step", "functional_run", "functional_size"):
         functional_csv = pd.read_csv(paths[f"stats/{name}"])
@@ -511,7 +513,7 @@ def test_scripts_end_to_end(tmp_path: Path, heads: pd.DataFrame) -> None:
 
 def test_scripts_single_seed(tmp_path: Path) -> None:
     heads = synthetic_heads(seeds=(1,))
-    paths = run_scripts(tmp_path, heads, token_files=[])
+    paths = run_scripts(tmp_path, heads, token_files={})
     regressions = pd.read_csv(paths["stats/regressions"])
     seed_models = regressions[
         regressions["analysis"].isin(["peak_size", "slope_size", "onset_size"])
@@ -533,7 +535,7 @@ def test_single_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     heads = synthetic_heads()
     heads = heads[heads["step"] == STEPS[-1]]
     with pytest.raises(ValueError, match="single checkpoint"):
-        run_scripts(tmp_path, heads, token_files=[])
+        run_scripts(tmp_path, heads, token_files={})
 
 
 # --- print size: every figure at a single paper column ----------------------------------------

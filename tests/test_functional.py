@@ -89,6 +89,15 @@ def test_token_file_baseline(tmp_path) -> None:
         baselines.token_file_baseline(bad)
 
 
+def test_run_token_lengths_maps_each_run_to_its_file(tmp_path) -> None:
+    # Two runs share a toy suite's file; a third has its own (an hf run's own tokenizer).
+    shared, own = tmp_path / "suite.json", tmp_path / "c.json"
+    shared.write_text(json.dumps({"token_ids": [[5, 6, 7], [1, 2]]}))
+    own.write_text(json.dumps({"token_ids": [[1, 2, 3, 4]]}))
+    lengths = baselines.run_token_lengths({"a": shared, "b": str(shared), "c": own})
+    assert lengths == {"a": [3, 2], "b": [3, 2], "c": [4]}
+
+
 def test_step0_median_baseline() -> None:
     heads = synthetic_heads()
     at_step0 = heads[(heads["step"] == 0) & ~heads["nonfinite"] & heads["one_back"].notna()]

@@ -2,7 +2,8 @@
 
 A claim is shown by the plan (``snakemake -n``: the job blocks it prints, cross-checked against
 its job-stats table), which must equal a job list written out here from the DAG's shape:
-toy_tokenizer, eval_sentences -> eval_tokens and toy_train per run -> score_run per run (a toy
+toy_tokenizer, eval_sentences -> eval_tokens (one for a toy suite, whose runs share the suite's
+tokenizer; one per run in hf and local suites) and toy_train per run -> score_run per run (a toy
 suite scores a run's checkpoints in one job; hf and local suites have one `score` job per
 (run, step)) -> the suite-level jobs that read every score (aggregate, trajectories, the
 statistics, the figures, ``all``). Then, for a change that makes Snakemake redo something, a
@@ -63,6 +64,15 @@ def score_jobs(runs: list[str], steps: list[int]) -> list[str]:
 
 def per_run(rule: str, runs: list[str]) -> list[str]:
     return [f"{rule}[run={run}]" for run in runs]
+
+
+def eval_token_jobs(runs: list[str]) -> list[str]:
+    """The evaluation-token jobs of an hf or local suite: one per run (its own tokenizer)."""
+    return [f"eval_tokens[tokens={run}]" for run in runs]
+
+
+TOY_EVAL_TOKENS = "eval_tokens[tokens=suite]"
+"""A toy suite's one evaluation-token job: its runs share the suite's tokenizer."""
 
 
 def score_run_jobs(runs: list[str]) -> list[str]:
@@ -148,7 +158,8 @@ def test_adding_a_seed_scores_only_the_new_run(workdir: Path, downstream: list[s
         workdir, "seed.yaml", {"suites": {TOY_TEST_SUITE: {"seeds": [*SEEDS, new_seed]}}}
     )
     new = [f"{PREFIX}{size}-seed{new_seed}" for size in SIZES]
-    new_run_jobs = per_run("toy_train", new) + per_run("eval_tokens", new) + score_run_jobs(new)
+    # A new run tokenizes nothing: a toy suite's runs share one token file.
+    new_run_jobs = per_run("toy_train", new) + score_run_jobs(new)
     assert planned(workdir, *TOY_TEST_CONFIGFILES, more) == sorted(new_run_jobs + downstream)
 
     # The real run stops at the per-head table (the analysis-parameter test runs the analyses).
@@ -178,7 +189,8 @@ def test_adding_a_size_scores_only_the_new_runs(workdir: Path, downstream: list[
         },
     )
     new = [f"{PREFIX}micro-seed{seed}" for seed in SEEDS]
-    new_run_jobs = per_run("toy_train", new) + per_run("eval_tokens", new) + score_run_jobs(new)
+    # A new run tokenizes nothing: a toy suite's runs share one token file.
+    new_run_jobs = per_run("toy_train", new) + score_run_jobs(new)
     assert planned(workdir, *TOY_TEST_CONFIGFILES, more) == sorted(new_run_jobs + downstream)
 
     # The real run trains and scores one of the new runs (the plan above covers both; adding a
@@ -186,7 +198,7 @@ def test_adding_a_size_scores_only_the_new_runs(workdir: Path, downstream: list[
     one = new[0]
     target = tuple(f"{RES}/scores/{one}/step{step}.parquet" for step in STEPS)
     expected_run = sorted(
-        per_run("toy_train", [one]) + per_run("eval_tokens", [one]) + score_run_jobs([one])
+        per_run("toy_train", [one]) + score_run_jobs([one])
     )
     scores_before = snapshot(workdir, f"{RES}/scores/*/*")
     assert run(workdir, *TOY_TEST_CONFIGFILES, more, targets=target) == expected_run
@@ -277,7 +289,7 @@ def test_adding_checkpoints_scores_only_the_new_checkpoints(
     logs = workdir / "test-logs"
     assert _checked_jobs((logs / "first.log").read_text()) == sorted(
         ["eval_sentences", "aggregate"]
-        + per_run("eval_tokens", runs)
+        + eval_token_jobs(runs)
         + score_jobs(runs, LOCAL_FIRST)
     )
     scores_before = {
@@ -382,7 +394,7 @@ def test_changing_the_evaluation_text_rescores_everything(
         {"suites": {TOY_TEST_SUITE: {"eval": {"kind": "toy_heldout", "n_sentences": n_sentences}}}},
     )
     every_score = score_run_jobs(RUNS)
-    upstream = ["eval_sentences"] + per_run("eval_tokens", RUNS)
+    upstream = ["eval_sentences", TOY_EVAL_TOKENS]
     assert planned(workdir, *TOY_TEST_CONFIGFILES, changed) == sorted(
         upstream + every_score + downstream
     )
@@ -391,7 +403,7 @@ def test_changing_the_evaluation_text_rescores_everything(
     # run, not asked for, must stay as it was.
     one, other = RUNS[0], RUNS[1:]
     target = tuple(f"{RES}/scores/{one}/step{step}.parquet" for step in STEPS)
-    expected_run = sorted(["eval_sentences", f"eval_tokens[run={one}]"] + score_run_jobs([one]))
+    expected_run = sorted(["eval_sentences", TOY_EVAL_TOKENS] + score_run_jobs([one]))
     before = snapshot(workdir, f"{RES}/scores/*/*")
     assert run(workdir, *TOY_TEST_CONFIGFILES, changed, targets=target) == expected_run
     after = snapshot(workdir, f"{RES}/scores/*/*")

@@ -13,7 +13,8 @@ positions 1..L-1 of a sentence of L tokens and then over sentences, so the basel
 
 (:func:`uniform_one_back_baseline`). It depends only on the token lengths of the evaluation
 sentences, i.e. on the eval text and the tokenizer; the pipeline writes those token ids to
-``results/<suite>/eval/tokens/<run>.json`` (:func:`token_file_baseline`).
+``results/<suite>/eval/tokens/<key>.json``, one file per tokenizer: a toy suite's runs share
+``suite.json``, any other run has its own ``<run>.json`` (:func:`run_token_lengths`).
 
 When no lengths are available (a suite imported from published tables), the baseline is taken
 from the step-0 checkpoints instead (:func:`step0_median_baseline`): the median ``one_back`` over
@@ -33,7 +34,7 @@ Unit of every baseline: attention weight (a probability).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,19 @@ def read_token_lengths(path: str | Path) -> list[int]:
     if not isinstance(token_ids, list) or not all(isinstance(s, list) for s in token_ids):
         raise ValueError(f"{path}: 'token_ids' must be a list of lists of token ids")
     return [len(s) for s in token_ids]
+
+
+def run_token_lengths(token_files: Mapping[str, str | Path]) -> dict[str, list[int]]:
+    """Per run, the token lengths of its evaluation sentences, from ``{run: eval token file}``
+    (runs that share a tokenizer share a file, read once)."""
+    lengths: dict[str, list[int]] = {}
+    by_path: dict[str, list[int]] = {}
+    for run, path in token_files.items():
+        key = str(path)
+        if key not in by_path:
+            by_path[key] = read_token_lengths(path)
+        lengths[run] = by_path[key]
+    return lengths
 
 
 def token_file_baseline(path: str | Path) -> float:

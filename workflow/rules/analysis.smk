@@ -22,6 +22,7 @@ rule analyze:
             for name in STATS
         },
     params:
+        token_files=run_token_files(),
         thresholds=ANALYSIS["onset_thresholds"],
         functional_multiple=ANALYSIS["functional_multiple"],
         bootstrap=ANALYSIS["bootstrap"],

@@ -39,6 +39,7 @@ ANALYSIS = config["analysis"]
 
 wildcard_constraints:
     run="[A-Za-z0-9._-]+",
+    tokens="[A-Za-z0-9._-]+",
     step="[0-9]+",
 
 
@@ -131,8 +132,30 @@ def tokenizer_input(wildcards):
     return [f"{RES}/tokenizer/tokenizer.json"] if SOURCE == "toy" else []
 
 
+TOY_SUITE_TOKENS = "suite"
+"""The key of a toy suite's one evaluation token file (no run id has this form: ids end in
+-seed<N>)."""
+
+
+def eval_tokens_key(run):
+    """Whose tokenizer a run's evaluation token ids come from, as the key of their file: a toy
+    suite's runs all use the tokenizer the pipeline trains for the suite (one file for all of
+    them, so adding a run tokenizes nothing); any other run reads its own tokenizer."""
+    return TOY_SUITE_TOKENS if SOURCE == "toy" else run
+
+
+def eval_token_file(run):
+    return f"{RES}/eval/tokens/{eval_tokens_key(run)}.json"
+
+
+def run_token_files():
+    """{run: its evaluation token file}, for the rules whose nulls need each run's sentence
+    lengths (a param: the files themselves are inputs through eval_token_files)."""
+    return {} if SOURCE == "table" else {run: eval_token_file(run) for run in RUNS}
+
+
 def score_inputs(wildcards):
-    inputs = {"tokens": f"{RES}/eval/tokens/{wildcards.run}.json"}
+    inputs = {"tokens": eval_token_file(wildcards.run)}
     if SOURCE == "toy":
         inputs["manifest"] = f"{RES}/hub/{wildcards.run}/manifest.json"
     return inputs
@@ -146,7 +169,7 @@ def analysis_targets():
 
 def eval_token_files(wildcards):
     # The uniform-attention baseline depends on the evaluation sentences' lengths.
-    return [] if SOURCE == "table" else [f"{RES}/eval/tokens/{run}.json" for run in RUNS]
+    return sorted(set(run_token_files().values()))
 
 
 def tokenizer_revision():

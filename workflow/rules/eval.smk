@@ -1,5 +1,7 @@
 # The evaluation text: the sentences verbatim, as a JSON list (a sentence may hold a newline),
-# then token ids per run (each run's own tokenizer, fetched once per run, not per checkpoint).
+# then token ids per tokenizer (common.smk, eval_tokens_key): one file for a toy suite, whose
+# runs share the tokenizer the pipeline trains; per run otherwise (each run's own tokenizer,
+# fetched once per run, not per checkpoint).
 
 rule eval_sentences:
     conda:
@@ -22,18 +24,20 @@ rule eval_sentences:
 rule eval_tokens:
     conda:
         "../envs/mechgen.yaml"
-    # Seconds per run and a tokenizer download: run on the submitting host.
+    # Seconds per tokenizer and a tokenizer download: run on the submitting host.
     localrule: True
     input:
         sentences=f"{RES}/eval/sentences.json",
         tokenizer=tokenizer_input,
     output:
-        f"{RES}/eval/tokens/{{run}}.json",
+        f"{RES}/eval/tokens/{{tokens}}.json",
     params:
-        run=lambda wc: run_info(wc.run),
+        # The run whose tokenizer to fetch; none for a toy suite's one file (its tokenizer is
+        # the input).
+        run=lambda wc: None if wc.tokens == TOY_SUITE_TOKENS else run_info(wc.tokens),
         tokenizer_revision=tokenizer_revision(),
         max_tokens=SCORING["max_tokens"],
     log:
-        f"{RES}/logs/eval_tokens/{{run}}.log",
+        f"{RES}/logs/eval_tokens/{{tokens}}.log",
     script:
         "../../scripts/eval_tokens.py"

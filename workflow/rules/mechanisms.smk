@@ -27,6 +27,7 @@ rule mechanisms:
             for name in CROSS_STATS
         },
     params:
+        token_files=run_token_files(),
         mechanisms=MECHANISMS,
         settings=mechanism_null_settings(),
         thresholds=ANALYSIS["onset_thresholds"],

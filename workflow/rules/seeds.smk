@@ -44,6 +44,7 @@ rule seed_sources:
         ),
     params:
         runs=seed_runs(("kind", "base_size")),
+        token_files=run_token_files(),
         mechanisms=MECHANISMS,
         settings=mechanism_null_settings(),
         confidence=ANALYSIS["bootstrap"]["confidence"],
