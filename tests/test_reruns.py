@@ -51,8 +51,10 @@ RES = f"results/{TOY_TEST_SUITE}"
 RUNS = TOY_TEST_RUNS
 STEPS = TOY_TEST_STEPS
 PREFIX, SIZES, SEEDS = TOY_TEST_SPEC["model_prefix"], TOY_TEST_SPEC["sizes"], TOY_TEST_SPEC["seeds"]
-UPSTREAM = {"toy_tokenizer", "eval_sentences"}
-"""The suite-level jobs before scoring (the tokenizer, the evaluation text)."""
+TOY_EVAL_TOKENS = "eval_tokens[tokens=suite]"
+"""A toy suite's one evaluation-token job: its runs share the suite's tokenizer."""
+UPSTREAM = {"toy_tokenizer", "eval_sentences", TOY_EVAL_TOKENS}
+"""The suite-level jobs before scoring (the tokenizer, the evaluation text and its token ids)."""
 ANALYSES = {"analyze", "figures", "all"}
 """Jobs that every change of an analysis parameter must rerun (at least)."""
 
@@ -69,10 +71,6 @@ def per_run(rule: str, runs: list[str]) -> list[str]:
 def eval_token_jobs(runs: list[str]) -> list[str]:
     """The evaluation-token jobs of an hf or local suite: one per run (its own tokenizer)."""
     return [f"eval_tokens[tokens={run}]" for run in runs]
-
-
-TOY_EVAL_TOKENS = "eval_tokens[tokens=suite]"
-"""A toy suite's one evaluation-token job: its runs share the suite's tokenizer."""
 
 
 def score_run_jobs(runs: list[str]) -> list[str]:
