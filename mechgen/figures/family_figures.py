@@ -6,23 +6,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from mechgen.figures.suite import (
     LABEL_PT,
-    MIN_FONT_PT,
     OKABE_ITO,
-    PROFILE_LABELS,
     TICK_PT,
     TITLE_PT,
+    draw_profile_cells,
     figure_legend,
     panel_grid,
     placeholder_figure,
-    profile_colour_values,
     save_figure,
     style_axes,
 )
@@ -95,51 +91,10 @@ def plot_family_profiles(
     rows_all = profiles[profiles["size"] == crossmech.ALL_SIZES]
     n_mech = rows_all["mechanism"].nunique()
     fig, axes, _ = panel_grid(len(families), None, 1.4 + 0.22 * max(n_mech, 1), 4.0, sharey=True)
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     image = None
     for ax, family in zip(axes, families):
         rows = rows_all[rows_all["family"] == family].reset_index(drop=True)
-        colours = profile_colour_values(rows)
-        raw = rows[list(PROFILE_LABELS)].to_numpy(dtype=float)
-        scored = rows["scored"].astype(bool).to_numpy()
-        image = ax.imshow(
-            np.ma.masked_invalid(colours),
-            cmap=cmap,
-            vmin=0.0,
-            vmax=1.0,
-            aspect="auto",
-            interpolation="nearest",
-        )
-        for i in range(raw.shape[0]):
-            if not scored[i]:
-                ax.text(
-                    (raw.shape[1] - 1) / 2,
-                    i,
-                    "not scored",
-                    ha="center",
-                    va="center",
-                    fontsize=MIN_FONT_PT,
-                )
-                continue
-            for j in range(raw.shape[1]):
-                value = raw[i, j]
-                dark = np.isfinite(colours[i, j]) and colours[i, j] < 0.6
-                ax.text(
-                    j,
-                    i,
-                    f"{value:.2g}" if np.isfinite(value) else "–",
-                    ha="center",
-                    va="center",
-                    fontsize=MIN_FONT_PT,
-                    color="white" if dark else "black",
-                    gid=f"cell:{family}:{rows['mechanism'].iloc[i]}:{list(PROFILE_LABELS)[j]}",
-                )
-        ax.xaxis.tick_top()
-        ax.set_xticks(
-            range(len(PROFILE_LABELS)), list(PROFILE_LABELS.values()), rotation=90, fontsize=TICK_PT
-        )
-        ax.set_yticks(range(len(rows)), rows["mechanism"].tolist(), fontsize=TICK_PT)
-        ax.tick_params(length=0)
+        image = draw_profile_cells(ax, rows, panel=family)
         ax.set_xlabel(family, fontsize=TITLE_PT)
     if image is not None:
         bar = fig.colorbar(image, ax=axes, location="bottom", shrink=0.6, aspect=40)

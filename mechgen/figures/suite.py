@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -1045,30 +1046,26 @@ def profile_colour_values(table: pd.DataFrame) -> np.ndarray:
     return np.clip(values, 0.0, 1.0)
 
 
-def plot_profile(profile: pd.DataFrame, path: str | Path, width: float | None = None) -> Figure:
-    """The generalizability profile: mechanism (rows) x axis (columns), over all sizes.
-
-    ``profile``: ``stats/profile.csv``; its ``size == "all"`` rows are drawn. Each cell shows the
-    value (2 significant digits; "–" when missing) on the colour of
-    :func:`profile_colour_values` (viridis, 0..1); a mechanism not scored is a grey row
-    reading "not scored".
-    """
-    rows = profile[profile["size"] == "all"].reset_index(drop=True)
+def draw_profile_cells(ax: Any, rows: pd.DataFrame, panel: str | None = None) -> Any:
+    """Draw profile ``rows`` (one per mechanism) on ``ax``: each cell the value (2 significant
+    digits; "–" when missing) on the colour of :func:`profile_colour_values` (viridis, 0..1), a
+    mechanism not scored a grey row reading "not scored"; axis labels on top and left. Text gids
+    ``cell:[<panel>:]<mechanism>:<column>`` and ``row:[<panel>:]<mechanism>``. Returns the image
+    (for a colour bar)."""
     colours = profile_colour_values(rows)
     raw = rows[list(PROFILE_LABELS)].to_numpy(dtype=float)
     scored = rows["scored"].astype(bool).to_numpy()
-    side = width if width is not None else 4.5
-    fig, ax = plt.subplots(figsize=(side, 1.6 + 0.22 * max(len(rows), 1)), layout="constrained")
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    prefix = f"{panel}:" if panel is not None else ""
     image = ax.imshow(
         np.ma.masked_invalid(colours),
-        cmap=cmap,
+        cmap=matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd"),
         vmin=0.0,
         vmax=1.0,
         aspect="auto",
         interpolation="nearest",
     )
     for i in range(raw.shape[0]):
+        mechanism = rows["mechanism"].iloc[i]
         if not scored[i]:
             ax.text(
                 (raw.shape[1] - 1) / 2,
@@ -1077,7 +1074,7 @@ def plot_profile(profile: pd.DataFrame, path: str | Path, width: float | None = 
                 ha="center",
                 va="center",
                 fontsize=MIN_FONT_PT,
-                gid=f"row:{rows['mechanism'].iloc[i]}",
+                gid=f"row:{prefix}{mechanism}",
             )
             continue
         for j in range(raw.shape[1]):
@@ -1091,7 +1088,7 @@ def plot_profile(profile: pd.DataFrame, path: str | Path, width: float | None = 
                 va="center",
                 fontsize=MIN_FONT_PT,
                 color="white" if dark else "black",
-                gid=f"cell:{rows['mechanism'].iloc[i]}:{list(PROFILE_LABELS)[j]}",
+                gid=f"cell:{prefix}{mechanism}:{list(PROFILE_LABELS)[j]}",
             )
     ax.xaxis.tick_top()
     ax.set_xticks(
@@ -1099,6 +1096,21 @@ def plot_profile(profile: pd.DataFrame, path: str | Path, width: float | None = 
     )
     ax.set_yticks(range(len(rows)), rows["mechanism"].tolist(), fontsize=TICK_PT)
     ax.tick_params(length=0)
+    return image
+
+
+def plot_profile(profile: pd.DataFrame, path: str | Path, width: float | None = None) -> Figure:
+    """The generalizability profile: mechanism (rows) x axis (columns), over all sizes.
+
+    ``profile``: ``stats/profile.csv``; its ``size == "all"`` rows are drawn. Each cell shows the
+    value (2 significant digits; "–" when missing) on the colour of
+    :func:`profile_colour_values` (viridis, 0..1); a mechanism not scored is a grey row
+    reading "not scored".
+    """
+    rows = profile[profile["size"] == "all"].reset_index(drop=True)
+    side = width if width is not None else 4.5
+    fig, ax = plt.subplots(figsize=(side, 1.6 + 0.22 * max(len(rows), 1)), layout="constrained")
+    image = draw_profile_cells(ax, rows)
     colourbar = fig.colorbar(image, ax=ax, location="bottom", shrink=0.8, aspect=30)
     colourbar.ax.tick_params(labelsize=TICK_PT)
     colourbar.set_label("generalises: 0 (no) .. 1 (yes)", fontsize=LABEL_PT)
