@@ -286,11 +286,12 @@ def bench_model(name: str, args: argparse.Namespace, checkpoint: Path | None) ->
     # How fast any exact float32 scorer could be here: the least work at the core's best
     # matrix-product speed, against the reference's CPU time.
     peak = gemm_peak_gflops()
-    least_gflop = 2 * least_multiply_adds_per_token(model) * n_tokens / 1e9
+    least_per_token = least_multiply_adds_per_token(model)
+    least_gflop = 2 * least_per_token * n_tokens / 1e9
     least_s = least_gflop / peak
     print(
         f"  bound: the least work of any exact scorer is {least_gflop:.0f} GFLOP "
-        f"({least_multiply_adds_per_token(model):,} multiply-adds per token, no padding); at this "
+        f"({least_per_token:,} multiply-adds per token, no padding); at this "
         f"core's best float32 product speed ({peak:.0f} GFLOP/s) that takes {least_s:.2f} s, so "
         f"no such scorer is more than {medians['(a) reference'] / least_s:.2f}x faster than (a)"
     )
